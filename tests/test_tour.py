@@ -1,0 +1,14 @@
+import re
+
+import pytest
+
+from tests.colab_runner import run_colab
+
+
+@pytest.mark.slow
+def test_tour_quick_trains_restores_and_reports_accuracy():
+    out = run_colab("tour")
+    acc = float(re.search(r"MLP digits test accuracy \(restored\)\s+([0-9.]+)", out).group(1))
+    assert acc > 0.9
+    assert "restored == trained: True" in out
+    assert "8 cpu devices" in out or "gpu" in out or "tpu" in out
