@@ -1,0 +1,9 @@
+"""Model merging: one module per method, each a pure function ``(base, models, **hparams) -> merged`` over pytrees,
+registered by name in :mod:`merging.registry`. ``python -m merging CONFIG.yaml --out DIR`` runs mergekit-style configs.
+"""
+
+from merging.registry import MergeMethod, available, get, register
+
+# data-free methods (one module each)
+
+# data-aware methods
