@@ -1,5 +1,11 @@
 """Models as Flax linen modules (pure ``init``/``apply``), each with default sharding rules."""
 
 from jaxmodels.models.mlp import MLP, MLP_RULES_DP, MLP_RULES_TP
+from jaxmodels.models.transformer import FeedForward, MultiHeadAttention, make_norm
+from jaxmodels.models.vit import VIT_CONFIGS, VIT_RULES_DP, VIT_RULES_TP, ViT, ViTBlock
 
-__all__ = ["MLP", "MLP_RULES_DP", "MLP_RULES_TP"]
+__all__ = [
+    "MLP", "MLP_RULES_DP", "MLP_RULES_TP",
+    "FeedForward", "MultiHeadAttention", "make_norm",
+    "ViT", "ViTBlock", "VIT_CONFIGS", "VIT_RULES_DP", "VIT_RULES_TP",
+]
