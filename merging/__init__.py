@@ -5,5 +5,7 @@ registered by name in :mod:`merging.registry`. ``python -m merging CONFIG.yaml -
 from merging.registry import MergeMethod, available, get, register
 
 # data-free methods (one module each)
+from merging import (breadcrumbs, dare, della, linear, model_stock, nuslerp, slerp, task_arithmetic, ties,
+                     wise_ft)
 
 # data-aware methods

@@ -1,0 +1,119 @@
+"""Shared plumbing for merge methods: validation of inputs and hyper-parameters (before any work), per-model
+hyper-parameter broadcasting, per-leaf random keys derived from the leaf's path, and the leaf-wise driver.
+
+Every method computes leaf by leaf with a jitted kernel (cached by shape/dtype, so the CLI's tensor-by-tensor
+streaming reuses compilations), in float32, and returns the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmodels.tree import LOW_PRECISION_DTYPES, check_compatible, flatten, unflatten
+
+PyTree = Any
+
+
+def as_models(models: Sequence[PyTree], min_n: int = 1, method: str = "merge") -> list[PyTree]:
+    if isinstance(models, dict) or not isinstance(models, (list, tuple)):
+        raise TypeError(f"{method}: `models` must be a list/tuple of pytrees, got {type(models).__name__}")
+    models = list(models)
+    if len(models) < min_n:
+        raise ValueError(f"{method}: needs at least {min_n} model(s), got {len(models)}")
+    return models
+
+
+def validate_trees(base: PyTree | None, models: Sequence[PyTree], method: str, check_dtype: bool = True) -> None:
+    """check_compatible over base (if any) and all models, naming them 'base', 'model_0', ..."""
+    trees = ([base] if base is not None else []) + list(models)
+    names = (["base"] if base is not None else []) + [f"model_{i}" for i in range(len(models))]
+    try:
+        check_compatible(*trees, names=names, check_dtype=check_dtype)
+    except ValueError as e:
+        raise ValueError(f"{method}: {e}") from None
+
+
+def per_model(value: Any, n: int, name: str, method: str) -> tuple[float, ...]:
+    """Broadcast a scalar hyper-parameter to one value per model, or check a sequence has length n."""
+    if isinstance(value, (list, tuple, np.ndarray)) or (hasattr(value, "shape") and np.ndim(value) > 0):
+        vals = tuple(float(v) for v in np.asarray(value).reshape(-1))
+        if len(vals) != n:
+            raise ValueError(f"{method}: `{name}` has {len(vals)} entries for {n} models")
+        return vals
+    try:
+        return (float(value),) * n
+    except (TypeError, ValueError):
+        raise TypeError(f"{method}: `{name}` must be a number or one number per model, got {value!r}") from None
+
+
+def check_finite_param(value: float, name: str, method: str) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{method}: `{name}` must be finite, got {value}")
+
+
+def check_density(densities: Sequence[float], method: str) -> None:
+    for d in densities:
+        if not (0.0 < d <= 1.0):
+            raise ValueError(f"{method}: density must be in (0, 1], got {d}")
+
+
+def check_unit_interval(value: float, name: str, method: str, open_low: bool = False, open_high: bool = False) -> None:
+    lo_ok = value > 0 if open_low else value >= 0
+    hi_ok = value < 1 if open_high else value <= 1
+    if not (lo_ok and hi_ok and math.isfinite(value)):
+        lo, hi = "(" if open_low else "[", ")" if open_high else "]"
+        raise ValueError(f"{method}: `{name}` must be in {lo}0, 1{hi}, got {value}")
+
+
+def path_seed(path: str) -> int:
+    """A stable 31-bit seed from a leaf path: the same tensor gets the same random stream whether the tree is
+    merged whole or streamed tensor by tensor by the CLI."""
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+
+def leaf_key(key: jax.Array, path: str) -> jax.Array:
+    return jax.random.fold_in(key, path_seed(path))
+
+
+def _out_dtype(x: Any) -> Any:
+    return x.dtype
+
+
+def f32(x: jax.Array) -> jax.Array:
+    d = jnp.result_type(x)
+    if any(d == jnp.dtype(t) for t in LOW_PRECISION_DTYPES) or jnp.issubdtype(d, jnp.floating):
+        return x.astype(jnp.float32)
+    return x
+
+
+def map_leaves(fn: Callable[..., Any], base: PyTree | None, models: Sequence[PyTree]) -> PyTree:
+    """Apply ``fn(path, base_leaf_or_None, model_leaves_tuple)`` to every leaf; return a tree shaped like the
+    first tree (base if given, else model 0)."""
+    template = base if base is not None else models[0]
+    flat_models = [flatten(m) for m in models]
+    flat_base = flatten(base) if base is not None else None
+    out = {}
+    for p in flatten(template):
+        out[p] = fn(p, None if flat_base is None else flat_base[p], tuple(fm[p] for fm in flat_models))
+    return unflatten(out, like=template)
+
+
+def check_leaf_dtypes(base: PyTree | None, models: Sequence[PyTree], method: str) -> None:
+    for tree in ([base] if base is not None else []) + list(models):
+        for p, leaf in flatten(tree).items():
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                raise TypeError(f"{method}: leaf {p!r} has non-floating dtype {jnp.result_type(leaf)}; "
+                                "merge methods need floating parameters")
+
+
+def progress_disabled(progress: bool | None) -> bool:
+    if os.environ.get("WEIGHTLAB_NO_PROGRESS", "") not in ("", "0"):
+        return True
+    return progress is False

@@ -1,0 +1,41 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2024, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
+Masks"), as mergekit's ``breadcrumbs`` / ``breadcrumbs_ties``.
+
+Each task vector keeps only the middle of its magnitude distribution: the ``floor(gamma · n)`` largest entries
+(outliers) and the smallest ones are dropped so that ``floor(density · n)`` remain; then task arithmetic
+(``breadcrumbs``) or TIES sign election (``breadcrumbs_ties``)::
+
+    τ̂_t = τ_t ⊙ 1[|τ_t|_(n_bot) ≤ |τ_t| < |τ_t|_(n - n_top)]   (ascending order statistics)
+    θ = θ_0 + λ Σ_t w_t τ̂_t
+
+mergekit names: ``weight``, ``density``, ``gamma`` (per model; one gamma per merge here), ``normalize``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from merging.gta import generalized_task_arithmetic
+from merging.registry import register
+
+__all__ = ["breadcrumbs", "breadcrumbs_ties"]
+
+
+@register("breadcrumbs", needs_base=True, per_model=("weight", "density"),
+          defaults={"gamma": 0.01, "normalize": False, "int8_mask": False, "lambda": 1.0})
+def breadcrumbs(base: Any, models: Sequence[Any], *, weight: float | Sequence[float] = 1.0,
+                density: float | Sequence[float] = 1.0, gamma: float = 0.01, normalize: bool = False,
+                lambda_: float = 1.0, int8_mask: bool = False) -> Any:
+    return generalized_task_arithmetic(base, models, weight=weight, density=density,
+                                       sparsification="magnitude_outliers", gamma=gamma, normalize=normalize,
+                                       lambda_=lambda_, method="breadcrumbs")
+
+
+@register("breadcrumbs_ties", needs_base=True, per_model=("weight", "density"),
+          defaults={"gamma": 0.01, "normalize": False, "int8_mask": False, "lambda": 1.0, "consensus": "sum"})
+def breadcrumbs_ties(base: Any, models: Sequence[Any], *, weight: float | Sequence[float] = 1.0,
+                     density: float | Sequence[float] = 1.0, gamma: float = 0.01, normalize: bool = False,
+                     consensus: str = "sum", lambda_: float = 1.0, int8_mask: bool = False) -> Any:
+    return generalized_task_arithmetic(base, models, weight=weight, density=density,
+                                       sparsification="magnitude_outliers", gamma=gamma, consensus=consensus,
+                                       normalize=normalize, lambda_=lambda_, method="breadcrumbs_ties")

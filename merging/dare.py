@@ -1,0 +1,44 @@
+"""DARE (Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
+Lunch"): Drop And REscale task vectors, then merge linearly (``dare_linear``) or with TIES sign election
+(``dare_ties``), as mergekit::
+
+    m_t ~ Bernoulli(density_t),   τ̂_t = m_t ⊙ (θ_t - θ_0) / density_t        (rescale=True)
+    dare_linear: θ = θ_0 + λ Σ_t w_t τ̂_t              (normalize: / Σ_t w_t; default False)
+    dare_ties:   TIES election + disjoint sum over τ̂_t (normalize default False, as mergekit)
+
+The drop masks come from an explicit ``key`` (``jax.random.key``), folded with each tensor's path and model
+index, so a merge is reproducible and identical whether the tree is merged whole or streamed tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+
+from merging.gta import generalized_task_arithmetic
+from merging.registry import register
+
+__all__ = ["dare_linear", "dare_ties"]
+
+
+@register("dare_linear", needs_base=True, per_model=("weight", "density"),
+          defaults={"normalize": False, "rescale": True, "int8_mask": False, "lambda": 1.0}, stochastic=True)
+def dare_linear(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
+                weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
+                normalize: bool = False, rescale: bool = True, lambda_: float = 1.0, int8_mask: bool = False) -> Any:
+    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
+                                       consensus=None, normalize=normalize, rescale=rescale, lambda_=lambda_,
+                                       key=key, method="dare_linear")
+
+
+@register("dare_ties", needs_base=True, per_model=("weight", "density"),
+          defaults={"normalize": False, "rescale": True, "int8_mask": False, "lambda": 1.0, "consensus": "sum"},
+          stochastic=True)
+def dare_ties(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
+              weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
+              normalize: bool = False, rescale: bool = True, consensus: str = "sum", lambda_: float = 1.0,
+              int8_mask: bool = False) -> Any:
+    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
+                                       consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_,
+                                       key=key, method="dare_ties")

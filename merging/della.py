@@ -1,0 +1,45 @@
+"""DELLA-Merging (Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through
+Magnitude-Based Sampling"), as mergekit's ``della`` (with TIES election) / ``della_linear``.
+
+MagPrune: within each row, the entry of ascending magnitude rank ``r`` (1..m) is kept with probability
+``p_r = density - ε + 2ε (r - 1)/(m - 1)`` and rescaled by ``1/p_r``; then elect (della) and fuse::
+
+    θ = θ_0 + λ Σ_t m_t w_t τ̂_t  (/ Σ_t m_t w_t with normalize)
+
+mergekit names: ``weight``, ``density``, ``epsilon`` (default 0.15), ``lambda`` (default 1), ``normalize``
+(default True for della, False for della_linear), ``rescale`` (default True). Random: explicit ``key``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+
+from merging.gta import generalized_task_arithmetic
+from merging.registry import register
+
+__all__ = ["della", "della_linear"]
+
+
+@register("della", needs_base=True, per_model=("weight", "density"),
+          defaults={"epsilon": 0.15, "lambda": 1.0, "normalize": True, "rescale": True, "int8_mask": False,
+                    "consensus": "sum"}, stochastic=True)
+def della(base: Any, models: Sequence[Any], *, key: jax.Array | None = None, weight: float | Sequence[float] = 1.0,
+          density: float | Sequence[float] = 1.0, epsilon: float = 0.15, lambda_: float = 1.0,
+          normalize: bool = True, rescale: bool = True, consensus: str = "sum", int8_mask: bool = False) -> Any:
+    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="della_magprune",
+                                       epsilon=epsilon, consensus=consensus, normalize=normalize, rescale=rescale,
+                                       lambda_=lambda_, key=key, method="della")
+
+
+@register("della_linear", needs_base=True, per_model=("weight", "density"),
+          defaults={"epsilon": 0.15, "lambda": 1.0, "normalize": False, "rescale": True, "int8_mask": False},
+          stochastic=True)
+def della_linear(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
+                 weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
+                 epsilon: float = 0.15, lambda_: float = 1.0, normalize: bool = False, rescale: bool = True,
+                 int8_mask: bool = False) -> Any:
+    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="della_magprune",
+                                       epsilon=epsilon, consensus=None, normalize=normalize, rescale=rescale,
+                                       lambda_=lambda_, key=key, method="della_linear")

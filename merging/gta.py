@@ -1,0 +1,137 @@
+"""Generalized task arithmetic: the engine shared by task arithmetic, TIES, DARE, Model Breadcrumbs and DELLA
+(mergekit's ``GeneralizedTaskArithmeticMerge``).
+
+For each tensor, with base ``θ_0``, models ``θ_t`` and per-model weights ``w_t``::
+
+    τ_t   = sparsify(θ_t - θ_0)                       (magnitude / random / outliers / della, or identity)
+    m_t   = 1[sign(w_t τ_t) = s]  with s = sign(Σ_t w_t τ_t) ("sum", TIES) or sign(Σ_t sign(w_t τ_t)) ("count"),
+            s = +1 where the sum is 0; m_t = 1 without a consensus step
+    Δ     = Σ_t m_t w_t τ_t
+    Δ     = Δ / Σ_t m_t w_t   if normalize (a zero divisor becomes 1)
+    θ     = θ_0 + λ Δ
+
+(Yadav et al. 2023 "TIES-Merging"; Ilharco et al. 2023 "Editing models with task arithmetic").
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxmodels.tree import compute_in_float32
+from merging import _common as C
+from merging import sparsify as S
+
+__all__ = ["generalized_task_arithmetic", "sign_consensus_mask"]
+
+SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
+CONSENSUS = (None, "sum", "count")
+
+
+def sign_consensus_mask(weighted_deltas: jax.Array, method: str = "sum") -> jax.Array:
+    """TIES sign election over axis 0: True where an entry's sign equals the elected sign (zeros never agree)."""
+    sign = jnp.sign(weighted_deltas)
+    if method == "sum":
+        elected = jnp.where(weighted_deltas.sum(0) >= 0, 1.0, -1.0)
+    elif method == "count":
+        elected = jnp.where(sign.sum(0) >= 0, 1.0, -1.0)
+    else:
+        raise ValueError(f"consensus method must be 'sum' or 'count', got {method!r}")
+    return sign == elected
+
+
+@functools.partial(jax.jit, static_argnames=("sparsification", "densities", "consensus", "normalize", "rescale",
+                                             "gamma", "epsilon"))
+def _gta_leaf(base, xs, weights, lambda_, key, *, sparsification, densities, consensus, normalize, rescale, gamma,
+              epsilon):
+    base = base.astype(jnp.float32)
+    deltas = []
+    for i, (x, d) in enumerate(zip(xs, densities)):
+        delta = x.astype(jnp.float32) - base
+        if sparsification == "magnitude":
+            delta = S.magnitude(delta, d)
+        elif sparsification == "random":
+            delta = S.bernoulli(delta, d, jax.random.fold_in(key, i), rescale)
+        elif sparsification == "magnitude_outliers":
+            delta = S.magnitude_outliers(delta, d, gamma)
+        elif sparsification == "della_magprune":
+            delta = S.della_magprune(delta, d, epsilon, jax.random.fold_in(key, i), rescale)
+        deltas.append(delta)
+    deltas = jnp.stack(deltas)
+    w = weights.astype(jnp.float32).reshape((-1,) + (1,) * base.ndim)
+    wd = deltas * w
+    if consensus is not None:
+        mask = sign_consensus_mask(wd, consensus)
+        mixed = jnp.where(mask, wd, 0.0).sum(0)
+        div = jnp.where(mask, w, 0.0).sum(0)
+        div = jnp.where(div == 0, 1.0, div)
+    else:
+        mixed = wd.sum(0)
+        div = jnp.broadcast_to(w.sum(0), mixed.shape)
+        div = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
+    if normalize:
+        mixed = mixed / div
+    return base + lambda_ * mixed
+
+
+def generalized_task_arithmetic(
+    base: Any,
+    models: Sequence[Any],
+    *,
+    weight: float | Sequence[float] = 1.0,
+    density: float | Sequence[float] = 1.0,
+    sparsification: str | None = None,
+    consensus: str | None = None,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    key: jax.Array | None = None,
+    method: str = "generalized_task_arithmetic",
+) -> Any:
+    """See the module docstring. ``weight``/``density`` are scalars or one value per model. Validates everything
+    (trees, hyper-parameters) before any computation; computes in float32 and returns ``base``'s dtype."""
+    models = C.as_models(models, 1, method)
+    if base is None:
+        raise ValueError(f"{method}: needs a base model")
+    C.validate_trees(base, models, method)
+    C.check_leaf_dtypes(base, models, method)
+    n = len(models)
+    weights = C.per_model(weight, n, "weight", method)
+    densities = C.per_model(density, n, "density", method)
+    for w in weights:
+        C.check_finite_param(w, "weight", method)
+    C.check_density(densities, method)
+    C.check_finite_param(float(lambda_), "lambda", method)
+    if sparsification not in SPARSIFIERS:
+        raise ValueError(f"{method}: unknown sparsification {sparsification!r}; one of {SPARSIFIERS}")
+    if consensus not in CONSENSUS:
+        raise ValueError(f"{method}: consensus must be one of {CONSENSUS}, got {consensus!r}")
+    if sparsification == "magnitude_outliers":
+        C.check_unit_interval(float(gamma), "gamma", method)
+    if sparsification == "della_magprune":
+        for d in densities:
+            if d < 1.0 and not (0.0 < d - epsilon and d + epsilon < 1.0):
+                raise ValueError(f"{method}: epsilon must make density ± epsilon lie in (0, 1); "
+                                 f"density={d}, epsilon={epsilon}")
+    if sparsification in ("random", "della_magprune") and any(d < 1.0 for d in densities):
+        if key is None:
+            raise ValueError(f"{method}: random sparsification needs an explicit `key` (jax.random.key)")
+    if key is None:
+        key = jax.random.key(0)  # unused (deterministic path) but keeps one jit signature
+
+    weights_arr = jnp.asarray(weights, jnp.float32)
+    static = dict(sparsification=sparsification, densities=densities, consensus=consensus, normalize=bool(normalize),
+                  rescale=bool(rescale), gamma=float(gamma), epsilon=float(epsilon))
+
+    @compute_in_float32
+    def run(base, models):
+        return C.map_leaves(
+            lambda p, b, xs: _gta_leaf(b, xs, weights_arr, jnp.float32(lambda_), C.leaf_key(key, p), **static),
+            base, models)
+
+    return run(base, models)

@@ -1,0 +1,44 @@
+"""WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): interpolate the zero-shot (base) and
+fine-tuned weights::
+
+    θ_α = (1 - α) θ_0 + α θ_ft
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxmodels.tree import compute_in_float32
+from merging import _common as C
+from merging.registry import register
+
+__all__ = ["wise_ft"]
+
+
+@jax.jit
+def _wise_leaf(b, x, alpha):
+    b = b.astype(jnp.float32)
+    return b + alpha * (x.astype(jnp.float32) - b)
+
+
+@register("wise_ft", needs_base=True, defaults={"alpha": 0.5})
+def wise_ft(base: Any, models: Sequence[Any], *, alpha: float = 0.5) -> Any:
+    """``(1-α) base + α models[0]``; ``models`` holds exactly one fine-tuned model. α ∈ [0, 1]."""
+    models = C.as_models(models, 1, "wise_ft")
+    if len(models) != 1:
+        raise ValueError(f"wise_ft: interpolates one fine-tuned model with the base, got {len(models)} models")
+    if base is None:
+        raise ValueError("wise_ft: needs the zero-shot model as `base`")
+    C.validate_trees(base, models, "wise_ft")
+    C.check_leaf_dtypes(base, models, "wise_ft")
+    C.check_unit_interval(float(alpha), "alpha", "wise_ft")
+
+    @compute_in_float32
+    def run(base, models):
+        return C.map_leaves(lambda p, b, xs: _wise_leaf(b, xs[0], jnp.float32(alpha)), base, models)
+
+    return run(base, models)
