@@ -1,5 +1,15 @@
 """Models as Flax linen modules (pure ``init``/``apply``), each with default sharding rules."""
 
+from jaxmodels.models.bert import (
+    BERT_RULES_DP,
+    BERT_RULES_TP,
+    BertConfig,
+    BertEncoder,
+    BertTokenizer,
+    SentenceEmbedder,
+    load_bert_safetensors,
+    load_minilm,
+)
 from jaxmodels.models.mlp import MLP, MLP_RULES_DP, MLP_RULES_TP
 from jaxmodels.models.transformer import FeedForward, MultiHeadAttention, make_norm
 from jaxmodels.models.vit import VIT_CONFIGS, VIT_RULES_DP, VIT_RULES_TP, ViT, ViTBlock
@@ -7,5 +17,7 @@ from jaxmodels.models.vit import VIT_CONFIGS, VIT_RULES_DP, VIT_RULES_TP, ViT, V
 __all__ = [
     "MLP", "MLP_RULES_DP", "MLP_RULES_TP",
     "FeedForward", "MultiHeadAttention", "make_norm",
+    "BertConfig", "BertEncoder", "BertTokenizer", "SentenceEmbedder", "load_bert_safetensors", "load_minilm",
+    "BERT_RULES_DP", "BERT_RULES_TP",
     "ViT", "ViTBlock", "VIT_CONFIGS", "VIT_RULES_DP", "VIT_RULES_TP",
 ]
