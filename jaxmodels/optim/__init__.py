@@ -1,0 +1,31 @@
+"""jaxmodels.optim: optimizers that treat layers differently, as Optax transforms.
+
+Every optimizer is an ``optax.GradientTransformation`` built from small ``scale_by_*`` transforms with
+``optax.chain``; state is NamedTuples; all jit and accept sharded params (state inherits their sharding).
+
+| alias | paper | module |
+| --- | --- | --- |
+| ``lamb`` | You et al. 2020, LAMB | ``lamb`` |
+| ``lars`` | You et al. 2017, LARS | ``lars`` |
+| ``adamp`` / ``sgdp`` | Heo et al. 2021, AdamP | ``adamp`` |
+| ``lisa`` | Pan et al. 2024, LISA | ``lisa`` |
+"""
+
+from jaxmodels.optim.adamp import (
+    adamp,
+    project_radial,
+    radial_projection,
+    scale_by_adam_nesterov,
+    scale_by_radial_projection,
+    sgdp,
+)
+from jaxmodels.optim.lamb import lamb, scale_by_layerwise_trust_ratio
+from jaxmodels.optim.lars import lars, scale_by_lars
+from jaxmodels.optim.lisa import LisaState, lisa, lisa_layers, scale_by_lisa
+
+__all__ = [
+    "lamb", "scale_by_layerwise_trust_ratio",
+    "lars", "scale_by_lars",
+    "adamp", "sgdp", "scale_by_radial_projection", "project_radial", "radial_projection", "scale_by_adam_nesterov",
+    "lisa", "scale_by_lisa", "LisaState", "lisa_layers",
+]

@@ -1,0 +1,81 @@
+"""Shared test helpers for jaxmodels.optim: random trees, stepping an optimizer, the sharded-vs-unsharded check."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxmodels.models.mlp import MLP_RULES_TP
+from jaxmodels.sharding import rules_to_shardings
+from jaxmodels.tree import flatten, path_to_str
+
+
+def random_tree(seed: int = 0, scale: float = 1.0) -> dict:
+    """A small MLP-like tree (Flax layouts) with a 4-D conv kernel and a norm scale."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: (scale * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+    return {
+        "Conv_0": {"kernel": f(3, 3, 2, 8), "bias": f(8)},
+        "Dense_0": {"kernel": f(8, 16), "bias": f(16)},
+        "LayerNorm_0": {"scale": 1.0 + 0.1 * f(16)},
+        "Dense_1": {"kernel": f(16, 4), "bias": f(4)},
+    }
+
+
+def grad_seq(n: int, seed: int = 1) -> list[dict]:
+    return [random_tree(seed + 100 * i, scale=0.1) for i in range(n)]
+
+
+def run(tx, params, grads, jit: bool = True):
+    """Apply ``tx`` for len(grads) steps; return (params, state) as NumPy / device trees."""
+    init = jax.jit(tx.init) if jit else tx.init
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step) if jit else step
+    p = jax.tree.map(jnp.asarray, params)
+    s = init(p)
+    for g in grads:
+        p, s = step(p, s, jax.tree.map(jnp.asarray, g))
+    return p, s
+
+
+def assert_tree_close(a, b, rtol, atol):
+    fa, fb = flatten(a), flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), rtol=rtol, atol=atol, err_msg=k)
+
+
+def check_sharded_equals_unsharded(tx, mesh, params=None, steps=3, rtol=1e-5, atol=1e-6, check_state=True):
+    """Run ``steps`` jitted steps on params/grads sharded with tensor-parallel rules over ``mesh`` and compare with
+    the single-device run; every state leaf that mirrors a param (its path ends with the param's path and has its
+    shape) must carry the param's sharding. Tolerance: only the reduction order of the norms differs (float32)."""
+    params = random_tree(0) if params is None else params
+    grads = grad_seq(steps)
+    ref_p, _ = run(tx, params, grads)
+    rules = MLP_RULES_TP + [(r"Conv_0/kernel$", jax.sharding.PartitionSpec(None, None, None, "model"))]
+    shard = rules_to_shardings(params, rules, mesh)
+    sp = jax.device_put(params, shard)
+    sg = [jax.device_put(g, shard) for g in grads]
+    out_p, state = run(tx, sp, sg)
+    assert_tree_close(out_p, ref_p, rtol, atol)
+    fshard = flatten(shard)
+    fparams = flatten(params)
+    assert any(not s.is_fully_replicated for s in fshard.values())
+    for k, leaf in flatten(out_p).items():
+        assert leaf.sharding.is_equivalent_to(fshard[k], leaf.ndim), k
+    if check_state:
+        checked = 0
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+            sp_ = path_to_str(path)
+            for k, s in fshard.items():
+                if sp_.endswith(k) and np.shape(leaf) == np.shape(fparams[k]):
+                    assert leaf.sharding.is_equivalent_to(s, leaf.ndim), (sp_, leaf.sharding, s)
+                    checked += 1
+        return checked
+    return 0
