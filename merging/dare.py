@@ -23,22 +23,22 @@ __all__ = ["dare_linear", "dare_ties"]
 
 
 @register("dare_linear", needs_base=True, per_model=("weight", "density"),
-          defaults={"normalize": False, "rescale": True, "int8_mask": False, "lambda": 1.0}, stochastic=True)
+          defaults={"normalize": False, "rescale": True, "rescale_norm": None, "int8_mask": False, "lambda": 1.0}, stochastic=True)
 def dare_linear(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
                 weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
-                normalize: bool = False, rescale: bool = True, lambda_: float = 1.0, int8_mask: bool = False) -> Any:
+                normalize: bool = False, rescale: bool = True, rescale_norm: str | None = None, lambda_: float = 1.0, int8_mask: bool = False) -> Any:
     return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
-                                       consensus=None, normalize=normalize, rescale=rescale, lambda_=lambda_,
+                                       consensus=None, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm, lambda_=lambda_,
                                        key=key, method="dare_linear")
 
 
 @register("dare_ties", needs_base=True, per_model=("weight", "density"),
-          defaults={"normalize": False, "rescale": True, "int8_mask": False, "lambda": 1.0, "consensus": "sum"},
+          defaults={"normalize": False, "rescale": True, "rescale_norm": None, "int8_mask": False, "lambda": 1.0, "consensus": "sum"},
           stochastic=True)
 def dare_ties(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
               weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
-              normalize: bool = False, rescale: bool = True, consensus: str = "sum", lambda_: float = 1.0,
+              normalize: bool = False, rescale: bool = True, rescale_norm: str | None = None, consensus: str = "sum", lambda_: float = 1.0,
               int8_mask: bool = False) -> Any:
     return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
-                                       consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_,
+                                       consensus=consensus, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm, lambda_=lambda_,
                                        key=key, method="dare_ties")

@@ -4,6 +4,8 @@
 For each tensor, with base ``θ_0``, models ``θ_t`` and per-model weights ``w_t``::
 
     τ_t   = sparsify(θ_t - θ_0)                       (magnitude / random / outliers / della, or identity)
+            rescaled by 1/p (DARE, DELLA: ``rescale`` with ``rescale_norm=None``) or to restore the L1/L2/Linf norm
+            of θ_t - θ_0 (``rescale_norm``; mergekit >= 0.1.5 uses "l1" whenever ``rescale`` is set)
     m_t   = 1[sign(w_t τ_t) = s]  with s = sign(Σ_t w_t τ_t) ("sum", TIES) or sign(Σ_t sign(w_t τ_t)) ("count"),
             s = +1 where the sum is 0; m_t = 1 without a consensus step
     Δ     = Σ_t m_t w_t τ_t
@@ -44,21 +46,22 @@ def sign_consensus_mask(weighted_deltas: jax.Array, method: str = "sum") -> jax.
 
 
 @functools.partial(jax.jit, static_argnames=("sparsification", "densities", "consensus", "normalize", "rescale",
-                                             "gamma", "epsilon"))
-def _gta_leaf(base, xs, weights, lambda_, key, *, sparsification, densities, consensus, normalize, rescale, gamma,
-              epsilon):
+                                             "rescale_norm", "gamma", "epsilon"))
+def _gta_leaf(base, xs, weights, lambda_, key, *, sparsification, densities, consensus, normalize, rescale,
+              rescale_norm, gamma, epsilon):
     base = base.astype(jnp.float32)
     deltas = []
     for i, (x, d) in enumerate(zip(xs, densities)):
         delta = x.astype(jnp.float32) - base
+        norm = rescale_norm if rescale else None
         if sparsification == "magnitude":
-            delta = S.magnitude(delta, d)
+            delta = S.magnitude(delta, d, norm)
         elif sparsification == "random":
-            delta = S.bernoulli(delta, d, jax.random.fold_in(key, i), rescale)
+            delta = S.bernoulli(delta, d, jax.random.fold_in(key, i), rescale, norm)
         elif sparsification == "magnitude_outliers":
-            delta = S.magnitude_outliers(delta, d, gamma)
+            delta = S.magnitude_outliers(delta, d, gamma, norm)
         elif sparsification == "della_magprune":
-            delta = S.della_magprune(delta, d, epsilon, jax.random.fold_in(key, i), rescale)
+            delta = S.della_magprune(delta, d, epsilon, jax.random.fold_in(key, i), rescale, norm)
         deltas.append(delta)
     deltas = jnp.stack(deltas)
     w = weights.astype(jnp.float32).reshape((-1,) + (1,) * base.ndim)
@@ -87,6 +90,7 @@ def generalized_task_arithmetic(
     consensus: str | None = None,
     normalize: bool = False,
     rescale: bool = True,
+    rescale_norm: str | None = None,
     lambda_: float = 1.0,
     gamma: float = 0.01,
     epsilon: float = 0.15,
@@ -111,6 +115,10 @@ def generalized_task_arithmetic(
         raise ValueError(f"{method}: unknown sparsification {sparsification!r}; one of {SPARSIFIERS}")
     if consensus not in CONSENSUS:
         raise ValueError(f"{method}: consensus must be one of {CONSENSUS}, got {consensus!r}")
+    if rescale_norm not in S.RESCALE_NORMS:
+        raise ValueError(f"{method}: rescale_norm must be one of {S.RESCALE_NORMS}, got {rescale_norm!r}")
+    if sparsification in ("magnitude", "magnitude_outliers") and rescale and rescale_norm is None:
+        rescale_norm = "l1"  # deterministic sparsifiers only have mergekit's norm-matching rescale
     if sparsification == "magnitude_outliers":
         C.check_unit_interval(float(gamma), "gamma", method)
     if sparsification == "della_magprune":
@@ -126,7 +134,7 @@ def generalized_task_arithmetic(
 
     weights_arr = jnp.asarray(weights, jnp.float32)
     static = dict(sparsification=sparsification, densities=densities, consensus=consensus, normalize=bool(normalize),
-                  rescale=bool(rescale), gamma=float(gamma), epsilon=float(epsilon))
+                  rescale=bool(rescale), rescale_norm=rescale_norm, gamma=float(gamma), epsilon=float(epsilon))
 
     @compute_in_float32
     def run(base, models):

@@ -4,7 +4,7 @@ With base ``w_0`` and N ≥ 2 fine-tuned ``w_i``, offsets ``δ_i = w_i - w_0``, 
 the offsets (per tensor, or per row with ``filter_wise``)::
 
     t   = N cos θ / (1 + (N - 1) cos θ)
-    θ_H = t · mean_i(w_i) + (1 - t) · w_0
+    θ_H = t · mean_i(w_i) + (1 - t) · w_0     (t = 0 where |1 + (N-1) cos θ| < 1e-6)
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def model_stock_ratio(w0, ws, filter_wise: bool = False):
             cos.append(jnp.clip(num / jnp.maximum(den, 1e-6), -1.0, 1.0))
     c = jnp.stack(cos).mean(0)[..., None]
     n = len(ws)
-    return n * c / (1 + (n - 1) * c), w0, ws
+    den = 1 + (n - 1) * c
+    singular = jnp.abs(den) < 1e-6  # no finite estimate: keep the base (t = 0), as mergekit
+    return jnp.where(singular, 0.0, n * c / jnp.where(singular, 1.0, den)), w0, ws
 
 
 @functools.partial(jax.jit, static_argnames=("filter_wise",))

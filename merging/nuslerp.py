@@ -6,7 +6,7 @@ chosen axis (every row when ``nuslerp_row_wise``, else every column/last-axis ve
 ``nuslerp_flatten``, the default)::
 
     Ω = arccos(clip(<v0/|v0|, v1/|v1|>, -1, 1))
-    res = (sin((1-t)Ω) v0 + sin(tΩ) v1) / sin Ω,   and (1-t) v0 + t v1 where |sin Ω| < 1e-8.
+    res = (sin((1-t)Ω) v0 + sin(tΩ) v1) / sin Ω,   and (1-t) v0 + t v1 where 1 - cos²Ω ≤ 1e-16 (colinear).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ def nuslerp_arrays(t, v0, v1, *, row_wise: bool = False, flatten: bool = True, e
     def unit(x):
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-7)
 
-    cos = jnp.sum(unit(v0) * unit(v1), axis=-1, keepdims=True)
-    theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
+    cos = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=-1, keepdims=True), -1.0, 1.0)
+    colinear = (1 - cos * cos) <= eps * eps
+    theta = jnp.arccos(jnp.where(colinear, 0.0, cos))
     sin = jnp.sin(theta)
-    colinear = jnp.abs(sin) < eps
     safe = jnp.where(colinear, 1.0, sin)
     res = (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / safe
     res = jnp.where(colinear, (1 - t) * v0 + t * v1, res)

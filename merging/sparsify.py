@@ -21,7 +21,26 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["num_kept", "kth_largest", "magnitude_mask", "magnitude", "bernoulli", "magnitude_outliers",
-           "della_magprune"]
+           "della_magprune", "rescale_to_norm", "RESCALE_NORMS"]
+
+RESCALE_NORMS = (None, "l1", "l2", "linf")
+
+
+def rescale_to_norm(x: jax.Array, masked: jax.Array, norm: str | None, eps: float = 1e-7) -> jax.Array:
+    """mergekit's norm-matching rescale: ``masked * |x| / |masked|`` in the given norm (unchanged if either norm
+    is below ``eps``)."""
+    if norm is None:
+        return masked
+    if norm == "l1":
+        before, after = jnp.abs(x).sum(), jnp.abs(masked).sum()
+    elif norm == "l2":
+        before, after = jnp.linalg.norm(x.reshape(-1)), jnp.linalg.norm(masked.reshape(-1))
+    elif norm == "linf":
+        before, after = jnp.abs(x).max(), jnp.abs(masked).max()
+    else:
+        raise ValueError(f"rescale norm must be one of {RESCALE_NORMS}, got {norm!r}")
+    ok = (before >= eps) & (after >= eps)
+    return jnp.where(ok, masked * (before / jnp.where(ok, after, 1.0)), masked)
 
 
 def num_kept(density: float, n: int) -> int:
@@ -66,21 +85,28 @@ def magnitude_mask(x: jax.Array, density: float) -> jax.Array:
     return a >= thr
 
 
-def magnitude(x: jax.Array, density: float) -> jax.Array:
+def magnitude(x: jax.Array, density: float, rescale_norm: str | None = None) -> jax.Array:
     if density >= 1.0:
         return x
-    return jnp.where(magnitude_mask(x, density), x, 0.0).astype(x.dtype)
+    return rescale_to_norm(x, jnp.where(magnitude_mask(x, density), x, 0.0), rescale_norm).astype(x.dtype)
 
 
-def bernoulli(x: jax.Array, density: float, key: jax.Array, rescale: bool = True) -> jax.Array:
+def bernoulli(x: jax.Array, density: float, key: jax.Array, rescale: bool = True,
+              rescale_norm: str | None = None) -> jax.Array:
+    """DARE drop: with ``rescale`` and no ``rescale_norm`` the paper's ``1/density``; with ``rescale_norm`` (e.g.
+    "l1", what mergekit >= 0.1.5 does) the kept entries are scaled to restore that norm of ``x``."""
     if density >= 1.0:
         return x
     keep = jax.random.bernoulli(key, density, x.shape)
     out = jnp.where(keep, x, 0.0)
-    return (out / density if rescale else out).astype(x.dtype)
+    if rescale and rescale_norm is None:
+        out = out / density
+    elif rescale:
+        out = rescale_to_norm(x, out, rescale_norm)
+    return out.astype(x.dtype)
 
 
-def magnitude_outliers(x: jax.Array, density: float, gamma: float = 0.01) -> jax.Array:
+def magnitude_outliers(x: jax.Array, density: float, gamma: float = 0.01, rescale_norm: str | None = None) -> jax.Array:
     if density >= 1.0:
         return x
     n = x.size
@@ -90,16 +116,19 @@ def magnitude_outliers(x: jax.Array, density: float, gamma: float = 0.01) -> jax
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
+    if target == 0:
+        return jnp.zeros_like(x)
     a = jnp.abs(x.astype(jnp.float32)).reshape(-1)
     keep = jnp.ones(a.shape, bool)
     if n_bot > 0:  # drop the n_bot smallest: keep |x| >= the (n - n_bot)-th largest
         keep &= a >= kth_largest(a, n - n_bot)
     if n_top > 0:  # drop the n_top largest: keep |x| < the n_top-th largest
         keep &= a < kth_largest(a, n_top)
-    return jnp.where(keep.reshape(x.shape), x, 0.0).astype(x.dtype)
+    return rescale_to_norm(x, jnp.where(keep.reshape(x.shape), x, 0.0), rescale_norm).astype(x.dtype)
 
 
-def della_magprune(x: jax.Array, density: float, epsilon: float, key: jax.Array, rescale: bool = True) -> jax.Array:
+def della_magprune(x: jax.Array, density: float, epsilon: float, key: jax.Array, rescale: bool = True,
+                   rescale_norm: str | None = None) -> jax.Array:
     if density >= 1.0:
         return x
     shape = x.shape
@@ -113,6 +142,8 @@ def della_magprune(x: jax.Array, density: float, epsilon: float, key: jax.Array,
     probs = (density - epsilon) + rank_norm * (2.0 * epsilon)
     keep = jax.random.uniform(key, probs.shape) < probs
     out = jnp.where(keep, x2.astype(jnp.float32), 0.0)
-    if rescale:
+    if rescale and rescale_norm is None:
         out = out / probs
+    elif rescale:
+        out = rescale_to_norm(x2.astype(jnp.float32), out, rescale_norm)
     return out.reshape(shape).astype(x.dtype)

@@ -21,10 +21,12 @@ __all__ = ["ties", "sign_consensus_mask"]
 
 
 @register("ties", needs_base=True, per_model=("weight", "density"),
-          defaults={"normalize": True, "int8_mask": False, "lambda": 1.0, "consensus": "sum"})
+          defaults={"normalize": True, "int8_mask": False, "lambda": 1.0, "consensus": "sum", "rescale": False})
 def ties(base: Any, models: Sequence[Any], *, weight: float | Sequence[float] = 1.0,
          density: float | Sequence[float] = 1.0, normalize: bool = True, consensus: str = "sum",
-         lambda_: float = 1.0, int8_mask: bool = False) -> Any:
-    """TIES merge (see module docstring). ``consensus``: "sum" (mergekit ``ties``) or "count"."""
+         lambda_: float = 1.0, rescale: bool = False, int8_mask: bool = False) -> Any:
+    """TIES merge (see module docstring). ``consensus``: "sum" (mergekit ``ties``) or "count". ``rescale``:
+    scale each trimmed task vector back to its L1 norm (mergekit's ``rescale``, default off)."""
     return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="magnitude",
-                                       consensus=consensus, normalize=normalize, lambda_=lambda_, method="ties")
+                                       consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_,
+                                       method="ties")
