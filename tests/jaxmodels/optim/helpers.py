@@ -51,14 +51,16 @@ def assert_tree_close(a, b, rtol, atol):
         np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), rtol=rtol, atol=atol, err_msg=k)
 
 
-def check_sharded_equals_unsharded(tx, mesh, params=None, steps=3, rtol=1e-5, atol=1e-6, check_state=True):
+def check_sharded_equals_unsharded(tx, mesh, params=None, steps=3, rtol=1e-5, atol=1e-6, check_state=True,
+                                   rules=None, grads=None):
     """Run ``steps`` jitted steps on params/grads sharded with tensor-parallel rules over ``mesh`` and compare with
     the single-device run; every state leaf that mirrors a param (its path ends with the param's path and has its
     shape) must carry the param's sharding. Tolerance: only the reduction order of the norms differs (float32)."""
     params = random_tree(0) if params is None else params
-    grads = grad_seq(steps)
+    grads = grad_seq(steps) if grads is None else grads
     ref_p, _ = run(tx, params, grads)
-    rules = MLP_RULES_TP + [(r"Conv_0/kernel$", jax.sharding.PartitionSpec(None, None, None, "model"))]
+    if rules is None:
+        rules = MLP_RULES_TP + [(r"Conv_0/kernel$", jax.sharding.PartitionSpec(None, None, None, "model"))]
     shard = rules_to_shardings(params, rules, mesh)
     sp = jax.device_put(params, shard)
     sg = [jax.device_put(g, shard) for g in grads]
