@@ -1,0 +1,152 @@
+"""AdaMerging (Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024).
+
+Merged model from task vectors ``τ_k = θ_k − θ_0`` with learned coefficients:
+
+* task-wise:  ``θ = θ_0 + Σ_k λ_k τ_k``
+* layer-wise: ``θ^l = θ_0^l + Σ_k λ_k^l τ_k^l`` (one coefficient per parameter tensor ``l`` per task, as in the
+  paper's code)
+
+``λ`` minimizes the Shannon entropy of the merged model's predictions on *unlabeled* test batches of every task::
+
+    min_λ  Σ_k  E_{x ∈ B_k} H(softmax(f(θ(λ), x))),      H(p) = −Σ_c p_c log p_c
+
+with Adam (optax), ``λ`` initialized to ``init`` (paper: 0.3) and clipped to ``[0, 1]`` at use as in the paper's code
+(``clamp=None`` disables it).
+
+:func:`learn_coefficients` is the shared engine (also used by :mod:`merging.atlas`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxmodels.capture import _tqdm
+from jaxmodels.tree import check_compatible, flatten, unflatten
+
+PyTree = Any
+
+__all__ = ["LearnedMerge", "adamerging", "entropy", "learn_coefficients", "merge_with_coefficients"]
+
+
+class LearnedMerge(NamedTuple):
+    params: PyTree  # merged model
+    coefficients: dict[str, np.ndarray]  # per parameter path: [K] (layer-wise) — or {"*": [K]} (task-wise)
+    losses: np.ndarray  # objective per step
+
+
+def entropy(logits: jax.Array) -> jax.Array:
+    """Mean Shannon entropy of ``softmax(logits)`` over all leading axes."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -(jnp.exp(logp) * logp).sum(-1).mean()
+
+
+def _combine(base_leaves, tv_leaves, coeffs, granularity, clamp):
+    if clamp is not None:
+        coeffs = jnp.clip(coeffs, clamp[0], clamp[1])
+    out = []
+    for l, b in enumerate(base_leaves):
+        c = coeffs if granularity == "task" else coeffs[:, l]
+        acc = b.astype(jnp.float32)
+        for k in range(len(tv_leaves)):
+            acc = acc + c[k] * tv_leaves[k][l].astype(jnp.float32)
+        out.append(acc.astype(b.dtype))
+    return out
+
+
+def merge_with_coefficients(base: PyTree, models: Sequence[PyTree], coefficients, *,
+                            granularity: str = "layer", clamp=None) -> PyTree:
+    """``θ_0 + Σ_k λ_k (θ_k − θ_0)``: ``coefficients`` is ``[K]`` (task-wise) or ``[K, n_leaves]`` (layer-wise, in
+    ``jaxmodels.flatten`` order)."""
+    fb = flatten(base)
+    tvs = [[(m - b) for m, b in zip(flatten(mm).values(), fb.values())] for mm in models]
+    leaves = _combine(list(fb.values()), tvs, jnp.asarray(coefficients, jnp.float32), granularity, clamp)
+    return unflatten(dict(zip(fb.keys(), leaves)), like=base)
+
+
+def _cycle(batches):
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise ValueError("empty batch iterable")
+
+
+def learn_coefficients(objective: Callable[[PyTree, Sequence[Any]], jax.Array], base: PyTree,
+                       models: Sequence[PyTree], batches: Sequence[Iterable], *, granularity: str = "layer",
+                       init: float = 0.3, steps: int = 100, optimizer: optax.GradientTransformation | None = None,
+                       learning_rate: float = 1e-3, clamp: tuple[float, float] | None = (0.0, 1.0),
+                       progress: bool | None = None, desc: str = "merge coefficients") -> LearnedMerge:
+    """Minimize ``objective(merged_params, [one batch per batch stream])`` over the merge coefficients with optax.
+
+    ``batches``: one re-iterable per stream (e.g. per task), cycled; each step takes the next batch of every
+    stream. ``granularity``: ``"task"`` (``λ [K]``) or ``"layer"`` (``λ [K, n_leaves]``, one per parameter tensor).
+    """
+    models = list(models)
+    if not models:
+        raise ValueError(f"{desc}: needs at least one model")
+    if granularity not in ("task", "layer"):
+        raise ValueError(f"{desc}: granularity must be 'task' or 'layer', got {granularity!r}")
+    if steps < 1:
+        raise ValueError(f"{desc}: steps must be >= 1, got {steps}")
+    if clamp is not None and not clamp[0] <= clamp[1]:
+        raise ValueError(f"{desc}: clamp must be (low, high) with low <= high, got {clamp}")
+    if not batches:
+        raise ValueError(f"{desc}: needs at least one batch stream")
+    check_compatible(base, *models, names=["base"] + [f"model_{i}" for i in range(len(models))])
+    fb = flatten(base)
+    keys = list(fb)
+    base_leaves = list(fb.values())
+    tvs = jax.jit(lambda ms, b: [[m - x for m, x in zip(mm, b)] for mm in ms])(
+        [list(flatten(m).values()) for m in models], base_leaves)
+    K, L = len(models), len(keys)
+    coeffs = jnp.full((K,) if granularity == "task" else (K, L), init, jnp.float32)
+    tx = optimizer if optimizer is not None else optax.adam(learning_rate)
+    opt_state = tx.init(coeffs)
+
+    def loss_fn(c, bl, tv, bs):
+        params = unflatten(dict(zip(keys, _combine(bl, tv, c, granularity, clamp))), like=base)
+        return objective(params, bs)
+
+    @jax.jit
+    def step(c, s, bl, tv, bs):
+        loss, g = jax.value_and_grad(loss_fn)(c, bl, tv, bs)
+        u, s = tx.update(g, s, c)
+        return optax.apply_updates(c, u), s, loss
+
+    streams = [_cycle(b) for b in batches]
+    losses = []
+    for _ in _tqdm(range(steps), progress, desc=desc, leave=False):
+        bs = [next(s) for s in streams]
+        coeffs, opt_state, loss = step(coeffs, opt_state, base_leaves, tvs, bs)
+        losses.append(float(loss))
+    final = _combine(base_leaves, tvs, coeffs, granularity, clamp)
+    used = coeffs if clamp is None else jnp.clip(coeffs, *clamp)
+    used = np.asarray(used)
+    coef = {"*": used} if granularity == "task" else {k: used[:, i] for i, k in enumerate(keys)}
+    return LearnedMerge(unflatten(dict(zip(keys, final)), like=base), coef, np.asarray(losses))
+
+
+def adamerging(apply_fn: Callable, base: PyTree, models: Sequence[PyTree], batches: Sequence[Iterable], *,
+               granularity: str = "layer", init: float = 0.3, steps: int = 100, learning_rate: float = 1e-3,
+               clamp: tuple[float, float] | None = (0.0, 1.0), progress: bool | None = None) -> LearnedMerge:
+    """AdaMerging: ``batches[k]`` are unlabeled input batches of task ``k`` (arrays ``apply_fn`` accepts; a tuple
+    ``(x, y)`` is also accepted and its labels ignored). Objective: ``Σ_k mean entropy(f(θ(λ), x_k))``."""
+    if len(batches) != len(models):
+        raise ValueError(f"adamerging: {len(batches)} batch streams for {len(models)} models (one per task)")
+
+    def objective(params, bs):
+        total = 0.0
+        for b in bs:
+            x = b[0] if isinstance(b, (tuple, list)) else b
+            total = total + entropy(apply_fn(params, x))
+        return total
+
+    return learn_coefficients(objective, base, models, batches, granularity=granularity, init=init, steps=steps,
+                              learning_rate=learning_rate, clamp=clamp, progress=progress, desc="adamerging")
