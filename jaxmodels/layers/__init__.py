@@ -1,0 +1,34 @@
+"""Normalization and weight-reparameterization layers (Flax linen, pure init/apply), one module per family."""
+
+from jaxmodels.layers.batch_channel_norm import BatchChannelNorm
+from jaxmodels.layers.crmsnorm import (
+    CRMSNorm,
+    PreNormTransformer,
+    compress_input,
+    compress_output,
+    crms_norm,
+    fold_norm_affine,
+    pre_ln_to_pre_rmsnorm,
+    pre_rmsnorm_to_pre_crmsnorm,
+    recenter_output,
+)
+from jaxmodels.layers.evonorm import EvoNormB0, EvoNormS0
+from jaxmodels.layers.hopfield import Hopfield, HopfieldLayer, HopfieldPooling, hopfield_update
+from jaxmodels.layers.ibn import IBN
+from jaxmodels.layers.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
+from jaxmodels.layers.prepbn import PRepBN, RepBN, fold_repbn, prepbn_gamma
+from jaxmodels.layers.reparam import ReparamConv, ReparamDense
+from jaxmodels.layers.weight_standardization import WSConv, weight_standardize
+
+__all__ = [
+    "BatchChannelNorm",
+    "CRMSNorm", "PreNormTransformer", "compress_input", "compress_output", "crms_norm", "fold_norm_affine",
+    "pre_ln_to_pre_rmsnorm", "pre_rmsnorm_to_pre_crmsnorm", "recenter_output",
+    "EvoNormB0", "EvoNormS0",
+    "Hopfield", "HopfieldLayer", "HopfieldPooling", "hopfield_update",
+    "IBN",
+    "LayerNorm", "RMSNorm", "layer_norm", "rms_norm",
+    "PRepBN", "RepBN", "fold_repbn", "prepbn_gamma",
+    "ReparamConv", "ReparamDense",
+    "WSConv", "weight_standardize",
+]

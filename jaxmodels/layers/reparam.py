@@ -1,0 +1,81 @@
+"""Dense and Conv layers whose kernel passes through a parameter transform before use (weight reparameterization).
+
+``y = x W' + b`` (Dense) or ``y = conv(x, W') + b`` (Conv) with ``W' = transform(W)`` where ``W`` is the stored
+parameter ``kernel``. ``transform`` is either a plain function ``kernel -> kernel`` (e.g.
+:func:`jaxmodels.layers.weight_standardize`, :func:`jaxmodels.layers.weight_compander`) or a linen module called on
+the kernel (e.g. :class:`jaxmodels.layers.WeightCompander` with learnable hyper-parameters, whose parameters live
+under ``transform``). Flax layouts: Dense ``[in, out]``, Conv ``[*kernel_size, in, out]``, NHWC inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["ReparamDense", "ReparamConv", "transformed_kernel"]
+
+
+def _identity(w):
+    return w
+
+
+def transformed_kernel(module: nn.Module, shape, transform, kernel_init) -> jax.Array:
+    kernel = module.param("kernel", kernel_init, shape, jnp.float32)
+    if transform is None:
+        return kernel
+    if not callable(transform):
+        raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+    out = transform(kernel)
+    if out.shape != kernel.shape:
+        raise ValueError(f"transform changed the kernel shape {kernel.shape} -> {out.shape}")
+    return out
+
+
+class ReparamDense(nn.Module):
+    """``y = x transform(W) + b``."""
+
+    features: int
+    transform: Callable | None = None
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        w = transformed_kernel(self, (x.shape[-1], self.features), self.transform, self.kernel_init)
+        y = jnp.dot(x, w.astype(x.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(x.dtype)
+        return y
+
+
+class ReparamConv(nn.Module):
+    """``y = conv(x, transform(W)) + b`` for NHWC (any number of spatial axes) inputs; ``padding`` is
+    ``"SAME"``, ``"VALID"`` or explicit ``[(lo, hi), ...]``."""
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    strides: Sequence[int] | None = None
+    padding: str | Sequence[tuple[int, int]] = "SAME"
+    transform: Callable | None = None
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        nd = len(self.kernel_size)
+        if x.ndim != nd + 2:
+            raise ValueError(f"expected [B, {nd} spatial axes, C] input, got {x.shape}")
+        w = transformed_kernel(self, (*self.kernel_size, x.shape[-1], self.features), self.transform,
+                               self.kernel_init)
+        spatial = "".join("DHW"[3 - nd:]) if nd <= 3 else None
+        if spatial is None:
+            raise ValueError("ReparamConv supports 1 to 3 spatial axes")
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+        y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), tuple(self.strides or (1,) * nd), self.padding,
+                                         dimension_numbers=dn)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(x.dtype)
+        return y
