@@ -17,8 +17,9 @@ repeated until a full sweep improves nothing (or ``max_iter``). Activation match
 ``π_p = argmax_π Σ_i Σ_x z^A_i(x) z^B_{π(i)}(x)`` over the hidden activations ``z`` at the units of ``p``
 (one linear assignment per permutation; the activations of A and B are those of the unpermuted models).
 
-Specs for ``jaxmodels`` models: :func:`mlp_permutation_spec`, :func:`vit_permutation_spec` (residual stream and
-MLP hidden units of every block; attention's per-head q/k and v/out dimensions are left unpermuted).
+Specs for ``jaxmodels`` models: :func:`mlp_permutation_spec`, :func:`vit_permutation_spec` and
+:func:`gpt_permutation_spec` (residual stream and MLP hidden units of every block; attention's per-head q/k and v/out
+dimensions are left unpermuted).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "permutation_spec_from_axes_to_perm",
     "mlp_permutation_spec",
     "vit_permutation_spec",
+    "gpt_permutation_spec",
     "apply_permutation",
     "identity_permutation",
     "invert_permutation",
@@ -84,11 +86,31 @@ def _norm_axes(prefix: str, p: str) -> dict[str, tuple]:
     return {f"{prefix}/scale": (p,), f"{prefix}/bias": (p,)}
 
 
+def _block_axes(b: str, r: str, m: str, norms: Sequence[str], norm_has_bias: bool) -> dict[str, tuple]:
+    """Axes of one pre/post/peri-norm transformer block (``attn/{query,key,value,out}``, ``mlp/{fc1,fc2}``)."""
+    a2p: dict[str, tuple] = {}
+    for n in norms:
+        a2p[f"{b}/{n}/scale"] = (r,)
+        if norm_has_bias:
+            a2p[f"{b}/{n}/bias"] = (r,)
+    for n in ("query", "key", "value"):
+        a2p[f"{b}/attn/{n}/kernel"] = (r, None)
+        a2p[f"{b}/attn/{n}/bias"] = (None,)
+    a2p[f"{b}/attn/out/kernel"] = (None, r)
+    a2p[f"{b}/attn/out/bias"] = (r,)
+    a2p[f"{b}/mlp/fc1/kernel"] = (r, m)
+    a2p[f"{b}/mlp/fc1/bias"] = (m,)
+    a2p[f"{b}/mlp/fc2/kernel"] = (m, r)
+    a2p[f"{b}/mlp/fc2/bias"] = (r,)
+    return a2p
+
+
 def vit_permutation_spec(depth: int, pool: str = "cls", norm_has_bias: bool = True) -> PermutationSpec:
     """Spec for :class:`jaxmodels.models.ViT`: one residual-stream permutation ``P_res`` (patch embedding outputs,
     class token, position embedding, every norm, q/k/v inputs, attention ``out`` and ``fc2`` outputs, head inputs;
     LayerNorm/RMSNorm commute with a feature permutation) and ``P_mlp_i`` on block ``i``'s MLP hidden units.
-    Attention's internal dimensions stay unpermuted (a permutation there must respect heads)."""
+    Attention's internal dimensions stay unpermuted (a permutation there must respect heads).
+    ``norm_has_bias=False`` for RMSNorm."""
     r = "P_res"
     a2p: dict[str, tuple] = {
         "patch_embed/kernel": (None, None, None, r), "patch_embed/bias": (r,), "pos_embed": (None, None, r),
@@ -96,23 +118,32 @@ def vit_permutation_spec(depth: int, pool: str = "cls", norm_has_bias: bool = Tr
     if pool == "cls":
         a2p["cls"] = (None, None, r)
     for i in range(depth):
-        b, m = f"block_{i}", f"P_mlp_{i}"
-        for n in ("norm1", "norm2"):
-            a2p[f"{b}/{n}/scale"] = (r,)
-            if norm_has_bias:
-                a2p[f"{b}/{n}/bias"] = (r,)
-        for n in ("query", "key", "value"):
-            a2p[f"{b}/attn/{n}/kernel"] = (r, None)
-            a2p[f"{b}/attn/{n}/bias"] = (None,)
-        a2p[f"{b}/attn/out/kernel"] = (None, r)
-        a2p[f"{b}/attn/out/bias"] = (r,)
-        a2p[f"{b}/mlp/fc1/kernel"] = (r, m)
-        a2p[f"{b}/mlp/fc1/bias"] = (m,)
-        a2p[f"{b}/mlp/fc2/kernel"] = (m, r)
-        a2p[f"{b}/mlp/fc2/bias"] = (r,)
+        a2p.update(_block_axes(f"block_{i}", r, f"P_mlp_{i}", ("norm1", "norm2"), norm_has_bias))
     a2p["norm/scale"] = (r,)
     if norm_has_bias:
         a2p["norm/bias"] = (r,)
+    return permutation_spec_from_axes_to_perm(a2p)
+
+
+def gpt_permutation_spec(depth: int, placement: str = "pre", norm_has_bias: bool = True,
+                         tie_embeddings: bool = True) -> PermutationSpec:
+    """Spec for :class:`jaxmodels.models.GPT` (unscanned layers ``block_i``): the residual permutation ``P_res`` acts
+    on the token embedding (axis 1; with tied embeddings this also permutes the output projection), the position
+    embedding, every norm, attention/MLP inputs and outputs and the untied head; ``P_mlp_i`` on block ``i``'s MLP
+    hidden units. Attention's internal dimensions stay unpermuted."""
+    if placement not in ("pre", "post", "peri"):
+        raise ValueError(f"gpt_permutation_spec: placement must be pre/post/peri, got {placement!r}")
+    r = "P_res"
+    a2p: dict[str, tuple] = {"embed/embedding": (None, r), "pos_embed": (None, None, r)}
+    norms = ("norm1", "norm2") + (("attn_out_norm", "mlp_out_norm") if placement == "peri" else ())
+    for i in range(depth):
+        a2p.update(_block_axes(f"block_{i}", r, f"P_mlp_{i}", norms, norm_has_bias))
+    if placement != "post":
+        a2p["norm/scale"] = (r,)
+        if norm_has_bias:
+            a2p["norm/bias"] = (r,)
+    if not tie_embeddings:
+        a2p["head/kernel"] = (r, None)
     return permutation_spec_from_axes_to_perm(a2p)
 
 

@@ -121,3 +121,23 @@ def test_lmc_barrier_reference():
     assert loss_barrier(lambda p: -jnp.sum(p["w"] ** 2), a, a, progress=False) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="num_points"):
         loss_barrier(lambda p: 0.0, a, b, num_points=1)
+
+
+@pytest.mark.parametrize("placement,tie", [("pre", True), ("post", False), ("peri", True)])
+def test_permuted_gpt_same_function(placement, tie):
+    from jaxmodels.models.gpt import GPT
+    from merging.permutation import gpt_permutation_spec
+
+    model = GPT(vocab_size=11, width=16, depth=2, num_heads=2, mlp_dim=24, max_len=8, placement=placement,
+                tie_embeddings=tie)
+    tok = np.random.default_rng(0).integers(0, 11, size=(2, 8)).astype(np.int32)
+    p = model.init(jax.random.key(0), tok)["params"]
+    # perturb norm parameters so their permutation is visible
+    p = jax.tree_util.tree_map_with_path(
+        lambda k, v: v + 0.1 * jax.random.normal(jax.random.key(len(str(k))), v.shape) if "norm" in str(k) else v, p)
+    spec = gpt_permutation_spec(2, placement=placement, tie_embeddings=tie)
+    perm = _random_perm(spec, p, 4)
+    q = apply_permutation(spec, perm, p)
+    f = jax.jit(lambda w, z: model.apply({"params": w}, z))
+    # float32 rounding of re-ordered sums through 2 blocks (~1e-6).
+    np.testing.assert_allclose(f(q, tok), f(p, tok), rtol=1e-4, atol=1e-5)
