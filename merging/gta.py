@@ -59,9 +59,9 @@ def _gta_leaf(base, xs, weights, lambda_, key, *, sparsification, densities, con
         elif sparsification == "random":
             delta = S.bernoulli(delta, d, jax.random.fold_in(key, i), rescale, norm)
         elif sparsification == "magnitude_outliers":
-            delta = S.magnitude_outliers(delta, d, gamma, norm)
+            delta = S.magnitude_outliers(delta, d, gamma[i], norm)
         elif sparsification == "della_magprune":
-            delta = S.della_magprune(delta, d, epsilon, jax.random.fold_in(key, i), rescale, norm)
+            delta = S.della_magprune(delta, d, epsilon[i], jax.random.fold_in(key, i), rescale, norm)
         deltas.append(delta)
     deltas = jnp.stack(deltas)
     w = weights.astype(jnp.float32).reshape((-1,) + (1,) * base.ndim)
@@ -92,8 +92,8 @@ def generalized_task_arithmetic(
     rescale: bool = True,
     rescale_norm: str | None = None,
     lambda_: float = 1.0,
-    gamma: float = 0.01,
-    epsilon: float = 0.15,
+    gamma: float | Sequence[float] = 0.01,
+    epsilon: float | Sequence[float] = 0.15,
     key: jax.Array | None = None,
     method: str = "generalized_task_arithmetic",
 ) -> Any:
@@ -119,10 +119,13 @@ def generalized_task_arithmetic(
         raise ValueError(f"{method}: rescale_norm must be one of {S.RESCALE_NORMS}, got {rescale_norm!r}")
     if sparsification in ("magnitude", "magnitude_outliers") and rescale and rescale_norm is None:
         rescale_norm = "l1"  # deterministic sparsifiers only have mergekit's norm-matching rescale
+    gammas = C.per_model(gamma, n, "gamma", method)
+    epsilons = C.per_model(epsilon, n, "epsilon", method)
     if sparsification == "magnitude_outliers":
-        C.check_unit_interval(float(gamma), "gamma", method)
+        for g in gammas:
+            C.check_unit_interval(g, "gamma", method)
     if sparsification == "della_magprune":
-        for d in densities:
+        for d, epsilon in zip(densities, epsilons):
             if d < 1.0 and not (0.0 < d - epsilon and d + epsilon < 1.0):
                 raise ValueError(f"{method}: epsilon must make density ± epsilon lie in (0, 1); "
                                  f"density={d}, epsilon={epsilon}")
@@ -134,7 +137,7 @@ def generalized_task_arithmetic(
 
     weights_arr = jnp.asarray(weights, jnp.float32)
     static = dict(sparsification=sparsification, densities=densities, consensus=consensus, normalize=bool(normalize),
-                  rescale=bool(rescale), rescale_norm=rescale_norm, gamma=float(gamma), epsilon=float(epsilon))
+                  rescale=bool(rescale), rescale_norm=rescale_norm, gamma=gammas, epsilon=epsilons)
 
     @compute_in_float32
     def run(base, models):

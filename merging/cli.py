@@ -1,0 +1,465 @@
+"""``python -m merging CONFIG.yaml --out DIR``: run a mergekit-style YAML config, streaming tensor by tensor.
+
+Config (mergekit's schema, the ``models:`` form)::
+
+    merge_method: ties
+    base_model: /ckpt/base                  # .safetensors file, safetensors folder (sharded index ok), or orbax dir
+    models:
+      - model: /ckpt/math
+        parameters: {weight: 1.0, density: 0.5}
+      - model: /ckpt/code
+        parameters:
+          weight: [{filter: mlp, value: 0.3}, {value: 0.7}]   # per-tensor overrides: first matching filter wins
+          density: 0.5
+    parameters: {normalize: true, int8_mask: true}             # method-wide parameters (and per-model defaults)
+    dtype: float32                          # compute/load dtype of the inputs (default: the base model's)
+    out_dtype: bfloat16                     # optional output dtype (default: dtype)
+    random_seed: 0                          # for dare_*/della* (or --random-seed)
+
+A parameter value is a scalar, a list of ``{filter, value}`` conditions (``filter`` is a substring of the tensor
+name, as mergekit; ``*`` or no filter matches everything), or a gradient (a list of numbers interpolated over the
+layer index found in the tensor name, ``...layers.<i>...``). Per-model ``parameters`` take precedence over the
+method-wide ``parameters``.
+
+Guarantees:
+- Streaming: for safetensors inputs the tensors of all models are read, merged and written one at a time, so peak
+  memory is about (number of models + a few) x the largest tensor, not the model size.
+- Validation before any work: unknown method/parameter, missing tensors, mismatched shapes and every
+  hyper-parameter (density in (0, 1], ...) are checked for every tensor from headers alone; ``--dry-run`` stops
+  there. NaN/Inf in an input tensor aborts the merge.
+- Atomic output: everything is written into a temporary directory next to ``--out`` that is renamed into place
+  only after the last tensor; on any error nothing is left at ``--out``.
+- ``--shard``: each tensor is placed on a mesh over all devices (first divisible axis sharded) before merging;
+  results are identical to one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import merging  # noqa: F401  (registers every method)
+from jaxmodels import io as jio
+from jaxmodels.tree import flatten
+from merging import registry
+from merging._common import progress_disabled
+
+__all__ = ["MergeConfig", "load_config", "run_merge", "main", "ConfigError"]
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16, "fp32": np.float32,
+          "fp16": np.float16, "bf16": jnp.bfloat16, "float64": np.float64}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "random_seed",
+                  "tokenizer_source", "tokenizer", "chat_template", "name"}
+IGNORED_KEYS = {"tokenizer_source", "tokenizer", "chat_template", "name"}
+
+
+class ConfigError(ValueError):
+    """The merge config or its inputs are invalid (raised before anything is written)."""
+
+
+@dataclasses.dataclass
+class MergeConfig:
+    method: registry.MergeMethod
+    base_model: str | None
+    models: list[str]                    # the non-base inputs, in config order
+    model_params: list[dict[str, Any]]   # per-model parameter settings
+    params: dict[str, Any]               # method-wide parameter settings
+    dtype: Any | None
+    out_dtype: Any | None
+    random_seed: int | None
+    root: Path
+
+
+def _dtype(name: Any, what: str) -> Any:
+    if name is None:
+        return None
+    if str(name) not in DTYPES:
+        raise ConfigError(f"{what}: unknown dtype {name!r}; one of {sorted(DTYPES)}")
+    return np.dtype(DTYPES[str(name)])
+
+
+def load_config(path_or_dict: str | os.PathLike | dict, root: str | os.PathLike | None = None) -> MergeConfig:
+    """Parse and validate a mergekit-style config (YAML file or dict). Model paths are relative to the config."""
+    import yaml
+
+    if isinstance(path_or_dict, dict):
+        raw, root = path_or_dict, Path(root or ".")
+    else:
+        p = Path(path_or_dict)
+        if not p.exists():
+            raise ConfigError(f"{p}: no such config file")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        root = Path(root) if root is not None else p.parent
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping with at least `merge_method` and `models`")
+    if "slices" in raw or "modules" in raw:
+        raise ConfigError("config: `slices`/`modules` (layer surgery) are not supported; use the `models:` form")
+    unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {unknown}; known: {sorted(TOP_LEVEL_KEYS)}")
+    if "merge_method" not in raw:
+        raise ConfigError("config: `merge_method` is required")
+    try:
+        method = registry.get(str(raw["merge_method"]))
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+    entries = raw.get("models") or []
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("config: `models` must be a non-empty list of {model: PATH, parameters: {...}}")
+    base = raw.get("base_model")
+    names, mparams = [], []
+    for i, e in enumerate(entries):
+        if isinstance(e, str):
+            e = {"model": e}
+        if not isinstance(e, dict) or "model" not in e:
+            raise ConfigError(f"config: models[{i}] must be a mapping with a `model` key, got {e!r}")
+        extra = set(e) - {"model", "parameters"}
+        if extra:
+            raise ConfigError(f"config: models[{i}] has unknown key(s) {sorted(extra)}")
+        names.append(str(e["model"]))
+        mparams.append(dict(e.get("parameters") or {}))
+    params = dict(raw.get("parameters") or {})
+    if method.needs_base is True and base is None:
+        raise ConfigError(f"config: merge_method {method.name!r} needs `base_model`")
+    if method.needs_base is False and base is not None and base not in names:
+        base = None  # mergekit ignores an unused base for methods without one
+    if base is not None and method.needs_base is not False:
+        keep = [(n, p) for n, p in zip(names, mparams) if n != base]
+        names, mparams = [n for n, _ in keep], [p for _, p in keep]
+    elif method.needs_base is False:
+        base = None
+    known = set(method.params)
+    for where, ps in [("parameters", params)] + [(f"models[{names[i]!r}].parameters", p) for i, p in
+                                                  enumerate(mparams)]:
+        bad = sorted(set(ps) - known)
+        if bad:
+            raise ConfigError(f"config: {where}: unknown parameter(s) {bad} for {method.name!r}; "
+                              f"known: {sorted(known)}")
+    for i, p in enumerate(mparams):
+        bad = sorted(k for k in p if k not in method.per_model)
+        if bad:
+            raise ConfigError(f"config: models[{names[i]!r}].parameters: {bad} is method-wide for {method.name!r}; "
+                              "put it under the top-level `parameters`")
+    if not names:
+        raise ConfigError("config: no models to merge besides the base model")
+    seed = raw.get("random_seed")
+    return MergeConfig(method, base, names, mparams, params, _dtype(raw.get("dtype"), "dtype"),
+                       _dtype(raw.get("out_dtype"), "out_dtype"), None if seed is None else int(seed), Path(root))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# parameter resolution (mergekit's evaluate_setting)
+
+_LAYER_RE = re.compile(r"(?:^|[./])(?:layers?|h|blocks?|block)[./_](\d+)(?:[./]|$)")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def evaluate_setting(name: str, setting: Any, t: float) -> Any:
+    """Resolve a parameter setting for tensor ``name`` at layer fraction ``t`` (scalars, filter lists, gradients)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)) or setting is None:
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+                return setting[int(t * (len(setting) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"value", "filter"}:
+                raise ConfigError(f"parameter condition must be {{filter: STR, value: X}}, got {cond!r}")
+            f = cond.get("filter")
+            if f is None or f == "*" or f in name:
+                return evaluate_setting(name, cond["value"], t)
+        return None
+    raise ConfigError(f"unexpected parameter setting {setting!r}")
+
+
+def resolve_params(cfg: MergeConfig, name: str, num_layers: int) -> dict[str, Any]:
+    """Function keyword arguments for tensor ``name``: method defaults < method-wide < per-model settings."""
+    li = layer_index(name)
+    t = 0.0 if li is None or num_layers <= 1 else li / (num_layers - 1)
+    method = cfg.method
+    kwargs: dict[str, Any] = {}
+    for k, default in method.defaults.items():
+        v = evaluate_setting(name, cfg.params[k], t) if k in cfg.params else None
+        kwargs[k] = default if v is None else v
+    for k in method.per_model:
+        glob = evaluate_setting(name, cfg.params[k], t) if k in cfg.params else None
+        vals = []
+        for mp in cfg.model_params:
+            v = evaluate_setting(name, mp[k], t) if k in mp else None
+            vals.append(glob if v is None else v)
+        if all(v is None for v in vals):
+            continue  # function default
+        if any(v is None for v in vals):
+            missing = cfg.models[vals.index(None)]
+            raise ConfigError(f"tensor {name!r}: parameter {k!r} is not set for model {missing!r}")
+        kwargs[k] = vals
+    if "lambda" in kwargs:
+        kwargs["lambda_"] = kwargs.pop("lambda")
+    return kwargs
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def _resolve(cfg: MergeConfig, p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else cfg.root / path
+
+
+def is_orbax(path: Path) -> bool:
+    return path.is_dir() and not list(path.glob("*.safetensors")) and not (path / jio.INDEX_NAME).exists()
+
+
+@dataclasses.dataclass
+class Source:
+    label: str
+    path: Path
+    kind: str  # "safetensors" | "orbax"
+    specs: dict[str, jax.ShapeDtypeStruct]
+    tree: Any = None  # orbax: restored flat dict
+
+    def iter(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+        if self.kind == "safetensors":
+            return jio.iter_safetensors(self.path, names=names)
+        return ((n, np.asarray(self.tree[n])) for n in names)
+
+
+def open_source(label: str, path: Path) -> Source:
+    if not path.exists():
+        raise ConfigError(f"model {label!r}: {path} does not exist")
+    try:
+        if is_orbax(path):
+            flat = flatten(jio.restore_checkpoint(path))
+            specs = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in flat.items()}
+            return Source(label, path, "orbax", specs, flat)
+        return Source(label, path, "safetensors", jio.safetensors_specs(path))
+    except jio.CheckpointError as e:
+        raise ConfigError(f"model {label!r}: {e}") from e
+
+
+def check_sources(ref: Source, others: list[Source]) -> None:
+    """Every input has exactly ``ref``'s tensor names and shapes (checked from headers, before any work)."""
+    for s in others:
+        missing = [n for n in ref.specs if n not in s.specs]
+        if missing:
+            raise ConfigError(f"model {s.label!r} is missing tensor {missing[0]!r} (present in {ref.label!r})")
+        extra = [n for n in s.specs if n not in ref.specs]
+        if extra:
+            raise ConfigError(f"model {s.label!r} has tensor {extra[0]!r} that {ref.label!r} does not have")
+        for n, sp in ref.specs.items():
+            if tuple(s.specs[n].shape) != tuple(sp.shape):
+                raise ConfigError(f"tensor {n!r}: shape {tuple(s.specs[n].shape)} in {s.label!r} vs "
+                                  f"{tuple(sp.shape)} in {ref.label!r}")
+
+
+def _shard_spec(shape: tuple[int, ...], n: int):
+    from jax.sharding import PartitionSpec as P
+
+    for ax, d in enumerate(shape):
+        if d % n == 0 and d >= n:
+            return P(*([None] * ax + ["data"]))
+    return P()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the merge
+
+def _call(cfg: MergeConfig, name: str, base, xs, kwargs, key):
+    kw = dict(kwargs)
+    if cfg.method.stochastic:
+        kw["key"] = key
+    b = None if base is None else {name: base}
+    return cfg.method.fn(b, [{name: x} for x in xs], **kw)[name]
+
+
+def validate_all(cfg: MergeConfig, ref: Source, num_layers: int, key) -> dict[str, dict[str, Any]]:
+    """Resolve and check the hyper-parameters of every tensor by tracing the method on abstract inputs
+    (``jax.eval_shape``: runs all of the method's validation, computes nothing)."""
+    per_tensor = {}
+    checked: dict[tuple, None] = {}
+    for name, spec in ref.specs.items():
+        kwargs = resolve_params(cfg, name, num_layers)
+        per_tensor[name] = kwargs
+        sig = (tuple(spec.shape), repr(sorted(kwargs.items())))
+        if sig in checked:
+            continue
+        checked[sig] = None
+        dt = cfg.dtype or spec.dtype
+        if not np.issubdtype(np.dtype(dt), np.floating) and np.dtype(dt) != np.dtype(jnp.bfloat16):
+            raise ConfigError(f"tensor {name!r}: dtype {np.dtype(dt)} cannot be merged (needs floating point)")
+        abstract = jax.ShapeDtypeStruct(tuple(spec.shape), dt)
+        try:
+            jax.eval_shape(lambda b, xs: _call(cfg, name, b, xs, kwargs, key),
+                           abstract if cfg.base_model is not None else None, [abstract] * len(cfg.models))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"tensor {name!r}: {e}") from None
+    return per_tensor
+
+
+def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.PathLike, *, dry_run: bool = False,
+              progress: bool | None = None, shard: bool = False, random_seed: int | None = None,
+              overwrite: bool = False, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run a merge config; returns a summary dict (tensors, bytes read/written, output path)."""
+    cfg = config if isinstance(config, MergeConfig) else load_config(config, root)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
+    labels = ([cfg.base_model] if cfg.base_model is not None else []) + cfg.models
+    sources = [open_source(lbl, _resolve(cfg, lbl)) for lbl in labels]
+    kinds = {s.kind for s in sources}
+    if len(kinds) > 1:
+        raise ConfigError(f"all inputs must have one format, got {sorted(kinds)}")
+    ref = sources[0]
+    check_sources(ref, sources[1:])
+    names = list(ref.specs)
+    layers = [li for li in (layer_index(n) for n in names) if li is not None]
+    num_layers = max(layers) + 1 if layers else 0
+    seed = random_seed if random_seed is not None else (cfg.random_seed if cfg.random_seed is not None else 0)
+    key = jax.random.key(seed)
+    per_tensor = validate_all(cfg, ref, num_layers, key)
+    out_dtypes = {n: np.dtype(cfg.out_dtype or cfg.dtype or ref.specs[n].dtype) for n in names}
+    summary = {"tensors": len(names), "method": cfg.method.name, "out": str(out), "seed": seed,
+               "bytes_read": sum(int(np.prod(s.specs[n].shape)) * np.dtype(s.specs[n].dtype).itemsize
+                                 for s in sources for n in names),
+               "bytes_written": sum(int(np.prod(ref.specs[n].shape)) * out_dtypes[n].itemsize for n in names)}
+    if dry_run:
+        return summary
+
+    mesh = None
+    if shard:
+        from jaxmodels.sharding import make_mesh
+
+        mesh = make_mesh()
+    from tqdm.auto import tqdm
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        if ref.kind == "safetensors":
+            files = jio.safetensors_files(ref.path)
+            sharded = ref.path.is_dir() and (ref.path / jio.INDEX_NAME).exists()
+            file_of = {n: (files[n].name if sharded else "model.safetensors") for n in names}
+            specs_by_file: dict[str, dict[str, Any]] = {}
+            for n in names:
+                specs_by_file.setdefault(file_of[n], {})[n] = jax.ShapeDtypeStruct(ref.specs[n].shape, out_dtypes[n])
+            writers = {f: jio.SafetensorsWriter(tmp / f, sp, metadata={"format": "pt", "merge_method": cfg.method.name})
+                       for f, sp in specs_by_file.items()}
+            sink = lambda n, arr: writers[file_of[n]].write(n, arr)
+        else:
+            merged_flat: dict[str, Any] = {}
+            sink = lambda n, arr: merged_flat.__setitem__(n, arr)
+        iters = [s.iter(names) for s in sources]
+        bar = tqdm(total=len(names), desc=f"merge ({cfg.method.name})", unit="tensor",
+                   disable=progress_disabled(progress), file=sys.stderr)
+        for name in names:
+            arrays = []
+            for s, it in zip(sources, iters):
+                n2, arr = next(it)
+                assert n2 == name
+                if not np.all(np.isfinite(np.asarray(arr, np.float32) if arr.dtype == jnp.bfloat16 else arr)):
+                    raise ConfigError(f"tensor {name!r} of model {s.label!r} contains NaN or Inf")
+                if cfg.dtype is not None and arr.dtype != cfg.dtype:
+                    arr = arr.astype(cfg.dtype)
+                if mesh is not None:
+                    from jax.sharding import NamedSharding
+
+                    arr = jax.device_put(arr, NamedSharding(mesh, _shard_spec(arr.shape, mesh.size)))
+                arrays.append(arr)
+            base = arrays[0] if cfg.base_model is not None else None
+            xs = arrays[1:] if cfg.base_model is not None else arrays
+            merged = _call(cfg, name, base, xs, per_tensor[name], key)
+            merged = np.asarray(jax.device_get(merged)).astype(out_dtypes[name])
+            del arrays, base, xs
+            sink(name, merged)
+            del merged
+            bar.update(1)
+        bar.close()
+        if ref.kind == "safetensors":
+            for w in writers.values():
+                w.close()
+            if sharded:
+                index = json.loads((ref.path / jio.INDEX_NAME).read_text())
+                index["weight_map"] = {n: file_of[n] for n in names}
+                index.setdefault("metadata", {})["total_size"] = summary["bytes_written"]
+                (tmp / jio.INDEX_NAME).write_text(json.dumps(index, indent=2))
+            if ref.path.is_dir():  # carry config/tokenizer files of the reference model, as mergekit does
+                for f in ref.path.iterdir():
+                    if f.is_file() and f.suffix in (".json", ".txt", ".model") and f.name != jio.INDEX_NAME:
+                        shutil.copy2(f, tmp / f.name)
+        else:
+            from jaxmodels.tree import unflatten
+
+            jio.save_checkpoint(tmp / "checkpoint", unflatten(merged_flat))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            os.replace(out, old)
+            if ref.kind == "orbax":
+                os.replace(tmp / "checkpoint", out)
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, out)
+            shutil.rmtree(old)
+        elif ref.kind == "orbax":
+            os.replace(tmp / "checkpoint", out)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        if "writers" in locals():
+            for w in writers.values():
+                w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m merging", description="Merge checkpoints with a mergekit-style "
+                                 "YAML config (streaming, atomic output).")
+    ap.add_argument("config", help="YAML config (merge_method, base_model, models, parameters, dtype)")
+    ap.add_argument("--out", required=True, help="output directory (written atomically)")
+    ap.add_argument("--dry-run", action="store_true", help="validate config, tensors and shapes, then stop")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (also WEIGHTLAB_NO_PROGRESS=1)")
+    ap.add_argument("--shard", action="store_true", help="merge each tensor sharded over all devices")
+    ap.add_argument("--random-seed", type=int, default=None, help="seed for stochastic methods (default 0)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = ap.parse_args(argv)
+    try:
+        s = run_merge(args.config, args.out, dry_run=args.dry_run, progress=not args.no_progress, shard=args.shard,
+                      random_seed=args.random_seed, overwrite=args.overwrite)
+    except (ConfigError, jio.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    verb = "would merge" if args.dry_run else "merged"
+    print(f"{verb} {s['tensors']} tensors with {s['method']} -> {s['out']} "
+          f"({s['bytes_read'] / 1e6:.1f} MB read, {s['bytes_written'] / 1e6:.1f} MB written)")
+    return 0
