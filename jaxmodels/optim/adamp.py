@@ -52,23 +52,21 @@ def radial_projection(p, g, w, delta: float = 0.1, eps: float = 1e-8, channel_ax
     p32, g32, w32 = p.astype(f32), g.astype(f32), w.astype(f32)
     ax = channel_axis % w.ndim
     ch_axes = tuple(a for a in range(w.ndim) if a != ax)
-    all_axes = tuple(range(w.ndim))
-
-    def cos_and_proj(axes):
-        dot = jnp.sum(g32 * w32, axis=axes, keepdims=True)
-        gn = jnp.sqrt(jnp.sum(g32 * g32, axis=axes, keepdims=True))
-        wn = jnp.sqrt(jnp.sum(w32 * w32, axis=axes, keepdims=True))
-        cos = jnp.abs(dot) / jnp.maximum(gn * wn, eps)
-        row = math.prod(w.shape[a] for a in axes)
-        trig = jnp.max(cos) < delta / math.sqrt(row)
-        w_hat = w32 / (wn + eps)
-        proj = p32 - w_hat * jnp.sum(w_hat * p32, axis=axes, keepdims=True)
-        return trig, proj
-
-    trig_c, proj_c = cos_and_proj(ch_axes)
-    trig_l, proj_l = cos_and_proj(all_axes)
-    out = jnp.where(trig_c, proj_c, jnp.where(trig_l, proj_l, p32))
-    return out.astype(p.dtype), trig_c | trig_l
+    # Four per-channel reductions; the layer view's sums are sums of the channel sums (one pass over the leaf).
+    gw = jnp.sum(g32 * w32, axis=ch_axes, keepdims=True)
+    gg = jnp.sum(g32 * g32, axis=ch_axes, keepdims=True)
+    ww = jnp.sum(w32 * w32, axis=ch_axes, keepdims=True)
+    wp = jnp.sum(w32 * p32, axis=ch_axes, keepdims=True)
+    row_c = math.prod(w.shape[a] for a in ch_axes)
+    gn_c, wn_c = jnp.sqrt(gg), jnp.sqrt(ww)
+    trig_c = jnp.max(jnp.abs(gw) / jnp.maximum(gn_c * wn_c, eps)) < delta / math.sqrt(row_c)
+    gn_l, wn_l = jnp.sqrt(jnp.sum(gg)), jnp.sqrt(jnp.sum(ww))
+    trig_l = jnp.abs(jnp.sum(gw)) / jnp.maximum(gn_l * wn_l, eps) < delta / math.sqrt(w.size)
+    # Π(p) = p - ŵ <ŵ, p> = p - w <w, p> / (‖w‖ + eps)^2 in the chosen view
+    coef_c = wp / jnp.square(wn_c + eps)
+    coef_l = jnp.sum(wp) / jnp.square(wn_l + eps)
+    coef = jnp.where(trig_c, coef_c, jnp.where(trig_l, coef_l, 0.0))
+    return (p32 - w32 * coef).astype(p.dtype), trig_c | trig_l
 
 
 def scale_by_radial_projection(

@@ -1,0 +1,122 @@
+"""Step time and optimizer-state memory of the jaxmodels.optim optimizers relative to optax.adamw, same model, same run.
+
+Model: a character-level decoder with L stacked (``lax.scan``) pre-norm residual MLP blocks, ~2.4M parameters
+(embeddings + head always trained; the stacked ``layers/*`` are what LISA samples). For each optimizer we time
+(a) the full jitted train step (forward + backward + update) and (b) the jitted ``tx.update`` alone, both as the
+minimum over round-robin repeats after compilation, and report ratios against optax.adamw measured in the same process.
+
+    python bench/optim.py [--quick]
+
+Targets (issue 4): LAMB <= 1.1x, AdamP/SGDP <= 1.3x (full step), LISA state memory ~ (gamma+always)/(L+always).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxmodels.optim import adamp, lamb, lars, lisa, sgdp
+from jaxmodels.tree import flatten, tree_bytes
+
+
+def decoder(V=96, C=16, E=32, D=256, H=1024, L=8, seed=0):
+    k = jax.random.split(jax.random.key(seed), 5)
+    n = jax.random.normal
+    params = {"embed": {"embedding": 0.5 * n(k[0], (V, E)), "proj": n(k[1], (C * E, D)) / np.sqrt(C * E)},
+              "layers": {"scale": jnp.ones((L, D)), "w1": n(k[2], (L, D, H)) / np.sqrt(D), "b1": jnp.zeros((L, H)),
+                         "w2": n(k[3], (L, H, D)) / np.sqrt(H) / np.sqrt(L)},
+              "head": {"kernel": n(k[4], (D, V)) / np.sqrt(D), "bias": jnp.zeros((V,))}}
+
+    def apply(p, ctx):
+        x = p["embed"]["embedding"][ctx].reshape(ctx.shape[0], -1) @ p["embed"]["proj"]
+
+        def block(h, lp):
+            z = h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6) * lp["scale"]
+            return h + jax.nn.gelu(z @ lp["w1"] + lp["b1"]) @ lp["w2"], None
+
+        x, _ = jax.lax.scan(block, x, p["layers"])
+        return x @ p["head"]["kernel"] + p["head"]["bias"]
+
+    return params, apply
+
+
+def time_round_robin(fns: dict, repeats: int) -> dict:
+    """Min wall time per function, calls interleaved round-robin so that load from other processes hits all
+    optimizers alike (min, not median: contention only ever adds time)."""
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))  # compile + warm up
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    repeats = 5 if args.quick else 20
+    L, gamma = 8, 2
+    params, apply = decoder(L=L)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    f = flatten(params)
+    per_layer = sum(v[0].size for k, v in f.items() if k.startswith("layers/"))
+    always = sum(v.size for k, v in f.items() if not k.startswith("layers/"))
+    rng = np.random.default_rng(0)
+    ctx = jnp.asarray(rng.integers(0, 96, (args.batch, 16)), jnp.int32)
+    y = jnp.asarray(rng.integers(0, 96, (args.batch,)), jnp.int32)
+    print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; model {n_params / 1e6:.2f}M params "
+          f"(L={L} stacked layers of {per_layer / 1e3:.0f}k, {always / 1e3:.0f}k always trained), batch {args.batch}")
+
+    optimizers = {
+        "adamw": optax.adamw(1e-3, weight_decay=1e-4),
+        "lamb": lamb(1e-3, weight_decay=1e-4),
+        "lars": lars(0.1, weight_decay=1e-4),
+        "adamp": adamp(1e-3, weight_decay=1e-4),
+        "sgdp": sgdp(0.1, momentum=0.9, weight_decay=1e-4),
+        f"lisa(g={gamma}/L={L})": lisa(1e-3, gamma=gamma, interval=50),
+    }
+
+    def loss_fn(p):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(p, ctx), y).mean()
+
+    grads = jax.jit(jax.grad(loss_fn))(params)
+    steps, updates, mems = {}, {}, {}
+    def make(tx):
+        @jax.jit
+        def step(p, s):
+            g = jax.grad(loss_fn)(p)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        return step, jax.jit(tx.update)
+
+    for name, tx in optimizers.items():
+        state = jax.jit(tx.init)(params)
+        step, update = make(tx)
+        steps[name] = (step, (params, state))
+        updates[name] = (update, (grads, state, params))
+        mems[name] = tree_bytes(state)
+    t_step, t_upd = time_round_robin(steps, repeats), time_round_robin(updates, repeats)
+    rows = [(k, t_step[k], t_upd[k], mems[k]) for k in optimizers]
+    _, t_step0, t_upd0, mem0 = rows[0]
+    print(f"{'optimizer':18s} {'step ms':>9s} {'x adamw':>8s} {'update ms':>10s} {'x adamw':>8s} "
+          f"{'state MB':>9s} {'x adamw':>8s}")
+    for name, ts, tu, mem in rows:
+        print(f"{name:18s} {1e3 * ts:9.2f} {ts / t_step0:8.2f} {1e3 * tu:10.2f} {tu / t_upd0:8.2f} "
+              f"{mem / 2**20:9.2f} {mem / mem0:8.3f}")
+    print(f"LISA expected state ratio (gamma*layer + always)/(L*layer + always) = "
+          f"{(gamma * per_layer + always) / (L * per_layer + always):.3f}")
+
+
+if __name__ == "__main__":
+    main()
