@@ -10,6 +10,7 @@ from jaxmodels.models.bert import (
     load_bert_safetensors,
     load_minilm,
 )
+from jaxmodels.models.gpt import GPT, GPT_RULES_DP, GPT_RULES_TP, GPTBlock, hidden_norms, stack_layers, unstack_layers
 from jaxmodels.models.mlp import MLP, MLP_RULES_DP, MLP_RULES_TP
 from jaxmodels.models.transformer import FeedForward, MultiHeadAttention, make_norm
 from jaxmodels.models.vit import VIT_CONFIGS, VIT_RULES_DP, VIT_RULES_TP, ViT, ViTBlock
@@ -19,5 +20,6 @@ __all__ = [
     "FeedForward", "MultiHeadAttention", "make_norm",
     "BertConfig", "BertEncoder", "BertTokenizer", "SentenceEmbedder", "load_bert_safetensors", "load_minilm",
     "BERT_RULES_DP", "BERT_RULES_TP",
+    "GPT", "GPTBlock", "GPT_RULES_DP", "GPT_RULES_TP", "hidden_norms", "stack_layers", "unstack_layers",
     "ViT", "ViTBlock", "VIT_CONFIGS", "VIT_RULES_DP", "VIT_RULES_TP",
 ]

@@ -114,7 +114,7 @@ class FeedForward(nn.Module):
 # (output features, hence heads, split over "model"), out and fc2 row-parallel (input features split; XLA inserts
 # the all-reduce). Models prepend their own rules (embeddings, heads) to these.
 TRANSFORMER_RULES_TP = [
-    (r"(query|key|value|fc1)/kernel$", jax.sharding.PartitionSpec(None, "model")),
-    (r"(query|key|value|fc1)/bias$", jax.sharding.PartitionSpec("model")),
-    (r"(out|fc2)/kernel$", jax.sharding.PartitionSpec("model", None)),
+    (r"(^|/)(query|key|value|fc1)/kernel$", jax.sharding.PartitionSpec(None, "model")),
+    (r"(^|/)(query|key|value|fc1)/bias$", jax.sharding.PartitionSpec("model")),
+    (r"(^|/)(out|fc2)/kernel$", jax.sharding.PartitionSpec("model", None)),
 ]

@@ -12,7 +12,7 @@ TINY = dict(patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, num_classe
 
 
 def _init(model, shape=(2, 8, 8, 1)):
-    return model.init(jax.random.key(0), jnp.zeros(shape))["params"]
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape))["params"]
 
 
 def test_shapes_and_param_paths():
@@ -53,7 +53,7 @@ def test_tokens_are_permutation_equivariant_without_pos_and_cls():
     # Permute 2x2 patches: swap patch rows 0 and 3.
     xp = x.copy()
     xp[:, 0:2], xp[:, 6:8] = x[:, 6:8], x[:, 0:2]
-    f = lambda x: model.apply({"params": params}, jnp.asarray(x))
+    f = lambda x: jax.jit(model.apply)({"params": params}, jnp.asarray(x))
     np.testing.assert_allclose(f(x), f(xp), atol=1e-5)  # float32 reduction-order noise
 
 
