@@ -16,6 +16,7 @@ from jaxmodels.layers.evonorm import EvoNormB0, EvoNormS0
 from jaxmodels.layers.hopfield import Hopfield, HopfieldLayer, HopfieldPooling, hopfield_update
 from jaxmodels.layers.ibn import IBN
 from jaxmodels.layers.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
+from jaxmodels.layers.powernorm import PowerNorm, apply_grad_stats, power_normalize
 from jaxmodels.layers.prepbn import PRepBN, RepBN, fold_repbn, prepbn_gamma
 from jaxmodels.layers.reparam import ReparamConv, ReparamDense
 from jaxmodels.layers.weight_standardization import WSConv, weight_standardize
@@ -28,6 +29,7 @@ __all__ = [
     "Hopfield", "HopfieldLayer", "HopfieldPooling", "hopfield_update",
     "IBN",
     "LayerNorm", "RMSNorm", "layer_norm", "rms_norm",
+    "PowerNorm", "apply_grad_stats", "power_normalize",
     "PRepBN", "RepBN", "fold_repbn", "prepbn_gamma",
     "ReparamConv", "ReparamDense",
     "WSConv", "weight_standardize",
