@@ -1,0 +1,333 @@
+"""Quantization-aware training wrapper for any linen model, configured by path-regex rules (no model edits).
+
+Weights: before ``model.apply`` every parameter whose path matches a weight rule is replaced by its fake-quantized
+value (straight-through gradients reach the latent float weights; learnable LSQ steps receive their LSQ gradients).
+Activations: ``nn.intercept_methods`` fake-quantizes the input of every ``Dense`` / ``DenseGeneral`` / ``Conv`` /
+``Einsum`` whose module path matches an activation rule. Query-key reparameterization (:mod:`quant.qkr`) replaces
+matching attention modules' logits computation, again by interception.
+
+Rules are ``(regex, quantizer)`` pairs, first ``re.search`` match wins, ``None`` keeps the leaf in float, e.g.::
+
+    cfg = QATConfig(
+        weights=((r"patch_embed|head|embed", None), (r"kernel$", StatsQW(4))),
+        activations=((r"mlp/fc\\d", DynamicActQ(8)),),
+        qkr=QKRConfig(r"attn$", bits=4, num_heads=4))
+    qvars = qat_init(cfg, model, params, x_sample)        # {"params": params, "quant": {learnable steps}}
+    apply = qat_apply(cfg, model)                          # apply(qvars, x, rng=None) -> model output
+    loss = lambda qv: ce(apply(qv, x), y); jax.grad(loss)(qvars)
+
+Weight quantizers: :class:`FakeQuantW` (any :mod:`quant.formats` format, min-max / absmax parameters, STE),
+:class:`LSQW` (LSQ / LSQ+), :class:`StatsQW` (OFQ StatsQ), :class:`GaussWSW` (Gaussian weight sampling, noise instead
+of rounding). Activation quantizers: :class:`DynamicActQ`, :class:`StaticActQ` (needs ``calib`` from
+:func:`qat_calibrate`), :class:`LSQActQ` (learnable step, initialised from the sample batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmodels.tree import flatten, map_with_path
+from quant.activation import amax_stat, dynamic_act_quant, static_act_quant
+from quant.fake_quant import fake_quant
+from quant.formats import Format, compute_qparams, quantize_levels
+from quant.lsq import lsq_fake_quant, lsq_init, lsq_levels, lsqplus_init
+from quant.qarray import match_rule
+from quant.statsq import statsq_fake_quant, statsq_levels
+
+__all__ = ["FakeQuantW", "LSQW", "StatsQW", "GaussWSW", "DynamicActQ", "StaticActQ", "LSQActQ", "QKRConfig",
+           "QATConfig", "qat_init", "qat_apply", "qat_calibrate", "quantize_weights", "weight_levels",
+           "QUANTIZABLE_MODULES"]
+
+QUANTIZABLE_MODULES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+
+
+# ------------------------------------------------------------------------------------------------ quantizer configs
+
+@dataclasses.dataclass(frozen=True)
+class FakeQuantW:
+    """Fixed-format fake quantization with parameters from the weight's own statistics (``compute_qparams``)."""
+    fmt: Format
+    ste: str = "clipped"
+
+
+@dataclasses.dataclass(frozen=True)
+class LSQW:
+    """LSQ (``plus=False``) / LSQ+ (``plus=True``, learnable offset) on weights; per output channel by default."""
+    bits: int
+    per_channel: bool = True
+    plus: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsQW:
+    """OFQ StatsQ: scale ``2 mean|W|`` per output channel, not learned."""
+    bits: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussWSW:
+    """Gaussian weight sampling pseudo-quantization (see :mod:`quant.gaussws`); needs ``rng`` in training."""
+    bits: int
+    per_channel: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicActQ:
+    bits: int = 8
+    granularity: str = "token"
+    symmetric: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticActQ:
+    bits: int = 8
+    per_channel: bool = False
+    percentile: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LSQActQ:
+    bits: int = 8
+    signed: bool = True
+    plus: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class QKRConfig:
+    """Query-key reparameterization on attention modules whose path matches ``pattern`` (see :mod:`quant.qkr`)."""
+    pattern: str
+    bits: int | None  # None: reparameterize only (float W_qk)
+    num_heads: int
+    query: str = "query"
+    key: str = "key"
+
+
+@dataclasses.dataclass(frozen=True)
+class QATConfig:
+    weights: tuple = ()
+    activations: tuple = ()
+    qkr: QKRConfig | None = None
+    min_ndim: int = 2  # leaves with fewer dims (biases, norm scales) stay in float
+
+    def __post_init__(self):
+        for rules, kinds, what in ((self.weights, (FakeQuantW, LSQW, StatsQW, GaussWSW), "weight"),
+                                   (self.activations, (DynamicActQ, StaticActQ, LSQActQ), "activation")):
+            for rule in rules:
+                if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+                    raise ValueError(f"{what} rules must be (regex, quantizer) pairs, got {rule!r}")
+                if rule[1] is not None and not isinstance(rule[1], kinds):
+                    raise ValueError(f"{what} rule {rule[0]!r}: quantizer must be one of "
+                                     f"{[k.__name__ for k in kinds]} or None, got {rule[1]!r}")
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+def _qkr_skip(cfg: QATConfig, path: str) -> bool:
+    """Query/key kernels of QKR attention modules are quantized as the product W_q W_k^T, not separately."""
+    if cfg.qkr is None:
+        return False
+    import re
+    parts = path.split("/")
+    if len(parts) < 3 or parts[-2] not in (cfg.qkr.query, cfg.qkr.key):
+        return False
+    return re.search(cfg.qkr.pattern, "/".join(parts[:-2])) is not None
+
+
+def _weight_rule(cfg: QATConfig, path: str, leaf):
+    if jnp.ndim(leaf) < cfg.min_ndim or _qkr_skip(cfg, path):
+        return None
+    return match_rule(path, cfg.weights)
+
+
+def quantize_weights(cfg: QATConfig, params: Any, quant_state: dict | None = None, rng=None) -> Any:
+    """``params`` with every matched weight replaced by its fake-quantized value."""
+    quant_state = quant_state or {}
+    counter = [0]
+
+    def fn(path, w):
+        q = _weight_rule(cfg, path, w)
+        if q is None:
+            return w
+        if isinstance(q, FakeQuantW):
+            return fake_quant(w, q.fmt, ste=q.ste)
+        if isinstance(q, LSQW):
+            st = quant_state["w:" + path]
+            return lsq_fake_quant(w, st["step"], q.bits, True, st.get("offset"))
+        if isinstance(q, StatsQW):
+            return statsq_fake_quant(w, q.bits)
+        if isinstance(q, GaussWSW):
+            if rng is None:
+                return w
+            from quant.gaussws import gaussws_sample
+            counter[0] += 1
+            return gaussws_sample(w, q.bits, jax.random.fold_in(rng, counter[0]), per_channel=q.per_channel)
+        raise TypeError(q)
+
+    return map_with_path(fn, params)
+
+
+def weight_levels(cfg: QATConfig, qvars: dict) -> dict[str, jax.Array]:
+    """Integer levels of every quantized weight (``{path: levels}``, flat), incl. QKR products ``.../W_qk``; feed
+    them to :func:`quant.oscillation.oscillation_update`."""
+    params, qs = qvars["params"], qvars.get("quant", {})
+    out = {}
+    for path, w in flatten(params).items():
+        q = _weight_rule(cfg, path, w)
+        if q is None:
+            continue
+        if isinstance(q, FakeQuantW):
+            out[path] = quantize_levels(w, q.fmt, compute_qparams(w, q.fmt))
+        elif isinstance(q, LSQW):
+            st = qs["w:" + path]
+            out[path] = lsq_levels(w, st["step"], q.bits, True, st.get("offset"))
+        elif isinstance(q, (StatsQW, GaussWSW)):
+            out[path] = statsq_levels(w, q.bits) if isinstance(q, StatsQW) else \
+                quantize_levels(w, *_gauss_fmt(w, q))
+    if cfg.qkr is not None:
+        from quant.qkr import qk_product
+        flat = flatten(params)
+        import re
+        for path in flat:
+            parts = path.split("/")
+            if len(parts) >= 3 and parts[-2] == cfg.qkr.query and parts[-1] == "kernel":
+                prefix = "/".join(parts[:-2])
+                if re.search(cfg.qkr.pattern, prefix):
+                    wq, wk = flat[path], flat[f"{prefix}/{cfg.qkr.key}/kernel"]
+                    if cfg.qkr.bits is None:
+                        continue
+                    w_qk = qk_product(wq, wk, cfg.qkr.num_heads).reshape(-1, wq.shape[0])
+                    out[prefix + "/W_qk"] = statsq_levels(w_qk, cfg.qkr.bits, out_axis=0)
+    return out
+
+
+def _gauss_fmt(w, q):
+    from quant.formats import IntFormat
+    fmt = IntFormat(q.bits, granularity="channel" if q.per_channel else "tensor")
+    return fmt, compute_qparams(w, fmt)
+
+
+# ------------------------------------------------------------------------------------------------ activations
+
+def _module_path(module) -> str:
+    return "/".join(str(p) for p in module.path)
+
+
+def _act_interceptor(cfg: QATConfig, quant_state: dict, calib: dict | None, record: dict | None):
+    from quant.qkr import qkr_attention
+
+    def interceptor(f, args, kwargs, ctx):
+        mod = ctx.module
+        if ctx.method_name != "__call__":
+            return f(*args, **kwargs)
+        path = _module_path(mod)
+        if cfg.qkr is not None and hasattr(mod, "num_heads"):
+            import re
+            if re.search(cfg.qkr.pattern, path):
+                if mod.num_heads != cfg.qkr.num_heads:
+                    raise ValueError(f"QKRConfig.num_heads={cfg.qkr.num_heads} but {path!r} has {mod.num_heads}")
+                if not mod.is_initializing() and record is None:
+                    return qkr_attention(mod, cfg.qkr, *args, **kwargs)
+        if not isinstance(mod, QUANTIZABLE_MODULES) or not args:
+            return f(*args, **kwargs)
+        q = match_rule(path, cfg.activations)
+        if q is None:
+            return f(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        if record is not None:  # calibration / init pass: record statistics, run in float
+            record.setdefault(path, []).append(x)
+            return f(*args, **kwargs)
+        if isinstance(q, DynamicActQ):
+            x = dynamic_act_quant(x, q.bits, q.granularity, q.symmetric)
+        elif isinstance(q, StaticActQ):
+            if calib is None or path not in calib:
+                raise ValueError(f"StaticActQ at {path!r} needs calib from qat_calibrate")
+            x = static_act_quant(x, calib[path], q.bits)
+        elif isinstance(q, LSQActQ):
+            st = quant_state["a:" + path]
+            x = lsq_fake_quant(x, st["step"], q.bits, q.signed, st.get("offset"))
+        return f(x, *rest, **kwargs)
+
+    return interceptor
+
+
+def _record_inputs(cfg, model, params, args, kwargs):
+    record = {}
+    with nn.intercept_methods(_act_interceptor(cfg, {}, None, record)):
+        model.apply({"params": params}, *args, **kwargs)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+def qat_init(cfg: QATConfig, model: nn.Module, params: Any, *sample_args, **sample_kwargs) -> dict:
+    """``{"params": params, "quant": {...}}``: learnable LSQ steps (``"w:<path>"`` / ``"a:<module path>"``)
+    initialised from the weights / from activations of ``sample_args`` (LSQ: ``2 mean|x| / sqrt(Q_P)``; LSQ+:
+    3-sigma for weights, min-max for activations)."""
+    qs: dict[str, dict] = {}
+    for path, w in flatten(params).items():
+        q = _weight_rule(cfg, path, w)
+        if isinstance(q, LSQW):
+            axis = -1 if q.per_channel else None
+            p = lsqplus_init(w, q.bits, True, axis, "3sigma") if q.plus else lsq_init(w, q.bits, True, axis)
+            qs["w:" + path] = {"step": p.step, **({"offset": p.offset} if q.plus else {})}
+    out = {"params": params, "quant": qs}
+    if any(isinstance(q, LSQActQ) for _, q in cfg.activations):
+        if not sample_args:
+            raise ValueError("qat_init needs sample inputs to initialise LSQActQ steps")
+        record = _record_inputs(cfg, model, params, sample_args, sample_kwargs)
+        for path, xs in record.items():
+            q = match_rule(path, cfg.activations)
+            if isinstance(q, LSQActQ):
+                x = jnp.concatenate([jnp.reshape(a, (-1,)) for a in xs])
+                p = lsqplus_init(x, q.bits, q.signed, None, "minmax") if q.plus else lsq_init(x, q.bits, q.signed,
+                                                                                              None)
+                qs["a:" + path] = {"step": p.step.reshape(()),
+                                   **({"offset": p.offset.reshape(())} if q.plus else {})}
+    return out
+
+
+def qat_calibrate(cfg: QATConfig, model: nn.Module, params: Any, batches) -> dict[str, jax.Array]:
+    """Static activation ranges: running max of ``amax`` per :class:`StaticActQ` module over ``batches`` (each a
+    tuple of positional model inputs or a single array)."""
+    calib: dict[str, jax.Array] = {}
+    for b in batches:
+        args = b if isinstance(b, tuple) else (b,)
+        record = _record_inputs(cfg, model, params, args, {})
+        for path, xs in record.items():
+            q = match_rule(path, cfg.activations)
+            if isinstance(q, StaticActQ):
+                for x in xs:
+                    a = amax_stat(x, q.per_channel, q.percentile)
+                    calib[path] = a if path not in calib else jnp.maximum(calib[path], a)
+    if not calib and any(isinstance(q, StaticActQ) for _, q in cfg.activations):
+        raise ValueError("qat_calibrate: no StaticActQ module saw any input")
+    return calib
+
+
+def qat_apply(cfg: QATConfig, model: nn.Module, calib: dict | None = None, method: Callable | str | None = None
+              ) -> Callable[..., Any]:
+    """``apply(qvars, *args, rng=None, **kwargs)``: ``model.apply`` with quantized weights (and activations).
+
+    ``qvars`` is :func:`qat_init`'s dict; differentiate w.r.t. ``qvars["params"]`` and ``qvars["quant"]``.
+    ``rng`` drives stochastic quantizers (GaussWS); without it they are the identity (evaluation uses
+    deterministic rounding via :func:`quantize_weights` of a ``FakeQuantW`` config, see ``quant.gaussws``).
+    """
+    needs_intercept = bool(cfg.activations) or cfg.qkr is not None
+
+    def apply(qvars, *args, rng=None, **kwargs):
+        qs = qvars.get("quant", {})
+        params = quantize_weights(cfg, qvars["params"], qs, rng)
+        kw = dict(kwargs)
+        if method is not None:
+            kw["method"] = method
+        if not needs_intercept:
+            return model.apply({"params": params}, *args, **kw)
+        with nn.intercept_methods(_act_interceptor(cfg, qs, calib, None)):
+            return model.apply({"params": params}, *args, **kw)
+
+    return apply
