@@ -1,0 +1,110 @@
+"""Shared helpers of the PTQ methods: the uniform min/max grid used by GPTQ/RTN (IST-DASLab/gptq ``quant.py``),
+the AWQ grid (mit-han-lab/llm-awq ``pseudo_quantize_tensor``), progress bars and config validation.
+
+Weights here are in the *GPTQ layout* ``W[out, in]`` (rows = output channels, "columns" = input features);
+Flax ``Dense`` kernels are ``[in, out]`` and are transposed at the method boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+
+def progress_disabled(progress: bool | None) -> bool:
+    """True when bars are off: ``progress=False`` or env ``WEIGHTLAB_NO_PROGRESS=1``."""
+    if os.environ.get("WEIGHTLAB_NO_PROGRESS", "") not in ("", "0"):
+        return True
+    return progress is False
+
+
+def pbar(it: Iterable, progress: bool | None = None, **kw):
+    return tqdm(it, disable=progress_disabled(progress), leave=False, **kw)
+
+
+def check_bits(bits: int, group_size: int) -> None:
+    if not isinstance(bits, (int,)) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+    if not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
+        raise ValueError(f"group_size must be -1 (per output channel) or a positive integer, got {group_size!r}")
+
+
+def minmax_params(x: jax.Array, bits: int, sym: bool) -> tuple[jax.Array, jax.Array]:
+    """GPTQ ``Quantizer.find_params`` (weight=True, per channel) on rows of ``x[rows, cols]``.
+
+    xmin = min(min_j x, 0), xmax = max(max_j x, 0); symmetric: xmax = max(|xmin|, xmax), xmin = -xmax;
+    all-zero rows get [-1, 1]; scale = (xmax - xmin) / maxq; zero = (maxq+1)/2 if sym else round(-xmin/scale).
+    Returns ``(scale[rows], zero[rows])``.
+    """
+    maxq = 2**bits - 1
+    xmin = jnp.minimum(x.min(axis=1), 0.0)
+    xmax = jnp.maximum(x.max(axis=1), 0.0)
+    if sym:
+        xmax = jnp.maximum(jnp.abs(xmin), xmax)
+        xmin = jnp.where(xmin < 0, -xmax, xmin)
+    both0 = (xmin == 0) & (xmax == 0)
+    xmin = jnp.where(both0, -1.0, xmin)
+    xmax = jnp.where(both0, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    zero = jnp.full_like(scale, (maxq + 1) / 2) if sym else jnp.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_codes(x, scale, zero, maxq):
+    """q = clamp(round(x/scale) + zero, 0, maxq) (broadcasting ``scale``/``zero`` against ``x``)."""
+    return jnp.clip(jnp.round(x / scale) + zero, 0, maxq)
+
+
+def qdq(x, scale, zero, maxq):
+    """GPTQ ``quantize``: scale * (clamp(round(x/scale) + zero, 0, maxq) - zero)."""
+    return scale * (quantize_codes(x, scale, zero, maxq) - zero)
+
+
+def group_view(w: jax.Array, group_size: int) -> jax.Array:
+    """``w[out, in]`` -> ``[out, n_groups, group_size]`` (group_size=-1: one group spanning all inputs)."""
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    if in_f % gs:
+        raise ValueError(f"input features {in_f} are not divisible by group_size {gs}")
+    return w.reshape(out_f, in_f // gs, gs)
+
+
+def rtn_minmax(w: jax.Array, bits: int, group_size: int = -1, sym: bool = False):
+    """Round-to-nearest of ``w[out, in]`` on the GPTQ min/max grid per (output channel, input group).
+
+    Returns ``(w_hat, codes[out, in] uint8, scale[out, n_groups], zero[out, n_groups])``.
+    """
+    maxq = 2**bits - 1
+    g = group_view(w, group_size)
+    o, ng, gs = g.shape
+    scale, zero = minmax_params(g.reshape(o * ng, gs), bits, sym)
+    scale, zero = scale.reshape(o, ng), zero.reshape(o, ng)
+    codes = quantize_codes(g, scale[..., None], zero[..., None], maxq)
+    w_hat = (scale[..., None] * (codes - zero[..., None])).reshape(w.shape)
+    return w_hat, codes.reshape(w.shape).astype(jnp.uint8), scale, zero
+
+
+def awq_pseudo_quantize(w: jax.Array, bits: int, group_size: int = 128, zero_point: bool = True) -> jax.Array:
+    """llm-awq ``pseudo_quantize_tensor`` on ``w[out, in]`` per (output channel, input group).
+
+    Asymmetric: scale = max(max - min, 1e-5) / (2^b - 1), zero = clamp(-round(min/scale), 0, 2^b - 1),
+    w_hat = (clamp(round(w/scale) + zero, 0, 2^b - 1) - zero) * scale.
+    Symmetric: scale = max|w| / (2^(b-1) - 1), w_hat = clamp(round(w/scale), -2^(b-1), 2^(b-1) - 1) * scale.
+    """
+    g = group_view(w, group_size)
+    if zero_point:
+        mx, mn = g.max(-1, keepdims=True), g.min(-1, keepdims=True)
+        maxq = 2**bits - 1
+        scale = jnp.maximum(mx - mn, 1e-5) / maxq
+        zero = jnp.clip(-jnp.round(mn / scale), 0, maxq)
+        out = (jnp.clip(jnp.round(g / scale) + zero, 0, maxq) - zero) * scale
+    else:
+        mx = jnp.maximum(jnp.abs(g).max(-1, keepdims=True), 1e-5)
+        qmax = 2 ** (bits - 1) - 1
+        scale = mx / qmax
+        out = jnp.clip(jnp.round(g / scale), -qmax - 1, qmax) * scale
+    return out.reshape(w.shape)

@@ -1,0 +1,175 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2024), faithful to mit-han-lab/llm-awq
+(``awq/quantize/auto_scale.py``, ``auto_clip.py``, ``pre_quant.run_awq``).
+
+Per block (inputs from the *float* model, as ``run_awq``), per group of linears sharing one input x:
+
+    x̄_j = mean_t |x_tj|;   for α in {0, 1/20, ..., 19/20}:  s = max(x̄^α, 1e-4);  s ← s / sqrt(max s · min s)
+        L(α) = mean ‖f(x; Q(W·diag s)·diag(s)⁻¹) − f(x; W)‖²        (f = whole block for q/k/v, else the linear)
+    s* = s(argmin L);  W ← W·diag(s*), x ← x / s*   (folded into the previous linear when possible)
+
+then clipping per (output channel, input group) for every linear except query/key (as llm-awq):
+
+    m = max|w_g| (1 − i/20), i = 0..9;   err(m) = mean_t (Σ_{j∈g} x_tj (Q(clamp(w, −m, m))_j − w_j))²  on ~512 tokens
+    w ← clamp(w, −m*, m*)
+
+and finally ``Q`` = asymmetric min/max g128 (``pseudo_quantize_tensor``). No backprop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._common import awq_pseudo_quantize, check_bits, group_view, pbar
+from .blocks import capture_dense, get_sub, set_kernels, set_sub
+from .gptq import layer_error
+
+__all__ = ["AWQConfig", "awq", "search_scale", "search_clip"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQConfig:
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    n_sample_token: int = 512
+    auto_scale: bool = True
+    auto_clip: bool = True
+    no_clip: tuple[str, ...] = ("query", "key")   # llm-awq: q/k are not clipped (their bmm is hard to model)
+
+    def validate(self):
+        check_bits(self.bits, self.group_size)
+        if self.n_grid < 1 or not 0 <= self.max_shrink < 1 or self.n_sample_token < 1:
+            raise ValueError(f"invalid AWQ grid settings {self}")
+
+
+def _q(w_oi, cfg):  # W[out, in] -> pseudo-quantized
+    return awq_pseudo_quantize(w_oi, cfg.bits, cfg.group_size, cfg.zero_point)
+
+
+def scale_candidates(x_mean_abs, n_grid):
+    """[n_grid, in] candidate scales s = max(x̄^α, 1e-4) / sqrt(max·min), α = i / n_grid."""
+    ratios = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+    s = jnp.maximum(x_mean_abs[None, :] ** ratios[:, None], 1e-4)
+    return s / jnp.sqrt(s.max(1, keepdims=True) * s.min(1, keepdims=True))
+
+
+def search_scale(loss_fn, kernels: dict, x_mean_abs, cfg: AWQConfig):
+    """Grid search of α: ``loss_fn({name: effective kernel [in, out]}) -> MSE``; kernels are Flax ``[in, out]``.
+    Returns ``(best_s, best_alpha, losses)``."""
+    cands = scale_candidates(x_mean_abs, cfg.n_grid)
+    losses = []
+    for s in cands:
+        eff = {n: (_q(k.T * s[None, :], cfg) / s[None, :]).T for n, k in kernels.items()}
+        losses.append(float(loss_fn(eff)))
+    i = int(np.argmin(losses))
+    return cands[i], i / cfg.n_grid, losses
+
+
+@jax.jit
+def _group_out(w_g, x_g):  # w_g [o, ng, gs], x_g [n, ng, gs] -> [o, n, ng]
+    return jnp.einsum("ogk,ngk->ong", w_g, x_g)
+
+
+def search_clip(w_oi, x, cfg: AWQConfig):
+    """llm-awq ``auto_clip_layer``: best max |w| per (out, group) among (1 − i/n_grid)·max|w|, i < max_shrink·n_grid,
+    judged by the per-group partial outputs on ``n_sample_token`` evenly strided tokens. Returns ``max_val [o, ng]``."""
+    x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+    step = max(x.shape[0] // cfg.n_sample_token, 1)
+    x = x[::step]
+    w_g = group_view(w_oi, cfg.group_size)
+    o, ng, gs = w_g.shape
+    x_g = x.reshape(x.shape[0], ng, gs)
+    org_max = jnp.abs(w_g).max(-1)
+    org_out = _group_out(w_g, x_g)
+    best = org_max
+    best_err = jnp.full_like(org_max, jnp.inf)
+    for i in range(int(cfg.max_shrink * cfg.n_grid)):
+        mv = org_max * (1 - i / cfg.n_grid)
+        cur = jnp.clip(w_g, -mv[..., None], mv[..., None])
+        q = group_view(_q(cur.reshape(o, ng * gs), cfg), cfg.group_size)
+        err = ((_group_out(q, x_g) - org_out) ** 2).mean(1)
+        better = err < best_err
+        best_err = jnp.where(better, err, best_err)
+        best = jnp.where(better, mv, best)
+    return best
+
+
+def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress: bool | None = None):
+    """AWQ every linear of ``model`` (a :class:`quant.ptq.blocks.BlockModel` with ``awq_groups``).
+
+    Returns ``(quantized_params, report)``; ``quantized_params`` are float params whose kernels are the effective
+    dequantized weights ``diag(1/s)·Q(diag(s)·clip(W))`` (``1/s`` folded into ``prev`` linears where the group has
+    one), i.e. exactly the function the deployed model computes; the report holds per layer the stored
+    quantized kernel ``Q(s·W)``, its grid, and the explicit input scale ``in_scale`` (``x/s`` at run time) or None.
+    """
+    config.validate()
+    if not model.awq_groups:
+        raise ValueError("awq: the BlockModel defines no awq_groups")
+    h, ctx = model.embed(params, calib_batch)
+    tok = model.token_weight(ctx)
+    valid = np.asarray(tok).reshape(-1) > 0
+    out = params
+    layers = {}
+    for bp in pbar(model.block_paths, progress, desc=f"AWQ w{config.bits}"):
+        block = get_sub(params, bp)
+        y_float, rec = capture_dense(model, block, h, ctx)
+        kern = {n: jnp.asarray(get_sub(block, n)["kernel"], jnp.float32) for g in model.awq_groups for n in g.linears}
+        bias = {n: jnp.asarray(get_sub(block, n)["bias"], jnp.float32) for n in kern if "bias" in get_sub(block, n)}
+        xs = {n: jnp.asarray(rec[n][0], jnp.float32).reshape(-1, kern[n].shape[0])[valid] for n in kern}
+        in_scale, alphas = {}, {}
+        # 1) scale search on the float block (all groups searched before any is applied, as auto_scale_block)
+        scales = {}
+        for g in model.awq_groups:
+            if not config.auto_scale:
+                break
+            x = xs[g.linears[0]]
+            x_mean = jnp.abs(x).mean(0)
+            sub = {n: kern[n] for n in g.linears}
+            if g.inspect == "block":
+                yv = jnp.asarray(y_float).reshape(-1, y_float.shape[-1])[valid]
+
+                def loss_fn(eff, _blk=block):
+                    yq = model.apply_block(set_kernels(_blk, eff), h, ctx)
+                    return jnp.mean((yq.reshape(-1, yq.shape[-1])[valid] - yv) ** 2)
+            else:
+                def loss_fn(eff, _x=x, _sub=sub):
+                    return sum(jnp.mean((_x @ eff[n] - _x @ _sub[n]) ** 2) * _sub[n].shape[1]
+                               for n in eff) / sum(_sub[n].shape[1] for n in eff)
+            s, alpha, _ = search_scale(loss_fn, sub, x_mean, config)
+            scales[g] = s
+            alphas[g.linears] = alpha
+        # 2) apply: W ← diag(s) W; x ← x / s; fold 1/s into prev or keep it as an input scale
+        for g, s in scales.items():
+            for n in g.linears:
+                kern[n] = kern[n] * s[:, None]
+                xs[n] = xs[n] / s[None, :]
+            if g.prev is not None:
+                kern[g.prev] = kern[g.prev] / s[None, :]
+                if g.prev in bias:
+                    bias[g.prev] = bias[g.prev] / s
+            else:
+                for n in g.linears:
+                    in_scale[n] = s
+        # 3) clip search and quantization
+        eff_k = {}
+        for n in kern:
+            w_oi = kern[n].T  # scaled float weight: the deployed linear computes (x / s) @ Q(diag(s) W)
+            if config.auto_clip and n.split("/")[-1] not in config.no_clip:
+                mv = search_clip(w_oi, xs[n], config)
+                w_oi = jnp.clip(group_view(w_oi, config.group_size), -mv[..., None], mv[..., None]).reshape(w_oi.shape)
+            q_oi = _q(w_oi, config)
+            k_eff = q_oi.T if n not in in_scale else q_oi.T / in_scale[n][:, None]
+            eff_k[n] = k_eff
+            layers[f"{bp}/{n}/kernel"] = {"weight": k_eff, "stored": q_oi.T, "in_scale": in_scale.get(n),
+                                          "error": layer_error(xs[n], kern[n], q_oi.T)}
+        qblock = set_kernels(block, eff_k, {n: b for n, b in bias.items()})
+        out = set_sub(out, bp, qblock)
+        h = y_float  # next block sees float activations (run_awq)
+    return out, {"method": "awq", "config": dataclasses.asdict(config), "layers": layers,
+                 "alphas": {"/".join(k): v for k, v in alphas.items()}}

@@ -1,0 +1,316 @@
+"""GPTQ: accurate post-training quantization for generative pre-trained transformers (Frantar et al., 2022).
+
+A faithful JAX port of the reference ``GPTQ.fasterquant`` (IST-DASLab/gptq ``gptq.py``) for one linear layer with
+weight ``W[out, in]`` (the Flax kernel transposed) and calibration inputs ``X[n, in]``:
+
+    H = 2 XᵀX / n;   dead inputs (H_jj = 0): H_jj = 1 and W[:, j] = 0
+    (act-order) perm = argsort(diag H, descending); W, H permuted
+    H += λ I, λ = percdamp · mean(diag H)   (λ raised ×10 while the Cholesky fails)
+    U = chol(H⁻¹)ᵀ  (upper Cholesky factor of the inverse Hessian)
+    for each column q (in lazy blocks of ``block_size`` columns):
+        Q[:, q] = quant(W[:, q]);  E = (W[:, q] - Q[:, q]) / U_qq
+        W[:, q:] -= E · U[q, q:]       (inside the block; the rest of the matrix is updated once per block)
+    loss_q = (W[:, q] - Q[:, q])² / (2 U_qq²)
+
+Group parameters are found with the min/max quantizer of the reference either when a group starts (on the block-start
+weights, exactly like the reference, whose ``W`` is only updated between blocks) or up front on the full weight
+(``static_groups``). The column loop is a ``lax.fori_loop`` inside a jitted per-block update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._common import check_bits, minmax_params, qdq, quantize_codes
+
+__all__ = ["GPTQConfig", "gptq_quantize_weight", "hessian_from_inputs", "HessianAccumulator", "damped_inverse_cholesky"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4
+    group_size: int = 128          # -1: one group per output channel
+    sym: bool = False
+    act_order: bool = False        # desc_act
+    static_groups: bool = False
+    block_size: int = 128
+    percdamp: float = 0.01
+
+    def validate(self) -> None:
+        check_bits(self.bits, self.group_size)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if not 0 < self.percdamp < 1:
+            raise ValueError(f"percdamp must be in (0, 1), got {self.percdamp}")
+        if self.static_groups and self.group_size == -1:
+            raise ValueError("static_groups needs a group_size")
+
+
+def hessian_from_inputs(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """H = 2 XᵀX / n for inputs ``x[..., in]`` (optionally token weights ``w``: H = 2 Σ w_t x_t x_tᵀ / Σ w_t)."""
+    x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+    if weights is None:
+        return 2.0 * (x.T @ x) / x.shape[0]
+    w = jnp.asarray(weights, jnp.float32).reshape(-1)
+    return 2.0 * ((x * w[:, None]).T @ x) / jnp.maximum(w.sum(), 1e-12)
+
+
+class HessianAccumulator:
+    """Running H = 2 Σ_t w_t x_t x_tᵀ / Σ_t w_t over batches (w_t = 1 for plain GPTQ; 0 masks padding tokens)."""
+
+    def __init__(self, in_features: int):
+        self.sum = jnp.zeros((in_features, in_features), jnp.float32)
+        self.n = 0.0
+
+    def add(self, x: jax.Array, weights: jax.Array | None = None) -> None:
+        x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+        w = jnp.ones(x.shape[0], jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32).reshape(-1)
+        self.sum = self.sum + (x * w[:, None]).T @ x
+        self.n += float(w.sum())
+
+    @property
+    def H(self) -> jax.Array:
+        if self.n == 0:
+            raise ValueError("HessianAccumulator: no calibration tokens were added")
+        return 2.0 * self.sum / self.n
+
+
+def damped_inverse_cholesky(H: np.ndarray, percdamp: float) -> tuple[np.ndarray, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = percdamp·mean(diag H), ×10 until the factorization succeeds.
+
+    Computed in float64 NumPy on the host (a one-off d×d factorization; the reference uses torch float32). Returns
+    ``(U, percdamp_used)``.
+    """
+    H = np.asarray(H, np.float64)
+    d = H.shape[0]
+    mean_diag = float(np.mean(np.diag(H)))
+    pd = percdamp
+    for _ in range(8):
+        try:
+            L = np.linalg.cholesky(H + pd * mean_diag * np.eye(d))
+            Linv = np.linalg.solve(L, np.eye(d))  # cholesky_inverse: H⁻¹ = L⁻ᵀ L⁻¹
+            Hinv = Linv.T @ Linv
+            U = np.linalg.cholesky(Hinv).T
+            if np.all(np.isfinite(U)):
+                return U.astype(np.float32), pd
+        except np.linalg.LinAlgError:
+            pass
+        pd *= 10.0
+    raise np.linalg.LinAlgError("GPTQ: Hessian is not positive definite even after raising the dampening 10^8x")
+
+
+@functools.partial(jax.jit, static_argnames=("maxq",))
+def _gptq_block(W1, Hinv1, scale, zero, new_group, g_scale, g_zero, maxq):
+    """Quantize the columns of one lazy block. ``new_group[i]``: column i takes (g_scale[i], g_zero[i]) as its
+    quantizer; otherwise it keeps the carried one. Returns Q1, codes, Err1, losses, carried scale/zero."""
+    R, B = W1.shape
+
+    def body(i, carry):
+        W1, Q1, C1, E1, L1, sc, zr = carry
+        sc = jnp.where(new_group[i], g_scale[i], sc)
+        zr = jnp.where(new_group[i], g_zero[i], zr)
+        w = W1[:, i]
+        d = Hinv1[i, i]
+        c = quantize_codes(w, sc, zr, maxq)
+        q = sc * (c - zr)
+        err = (w - q) / d
+        W1 = W1 - err[:, None] * Hinv1[i][None, :]  # Hinv1 is upper triangular: only columns >= i change
+        return (W1, Q1.at[:, i].set(q), C1.at[:, i].set(c), E1.at[:, i].set(err),
+                L1.at[:, i].set((w - q) ** 2 / d**2), sc, zr)
+
+    z = jnp.zeros_like(W1)
+    _, Q1, C1, E1, L1, sc, zr = jax.lax.fori_loop(0, B, body, (W1, z, z, z, z, scale, zero))
+    return Q1, C1, E1, L1, sc, zr
+
+
+@jax.jit
+def _propagate(W_rest, Err1, Hinv_block_rest):
+    return W_rest - Err1 @ Hinv_block_rest
+
+
+def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, kernel_layout: bool = True) -> dict:
+    """GPTQ one layer. ``w`` is a Flax kernel ``[in, out]`` (``kernel_layout=False``: ``W[out, in]``), ``H[in, in]``.
+
+    Returns a dict with ``weight`` (dequantized, same layout/dtype as ``w``), ``codes`` (uint8, layout of ``w``, in the
+    ORIGINAL column order), ``scale``/``zero`` (``[out, n_groups]``, or per column when ``g_idx`` is needed),
+    ``g_idx`` (group index of every input feature), ``perm`` (act-order permutation or None), ``loss`` (Σ of the
+    reference's per-weight losses) and ``percdamp`` actually used.
+    """
+    config.validate()
+    w_in = jnp.asarray(w)
+    W = jnp.asarray(w_in, jnp.float32)
+    W = W.T if kernel_layout else W
+    R, C = W.shape
+    H = np.array(H, np.float64)
+    if H.shape != (C, C):
+        raise ValueError(f"Hessian shape {H.shape} does not match the layer's {C} input features")
+    gs = config.group_size
+    if gs != -1 and C % gs:
+        raise ValueError(f"input features {C} not divisible by group_size {gs}")
+    maxq = 2**config.bits - 1
+
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W = W.at[:, jnp.asarray(dead)].set(0.0) if dead.any() else W
+
+    if config.static_groups:
+        st_scale, st_zero = jax.vmap(lambda g: minmax_params(g, config.bits, config.sym), in_axes=1, out_axes=1)(
+            W.reshape(R, C // gs, gs))  # [R, n_groups]
+    perm = None
+    if config.act_order:
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U, pd = damped_inverse_cholesky(H, config.percdamp)
+    U = jnp.asarray(U)
+
+    if gs == -1:
+        scale, zero = minmax_params(W, config.bits, config.sym)
+    else:
+        scale = zero = jnp.zeros((R,), jnp.float32)
+
+    Q = []
+    codes = []
+    losses = jnp.zeros(())
+    col_scale, col_zero = [], []
+    for i1 in range(0, C, config.block_size):
+        i2 = min(i1 + config.block_size, C)
+        B = i2 - i1
+        idx = np.arange(i1, i2)
+        if gs == -1:
+            new = np.zeros(B, bool)
+            g_scale = g_zero = jnp.zeros((B, R), jnp.float32)
+        elif config.static_groups:
+            orig = perm[idx] if perm is not None else idx
+            new = np.ones(B, bool)
+            g_scale, g_zero = st_scale[:, orig // gs].T, st_zero[:, orig // gs].T
+        else:
+            new = idx % gs == 0
+            # The reference finds a group's parameters on W[:, c:c+gs] whose in-block columns are still the
+            # block-start values (W1 is a copy); W here is exactly that state.
+            starts = idx[new]
+            gp = [minmax_params(W[:, c:c + gs], config.bits, config.sym) for c in starts]
+            g_scale = jnp.zeros((B, R), jnp.float32)
+            g_zero = jnp.zeros((B, R), jnp.float32)
+            for c, (s_, z_) in zip(starts, gp):
+                g_scale = g_scale.at[c - i1].set(s_)
+                g_zero = g_zero.at[c - i1].set(z_)
+        Q1, C1, E1, L1, scale, zero = _gptq_block(W[:, i1:i2], U[i1:i2, i1:i2], scale, zero, jnp.asarray(new),
+                                                  g_scale, g_zero, maxq)
+        # per-column quantizer (for export): recompute which (scale, zero) each column used
+        cs, cz = _column_params(new, g_scale, g_zero, col_scale, col_zero, (scale, zero) if gs == -1 else None, R)
+        col_scale += cs
+        col_zero += cz
+        Q.append(Q1)
+        codes.append(C1)
+        losses = losses + L1.sum() / 2
+        if i2 < C:
+            W = W.at[:, i2:].set(_propagate(W[:, i2:], E1, U[i1:i2, i2:]))
+    Q = jnp.concatenate(Q, axis=1)
+    codes = jnp.concatenate(codes, axis=1)
+    col_scale = jnp.stack(col_scale, axis=1)  # [R, C] in processing order
+    col_zero = jnp.stack(col_zero, axis=1)
+    if perm is not None:
+        inv = np.argsort(perm)
+        Q, codes, col_scale, col_zero = Q[:, inv], codes[:, inv], col_scale[:, inv], col_zero[:, inv]
+    # Compact the per-column quantizer into groups when the grouping is contiguous in the original order.
+    if gs == -1:
+        g_idx = np.zeros(C, np.int32)
+    elif perm is None or config.static_groups:
+        g_idx = np.arange(C, dtype=np.int32) // gs
+    else:
+        g_idx = (np.argsort(perm)) // gs  # group of each original column = its position in the processing order
+        g_idx = g_idx.astype(np.int32)
+    n_groups = int(g_idx.max()) + 1
+    first = np.array([np.flatnonzero(g_idx == g)[0] for g in range(n_groups)])
+    scale_g, zero_g = col_scale[:, first], col_zero[:, first]
+    out_w = Q.T if kernel_layout else Q
+    out_c = codes.T if kernel_layout else codes
+    return {
+        "weight": out_w.astype(w_in.dtype),
+        "codes": out_c.astype(jnp.uint8),
+        "scale": scale_g,
+        "zero": zero_g,
+        "g_idx": g_idx,
+        "perm": perm,
+        "loss": float(losses),
+        "percdamp": pd,
+    }
+
+
+def _column_params(new, g_scale, g_zero, prev_s, prev_z, global_scale, R):
+    """Per-column (scale, zero) used inside one block (mirrors the carry of ``_gptq_block``)."""
+    if global_scale is not None:
+        return [global_scale[0]] * len(new), [global_scale[1]] * len(new)
+    cs, cz = [], []
+    cur_s = prev_s[-1] if prev_s else None
+    cur_z = prev_z[-1] if prev_z else None
+    for i, is_new in enumerate(new):
+        if is_new:
+            cur_s, cur_z = g_scale[i], g_zero[i]
+        cs.append(cur_s)
+        cz.append(cur_z)
+    return cs, cz
+
+
+# ----------------------------------------------------------------------------------------------------- whole model
+
+def layer_error(x, w, w_hat, weights=None) -> float:
+    """Relative output error ‖XW − XŴ‖² / ‖XW‖² over (real) tokens."""
+    x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+    y, y_hat = x @ jnp.asarray(w, jnp.float32), x @ jnp.asarray(w_hat, jnp.float32)
+    m = jnp.ones(x.shape[0]) if weights is None else jnp.asarray(weights, jnp.float32).reshape(-1)
+    num = jnp.sum(m[:, None] * (y - y_hat) ** 2)
+    den = jnp.maximum(jnp.sum(m[:, None] * y**2), 1e-30)
+    return float(num / den)
+
+
+def gptq(params, model, calib_batch, config: GPTQConfig = GPTQConfig(), *, progress: bool | None = None,
+         token_weights_fn=None, transform=None):
+    """GPTQ every linear layer of ``model`` (a :class:`quant.ptq.blocks.BlockModel`), block by block.
+
+    Each block sees the outputs of the already-quantized previous blocks (reference ``opt_sequential``); the Hessian
+    of every linear is ``2 Σ_t w_t x_t x_tᵀ / Σ_t w_t`` over the block's calibration tokens (w_t = 1, 0 for padding;
+    RSQ passes attention-concentration weights via ``token_weights_fn(records, ctx)``). ``transform`` (RSQ) maps
+    ``(name, kernel, H) -> (kernel', H', undo)`` before GPTQ; ``undo(kernel_hat)`` brings the result back.
+
+    Returns ``(quantized_params, report)``: the params with dequantized kernels (a drop-in float model) and a report
+    ``{"layers": {path: {...codes, scale, zero, g_idx, perm, error}}, "config": ...}``.
+    """
+    from .blocks import capture_dense, get_sub, set_kernels, set_sub, dense_names
+    from ._common import pbar
+
+    config.validate()
+    h, ctx = model.embed(params, calib_batch)
+    tok = model.token_weight(ctx)
+    out = params
+    layers = {}
+    for bp in pbar(model.block_paths, progress, desc=f"GPTQ w{config.bits}"):
+        block = get_sub(params, bp)
+        _, rec = capture_dense(model, block, h, ctx)
+        tw = tok if token_weights_fn is None else token_weights_fn(rec, ctx)
+        new_k = {}
+        for name in dense_names(block):
+            x = rec[name][0]
+            k = get_sub(block, name)["kernel"]
+            H = hessian_from_inputs(x, tw)
+            undo = None
+            kq, Hq = k, H
+            if transform is not None:
+                kq, Hq, undo = transform(f"{bp}/{name}", k, H)
+            r = gptq_quantize_weight(kq, Hq, config)
+            w_hat = r["weight"] if undo is None else undo(r["weight"])
+            r["error"] = layer_error(x, k, w_hat, tok)
+            r["weight"] = w_hat
+            layers[f"{bp}/{name}/kernel"] = r
+            new_k[name] = w_hat
+        qblock = set_kernels(block, new_k)
+        out = set_sub(out, bp, qblock)
+        h = model.apply_block(qblock, h, ctx)
+    return out, {"method": "gptq", "config": dataclasses.asdict(config), "layers": layers}
