@@ -19,6 +19,7 @@ from jaxmodels.layers.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
 from jaxmodels.layers.powernorm import PowerNorm, apply_grad_stats, power_normalize
 from jaxmodels.layers.prepbn import PRepBN, RepBN, fold_repbn, prepbn_gamma
 from jaxmodels.layers.reparam import ReparamConv, ReparamDense
+from jaxmodels.layers.unified_norm import UnifiedNorm, fold_un_into_dense, un_normalize
 from jaxmodels.layers.weight_standardization import WSConv, weight_standardize
 
 __all__ = [
@@ -32,5 +33,6 @@ __all__ = [
     "PowerNorm", "apply_grad_stats", "power_normalize",
     "PRepBN", "RepBN", "fold_repbn", "prepbn_gamma",
     "ReparamConv", "ReparamDense",
+    "UnifiedNorm", "fold_un_into_dense", "un_normalize",
     "WSConv", "weight_standardize",
 ]
