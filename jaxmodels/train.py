@@ -20,6 +20,7 @@ class TrainState(NamedTuple):
     step: jax.Array
     params: PyTree
     opt_state: PyTree
+    model_state: PyTree = None  # non-trained variables, e.g. BatchNorm ``batch_stats`` (None if the model has none)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -32,13 +33,16 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def init_train_state(params: PyTree, tx: optax.GradientTransformation, mesh: Mesh | None = None,
-                     rules=None) -> TrainState:
-    """Place ``params`` with ``rules`` on ``mesh`` (if given) and initialize the optimizer state; the optimizer
-    state inherits the parameters' sharding because ``tx.init`` is jitted on sharded params."""
+                     rules=None, model_state: PyTree = None) -> TrainState:
+    """Place ``params`` (and ``model_state``, e.g. ``batch_stats``) with ``rules`` on ``mesh`` (if given) and
+    initialize the optimizer state; the optimizer state inherits the parameters' sharding because ``tx.init`` is
+    jitted on sharded params."""
     if mesh is not None:
         params = jax.device_put(params, rules_to_shardings(params, rules or [], mesh))
+        if model_state is not None:
+            model_state = jax.device_put(model_state, rules_to_shardings(model_state, rules or [], mesh))
     opt_state = jax.jit(tx.init)(params)
-    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state, model_state)
 
 
 def make_train_step(
@@ -48,10 +52,14 @@ def make_train_step(
     mesh: Mesh | None = None,
     rules=None,
     donate: bool = True,
+    has_model_state: bool = False,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Return ``step(state, x, y) -> (state, metrics)``, jitted.
 
     ``apply_fn(params, x)`` returns logits (wrap ``model.apply`` as ``lambda p, x: model.apply({"params": p}, x)``).
+    With ``has_model_state=True`` it is ``apply_fn(params, model_state, x) -> (logits, new_model_state)`` (BatchNorm:
+    ``lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"])``
+    followed by ``(logits, upd["batch_stats"])``) and ``state.model_state`` is carried along, not differentiated.
     With a ``mesh``, the batch is sharded over the ``data`` axis and parameters / optimizer state keep the sharding
     the ``rules`` give them (data parallel when the rules replicate everything, tensor parallel over ``model``
     otherwise); XLA inserts the gradient all-reduce.
@@ -59,14 +67,17 @@ def make_train_step(
 
     def step(state: TrainState, x, y):
         def loss_of(p):
-            logits = apply_fn(p, x)
-            return loss_fn(logits, y), logits
+            if has_model_state:
+                logits, model_state = apply_fn(p, state.model_state, x)
+            else:
+                logits, model_state = apply_fn(p, x), state.model_state
+            return loss_fn(logits, y), (logits, model_state)
 
-        (loss, logits), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        (loss, (logits, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": accuracy(logits, y)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return TrainState(state.step + 1, params, opt_state, model_state), metrics
 
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,) if donate else ())
