@@ -19,7 +19,7 @@ repeated until a full sweep improves nothing (or ``max_iter``). Activation match
 
 Specs for ``jaxmodels`` models: :func:`mlp_permutation_spec`, :func:`vit_permutation_spec` and
 :func:`gpt_permutation_spec` (residual stream and MLP hidden units of every block; attention's per-head q/k and v/out
-dimensions are left unpermuted).
+dimensions are left unpermuted), :func:`resnet_permutation_spec` (ResNet-20 variables, BatchNorm statistics included).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = [
     "mlp_permutation_spec",
     "vit_permutation_spec",
     "gpt_permutation_spec",
+    "resnet_permutation_spec",
     "apply_permutation",
     "identity_permutation",
     "invert_permutation",
@@ -144,6 +145,48 @@ def gpt_permutation_spec(depth: int, placement: str = "pre", norm_has_bias: bool
             a2p["norm/bias"] = (r,)
     if not tie_embeddings:
         a2p["head/kernel"] = (r, None)
+    return permutation_spec_from_axes_to_perm(a2p)
+
+
+def resnet_permutation_spec(num_blocks: int = 9, downsample_at: Sequence[int] = (3, 6), shortcut: str = "B",
+                            batch_stats: bool = True) -> PermutationSpec:
+    """Spec for :class:`jaxmodels.models.ResNet` (e.g. ResNet-20) over the *variables* dict
+    ``{"params": ..., "batch_stats": ...}`` (``batch_stats=False``: over ``{"params": ...}`` only).
+
+    ``P_block_k``: block ``k``'s inner channels (``conv1`` outputs, ``bn1``, ``conv2`` inputs). With
+    ``shortcut="B"`` (projection shortcuts) each stage's residual stream has its own permutation ``P_stage_s``
+    (stem / ``conv2`` / ``bn2`` / shortcut outputs, ``conv1`` and shortcut inputs, head inputs). With
+    ``shortcut="A"`` the zero-padded identity shortcut ties each stage's channels to a fixed slice of the next one, so
+    only the block-inner permutations are used (the residual streams stay unpermuted)."""
+    if shortcut not in ("A", "B"):
+        raise ValueError(f"resnet_permutation_spec: shortcut must be 'A' or 'B', got {shortcut!r}")
+    ds = set(downsample_at)
+    bn_leaves = [("params", "scale"), ("params", "bias")] + (
+        [("batch_stats", "mean"), ("batch_stats", "var")] if batch_stats else [])
+
+    def bn(name, p):
+        return {f"{col}/{name}/{leaf}": (p,) for col, leaf in bn_leaves}
+
+    def res(stage):
+        return f"P_stage_{stage}" if shortcut == "B" else None
+
+    a2p: dict[str, tuple] = {"params/stem_conv/kernel": (None, None, None, res(0)), **bn("stem_bn", res(0))}
+    stage = 0
+    for k in range(num_blocks):
+        b, inner = f"block_{k}", f"P_block_{k}"
+        s_in = res(stage)
+        if k in ds:
+            stage += 1
+        s_out = res(stage)
+        a2p[f"params/{b}/conv1/kernel"] = (None, None, s_in, inner)
+        a2p.update(bn(f"{b}/bn1", inner))
+        a2p[f"params/{b}/conv2/kernel"] = (None, None, inner, s_out)
+        a2p.update(bn(f"{b}/bn2", s_out))
+        if k in ds and shortcut == "B":
+            a2p[f"params/{b}/shortcut_conv/kernel"] = (None, None, s_in, s_out)
+            a2p.update(bn(f"{b}/shortcut_bn", s_out))
+    a2p["params/head/kernel"] = (res(stage), None)
+    a2p["params/head/bias"] = (None,)
     return permutation_spec_from_axes_to_perm(a2p)
 
 

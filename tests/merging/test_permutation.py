@@ -141,3 +141,30 @@ def test_permuted_gpt_same_function(placement, tie):
     f = jax.jit(lambda w, z: model.apply({"params": w}, z))
     # float32 rounding of re-ordered sums through 2 blocks (~1e-6).
     np.testing.assert_allclose(f(q, tok), f(p, tok), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_permuted_resnet20_same_function(shortcut):
+    from jaxmodels.models.resnet import ResNet
+    from merging.permutation import resnet_permutation_spec
+
+    model = ResNet(num_blocks=3, downsample_at=(1, 2), width=4, num_classes=5, shortcut=shortcut)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    v = model.init(jax.random.key(0), x)
+    # non-trivial BN statistics and affine parameters so that their permutation matters
+    v = jax.tree_util.tree_map_with_path(
+        lambda k, a: a + 0.5 * jnp.abs(jax.random.normal(jax.random.key(len(str(k))), a.shape))
+        if a.ndim == 1 else a, v)
+    spec = resnet_permutation_spec(3, (1, 2), shortcut=shortcut)
+    perm = _random_perm(spec, v, 7)
+    w = apply_permutation(spec, perm, v)
+    f = jax.jit(lambda q, z: model.apply(q, z))
+    # float32 rounding of re-ordered conv sums (~1e-6).
+    np.testing.assert_allclose(f(w, x), f(v, x), rtol=1e-4, atol=1e-5)
+    if shortcut == "B":
+        assert "P_stage_2" in spec.perm_to_axes
+    # weight matching recovers the permutation of a permuted copy
+    found = weight_matching(v, w, spec, progress=False)
+    back = apply_permutation(spec, found, w)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(v)):
+        np.testing.assert_array_equal(a, b)
