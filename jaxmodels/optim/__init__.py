@@ -9,6 +9,7 @@ Every optimizer is an ``optax.GradientTransformation`` built from small ``scale_
 | ``lars`` | You et al. 2017, LARS | ``lars`` |
 | ``adamp`` / ``sgdp`` | Heo et al. 2021, AdamP | ``adamp`` |
 | ``lisa`` | Pan et al. 2024, LISA | ``lisa`` |
+| ``scale_by_tract`` | Petersen et al. 2024, TrAct | ``tract`` |
 """
 
 from jaxmodels.optim.adamp import (
@@ -22,10 +23,12 @@ from jaxmodels.optim.adamp import (
 from jaxmodels.optim.lamb import lamb, scale_by_layerwise_trust_ratio
 from jaxmodels.optim.lars import lars, scale_by_lars
 from jaxmodels.optim.lisa import LisaState, lisa, lisa_layers, scale_by_lisa
+from jaxmodels.optim.tract import scale_by_tract, tract_patches, tract_precondition
 
 __all__ = [
     "lamb", "scale_by_layerwise_trust_ratio",
     "lars", "scale_by_lars",
     "adamp", "sgdp", "scale_by_radial_projection", "project_radial", "radial_projection", "scale_by_adam_nesterov",
     "lisa", "scale_by_lisa", "LisaState", "lisa_layers",
+    "scale_by_tract", "tract_patches", "tract_precondition",
 ]
