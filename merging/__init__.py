@@ -9,3 +9,5 @@ from merging import (breadcrumbs, dare, della, linear, model_stock, nuslerp, sle
                      wise_ft)
 
 # data-aware methods
+from merging import (adamerging, atlas, fisher, greedy_soup, lmc, permutation, pleas, regmean,  # noqa: E402
+                     twin_merging)
