@@ -20,7 +20,7 @@ from jaxmodels.tree import flatten
 from .helpers import assert_sharded_matches
 
 V, T = 13, 12
-CFG = dict(vocab_size=V, d_model=32, num_heads=4, num_layers=3, mlp_dim=48, max_len=16)
+CFG = dict(vocab_size=V, d_model=16, num_heads=2, num_layers=2, mlp_dim=32, max_len=16)
 
 
 def _pre_ln(seed=0):
