@@ -18,7 +18,7 @@ from jaxmodels.layers.ibn import IBN
 from jaxmodels.layers.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
 from jaxmodels.layers.powernorm import PowerNorm, apply_grad_stats, power_normalize
 from jaxmodels.layers.prepbn import PRepBN, RepBN, fold_repbn, prepbn_gamma
-from jaxmodels.layers.reparam import ReparamConv, ReparamDense
+from jaxmodels.layers.reparam import ReparamConv, ReparamDense, reparameterize_tree
 from jaxmodels.layers.unified_norm import UnifiedNorm, fold_un_into_dense, un_normalize
 from jaxmodels.layers.weight_standardization import WSConv, weight_standardize
 
@@ -32,7 +32,7 @@ __all__ = [
     "LayerNorm", "RMSNorm", "layer_norm", "rms_norm",
     "PowerNorm", "apply_grad_stats", "power_normalize",
     "PRepBN", "RepBN", "fold_repbn", "prepbn_gamma",
-    "ReparamConv", "ReparamDense",
+    "ReparamConv", "ReparamDense", "reparameterize_tree",
     "UnifiedNorm", "fold_un_into_dense", "un_normalize",
     "WSConv", "weight_standardize",
 ]

@@ -9,17 +9,29 @@ under ``transform``). Flax layouts: Dense ``[in, out]``, Conv ``[*kernel_size, i
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ReparamDense", "ReparamConv", "transformed_kernel"]
+from jaxmodels.tree import select
+
+PyTree = Any
+
+__all__ = ["ReparamDense", "ReparamConv", "transformed_kernel", "reparameterize_tree"]
 
 
-def _identity(w):
-    return w
+def reparameterize_tree(params: PyTree, transform: Callable, include: str | Sequence[str] = r"kernel$",
+                        exclude: str | Sequence[str] | None = None, min_ndim: int = 2) -> PyTree:
+    """Apply a parameter transform to every leaf of ANY pytree whose path matches ``include`` (and not
+    ``exclude``) and has at least ``min_ndim`` axes, e.g. ``reparameterize_tree(params, weight_standardize)`` gives
+    the kernels a weight-standardized model actually uses (to export or fold a trained reparameterized model into
+    plain Dense/Conv layers). Other leaves are returned as they are; the input is not modified."""
+    if not callable(transform):
+        raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+    mask = select(params, include=include, exclude=exclude)
+    return jax.tree.map(lambda m, x: transform(x) if m and jnp.ndim(x) >= min_ndim else x, mask, params)
 
 
 def transformed_kernel(module: nn.Module, shape, transform, kernel_init) -> jax.Array:

@@ -78,3 +78,41 @@ class _WSNet(nn.Module):
 def test_trains_on_digits():
     losses, acc = train_digits(_WSNet(), steps=40)
     assert_trains(losses, acc)
+
+
+def test_reparameterize_tree_exports_plain_dense_and_keeps_sharding(mesh_2d):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxmodels.layers import reparameterize_tree
+
+    x = np.random.default_rng(3).normal(size=(8, 64)).astype(np.float32)
+
+    class WS(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(ReparamDense(32, transform=weight_standardize)(x))
+            return ReparamDense(10, transform=weight_standardize)(h)
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(32, name="ReparamDense_0")(x))
+            return nn.Dense(10, name="ReparamDense_1")(h)
+
+    p = WS().init(jax.random.key(0), x)["params"]
+    before = jax.tree.map(np.array, p)
+    plain = reparameterize_tree(p, weight_standardize)
+    np.testing.assert_allclose(Plain().apply({"params": plain}, x), WS().apply({"params": p}, x), rtol=1e-5,
+                               atol=1e-5)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(p)):  # input not modified
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(plain["ReparamDense_0"]["bias"], p["ReparamDense_0"]["bias"])  # bias untouched
+    # Tensor-parallel kernels (output axis over "model"): standardization is per output column, same result.
+    shard = {k: {"kernel": NamedSharding(mesh_2d, P(None, "model")), "bias": NamedSharding(mesh_2d, P())}
+             for k in p}
+    sp = jax.device_put(p, shard)
+    out = jax.jit(functools.partial(reparameterize_tree, transform=weight_standardize))(sp)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="callable"):
+        reparameterize_tree(p, None)
