@@ -238,6 +238,48 @@ def is_orbax(path: Path) -> bool:
     return path.is_dir() and not list(path.glob("*.safetensors")) and not (path / jio.INDEX_NAME).exists()
 
 
+def _header(path: Path) -> tuple[int, dict[str, Any]]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise jio.CheckpointError(f"{path}: truncated safetensors file")
+        n = int.from_bytes(raw, "little")
+        header = json.loads(f.read(n))
+    return 8 + n, header
+
+
+def iter_tensors_pread(path: Path, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, array)`` reading each tensor with one ``pread`` into a fresh buffer: memory holds exactly one
+    tensor (``jaxmodels.io.iter_safetensors`` memory-maps the file, so touched pages stay resident until it is
+    closed; streaming a file larger than memory needs plain reads). Shapes/dtypes were validated from the same
+    headers by :func:`jaxmodels.io.safetensors_specs`."""
+    files = jio.safetensors_files(path)
+    headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+    fds: dict[Path, int] = {}
+    try:
+        for name in names:
+            f = files[name]
+            if f not in headers:
+                headers[f] = _header(f)
+                fds[f] = os.open(f, os.O_RDONLY)
+            start, header = headers[f]
+            h = header[name]
+            b, e = h["data_offsets"]
+            dtype = jio.SAFETENSORS_DTYPES[h["dtype"]]
+            buf = bytearray(e - b)
+            view = memoryview(buf)
+            got = 0
+            while got < len(buf):
+                k = os.preadv(fds[f], [view[got:]], start + b + got)
+                if k <= 0:
+                    raise jio.CheckpointError(f"{f}: truncated while reading tensor {name!r}")
+                got += k
+            yield name, np.frombuffer(buf, dtype=dtype).reshape(h["shape"])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 @dataclasses.dataclass
 class Source:
     label: str
@@ -248,7 +290,7 @@ class Source:
 
     def iter(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         if self.kind == "safetensors":
-            return jio.iter_safetensors(self.path, names=names)
+            return iter_tensors_pread(self.path, names)
         return ((n, np.asarray(self.tree[n])) for n in names)
 
 
@@ -292,6 +334,36 @@ def _shard_spec(shape: tuple[int, ...], n: int):
 # -----------------------------------------------------------------------------------------------------------------
 # the merge
 
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def _low_memory_allocator():
+    """glibc: serve blocks >= 256 KiB with mmap so a freed tensor goes straight back to the OS (by default glibc
+    raises this threshold up to 32 MiB after frees and keeps freed multi-MB blocks, so the resident set would hold
+    several tensors' worth of garbage). Process-wide; no-op off glibc."""
+    if _libc():
+        _libc().mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+
+
+def _malloc_trim():
+    """Hand freed heap memory back to the OS after each tensor (no-op off glibc)."""
+    if _libc():
+        _libc().malloc_trim(0)
+
+
+_LIBC = None
+
+
 def _call(cfg: MergeConfig, name: str, base, xs, kwargs, key):
     kw = dict(kwargs)
     if cfg.method.stochastic:
@@ -326,8 +398,12 @@ def validate_all(cfg: MergeConfig, ref: Source, num_layers: int, key) -> dict[st
 
 def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.PathLike, *, dry_run: bool = False,
               progress: bool | None = None, shard: bool = False, random_seed: int | None = None,
-              overwrite: bool = False, root: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run a merge config; returns a summary dict (tensors, bytes read/written, output path)."""
+              overwrite: bool = False, root: str | os.PathLike | None = None,
+              low_memory: bool = True) -> dict[str, Any]:
+    """Run a merge config; returns a summary dict (tensors, bytes read/written, output path).
+
+    ``low_memory``: return each tensor's memory to the OS as soon as it is written (see
+    :func:`_low_memory_allocator`), so the resident set stays at the tensors in flight."""
     cfg = config if isinstance(config, MergeConfig) else load_config(config, root)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -353,6 +429,8 @@ def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.Path
     if dry_run:
         return summary
 
+    if low_memory:
+        _low_memory_allocator()
     mesh = None
     if shard:
         from jaxmodels.sharding import make_mesh
@@ -401,6 +479,8 @@ def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.Path
             del arrays, base, xs
             sink(name, merged)
             del merged
+            if low_memory:
+                _malloc_trim()
             bar.update(1)
         bar.close()
         if ref.kind == "safetensors":
