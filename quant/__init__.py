@@ -36,12 +36,21 @@ Storage (``quant.qarray``, ``quant.packing``)::
     quantize_tree(params, [(r"embed|head", None), (r"kernel$", fmt)]); dequantize_tree(tree)
     pack_bits(codes, bits); unpack_bits(packed, bits, n)      # any bits in 1..8, along the last axis
 
-Training-time (``quant.fake_quant`` and friends)::
+Training-time::
 
     fake_quant(x, fmt, qparams=None, ste="clipped" | "identity")   # custom-VJP straight-through estimator
+    quant.lsq: lsq_fake_quant(x, step, bits, signed, offset=None), lsq_init, lsqplus_init   (LSQ / LSQ+)
+    quant.statsq: statsq_fake_quant(w, bits), cga_freeze(rules, boundary_range, start_step)  (OFQ StatsQ / CGA)
+    quant.qkr: qk_product, qkr_logits, qkr_attention                                         (OFQ QKR)
+    quant.oscillation: oscillation_init / oscillation_update / oscillation_summary           (Nagel et al.)
+    quant.activation: dynamic_act_quant (per token / tensor), static_act_quant, calibrate_amax
+    quant.qat: QATConfig(weights=((regex, FakeQuantW | LSQW | StatsQW | GaussWSW | None), ...),
+                         activations=((regex, DynamicActQ | StaticActQ | LSQActQ | None), ...), qkr=QKRConfig(...))
+               qat_init(cfg, model, params, *sample) -> {"params", "quant"}; qat_apply(cfg, model, calib) -> apply;
+               qat_calibrate; quantize_weights; weight_levels
 """
 
-from quant import formats, packing, qarray
+from quant import activation, formats, lsq, oscillation, packing, qarray, qat, qkr, statsq
 from quant.fake_quant import STE_MODES, fake_quant, ste_round
 from quant.formats import (
     BINARY, FLOAT_SPECS, FP4_E2M1, FP6_E2M3, FP6_E3M2, FP8_E4M3, FP8_E5M2, GRANULARITIES, INT2, INT3, INT4, INT8,
@@ -55,7 +64,7 @@ from quant.qarray import (
 )
 
 __all__ = [
-    "formats", "packing", "qarray",
+    "formats", "packing", "qarray", "activation", "lsq", "oscillation", "qat", "qkr", "statsq",
     "IntFormat", "FloatFormat", "NF4Format", "TernaryFormat", "BinaryFormat", "Format", "QParams", "GRANULARITIES",
     "FLOAT_SPECS", "NF4_LEVELS", "INT2", "INT3", "INT4", "INT8", "FP8_E4M3", "FP8_E5M2", "FP6_E3M2", "FP6_E2M3",
     "FP4_E2M1", "NF4", "TERNARY", "BINARY",

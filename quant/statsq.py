@@ -78,20 +78,24 @@ def statsq_unconfident(w: jax.Array, bits: int, boundary_range: float, out_axis:
 
 
 class CGAState(NamedTuple):
+    count: jax.Array
     frozen_fraction: jax.Array
 
 
-def cga_freeze(rules, boundary_range: float = 0.005) -> optax.GradientTransformation:
-    """Zero the updates of confidently-binned weights (see module docstring).
+def cga_freeze(rules, boundary_range: float = 0.005, start_step: int = 0) -> optax.GradientTransformation:
+    """Zero the updates of confidently-binned weights (see module docstring) from update ``start_step`` on (the
+    annealing phase after the main QAT phase; before it, updates pass unchanged).
 
     ``rules``: ``[(regex, bits or None), ...]`` (first match wins) naming the StatsQ-quantized leaves and their bits;
     other leaves pass through. The state records the frozen fraction over matched weights (a metric).
     """
     if not 0.0 <= boundary_range <= 0.5:
         raise ValueError(f"boundary_range must be in [0, 0.5], got {boundary_range}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
 
     def init(params):
-        return CGAState(jnp.zeros((), jnp.float32))
+        return CGAState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
     def update(updates, state, params=None):
         if params is None:
@@ -102,7 +106,7 @@ def cga_freeze(rules, boundary_range: float = 0.005) -> optax.GradientTransforma
             bits = match_rule(path, rules)
             if bits is None or jnp.ndim(p) < 2:
                 return u
-            keep = statsq_unconfident(p, bits, boundary_range)
+            keep = statsq_unconfident(p, bits, boundary_range) | (state.count < start_step)
             counts.append((jnp.sum(~keep), keep.size))
             return jnp.where(keep, u, jnp.zeros_like(u))
 
@@ -111,6 +115,6 @@ def cga_freeze(rules, boundary_range: float = 0.005) -> optax.GradientTransforma
             frozen = sum(c for c, _ in counts) / float(sum(n for _, n in counts))
         else:
             frozen = jnp.zeros((), jnp.float32)
-        return out, CGAState(jnp.asarray(frozen, jnp.float32))
+        return out, CGAState(state.count + 1, jnp.asarray(frozen, jnp.float32))
 
     return optax.GradientTransformation(init, update)

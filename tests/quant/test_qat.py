@@ -91,9 +91,11 @@ def test_statsq_reference_and_ste():
 def test_cga_freezes_confident_weights():
     w = jax.random.normal(jax.random.key(3), (64, 16))
     params = {"fc": {"kernel": w, "bias": jnp.zeros(16)}}
-    tx = optax.chain(optax.sgd(0.1), statsq.cga_freeze([(r"kernel$", 3)], boundary_range=0.05))
+    tx = optax.chain(optax.sgd(0.1), statsq.cga_freeze([(r"kernel$", 3)], boundary_range=0.05, start_step=1))
     st = tx.init(params)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    up, st = tx.update(grads, st, params)  # step 0: before the annealing phase, nothing frozen
+    assert np.all(np.asarray(up["fc"]["kernel"]) != 0) and float(st[1].frozen_fraction) == 0
     up, st = tx.update(grads, st, params)
     keep = np.asarray(statsq.statsq_unconfident(w, 3, 0.05))
     u = np.asarray(up["fc"]["kernel"])

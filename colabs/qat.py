@@ -1,0 +1,236 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Quantization-aware training: LSQ vs oscillation-free QAT on a ViT, and BitNet b1.58
+#
+# 1. Train a small ViT on scikit-learn's 8x8 digits in float32.
+# 2. Fine-tune it with 4-, 3- and 2-bit weights two ways, both through `quant.qat` (no model edits):
+#    the learnable-scale baseline **LSQ** (Esser et al. 2020) and **OFQ** (Liu et al. 2023): StatsQ (statistical
+#    scale) + query-key reparameterization (QKR) + confidence-guided annealing (CGA, the last part of training).
+#    We count weight oscillations (a level change opposite to the previous one; Nagel et al. 2022) along the way.
+# 3. Train a small GPT decoder with BitNet b1.58 (ternary absmean weights, 8-bit per-token activations) vs float32.
+#
+# Runs as a script (`python colabs/qat.py [--quick]`) or a notebook.
+
+# %%
+import os
+import sys
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import re
+import time
+
+# Make the repository importable when run as `python colabs/qat.py` from a checkout.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() else os.getcwd()
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import quant
+from jaxmodels.datasets import load_digits_split
+from jaxmodels.models.gpt import GPT
+from jaxmodels.models.vit import ViT, VIT_CONFIGS
+from jaxmodels.train import softmax_cross_entropy
+from quant import oscillation, qat, statsq
+
+QUICK = "--quick" in sys.argv
+t_start = time.perf_counter()
+results: list[tuple[str, str]] = []
+print(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, quick={QUICK}")
+
+# %% [markdown]
+# ## 1. Float ViT on digits
+
+# %%
+data = load_digits_split(seed=0, images=True)
+vit_cfg = dict(VIT_CONFIGS["digits"])
+model = ViT(**vit_cfg)
+params0 = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+BATCH = 64 if QUICK else 128
+FP_STEPS = 250 if QUICK else 2000
+QAT_STEPS = 60 if QUICK else 1000  # main QAT phase
+CGA_STEPS = 30 if QUICK else 300  # OFQ: CGA phase appended; LSQ trains the same total number of steps
+rng = np.random.default_rng(0)
+
+
+def batches(n):
+    for _ in range(n):
+        idx = rng.integers(0, len(data.x_train), BATCH)
+        yield data.x_train[idx], data.y_train[idx]
+
+
+def evaluate(apply, variables):
+    logits = jax.jit(apply)(variables, data.x_test)
+    return float((jnp.argmax(logits, -1) == data.y_test).mean())
+
+
+tx_fp = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 50, FP_STEPS), weight_decay=1e-4)
+
+
+@jax.jit
+def fp_step(p, opt, x, y):
+    loss, g = jax.value_and_grad(lambda p: softmax_cross_entropy(model.apply({"params": p}, x), y))(p)
+    up, opt = tx_fp.update(g, opt, p)
+    return optax.apply_updates(p, up), opt, loss
+
+
+p, opt = params0, tx_fp.init(params0)
+for x, y in batches(FP_STEPS):
+    p, opt, loss = fp_step(p, opt, x, y)
+fp_params = p
+fp_acc = evaluate(lambda v, x: model.apply(v, x), {"params": fp_params})
+print(f"float ViT: test accuracy {fp_acc:.3f}  ({time.perf_counter() - t_start:.1f}s)")
+results.append(("ViT fp32 accuracy", f"{fp_acc:.3f}"))
+
+# %% [markdown]
+# ## 2. 4/3/2-bit weight QAT: LSQ vs StatsQ + QKR + CGA
+#
+# Patch embedding and classifier head stay in float (common practice, and in OFQ). Every step we record the
+# integer level of every quantized weight (for OFQ the QKR product `W_q W_kᵀ` replaces the query/key kernels)
+# and count oscillations. The CGA phase freezes weights confidently inside a bin (`quant.statsq.cga_freeze`).
+
+# %%
+KEEP_FLOAT = (r"patch_embed|head", None)
+
+
+COMMON = r"(value|out|fc1|fc2)/kernel$"  # layers both methods quantize the same way (OFQ replaces query/key by QKR)
+
+
+def run_qat(cfg, tx):
+    qv = qat.qat_init(cfg, model, fp_params, data.x_train[:BATCH])
+    apply = qat.qat_apply(cfg, model)
+    opt = tx.init(qv)
+    levels = lambda v: {k: l for k, l in qat.weight_levels(cfg, v).items() if re.search(COMMON, k)}
+    osc = oscillation.oscillation_init(levels(qv))
+
+    @jax.jit
+    def step(qv, opt, osc, x, y):
+        loss, g = jax.value_and_grad(lambda v: softmax_cross_entropy(apply(v, x), y))(qv)
+        up, opt = tx.update(g, opt, qv)
+        qv = optax.apply_updates(qv, up)
+        return qv, opt, oscillation.oscillation_update(osc, levels(qv)), loss
+
+    for i, (x, y) in enumerate(batches(QAT_STEPS + CGA_STEPS)):
+        if i == QAT_STEPS:
+            before = oscillation.oscillation_summary(osc)
+        qv, opt, osc, loss = step(qv, opt, osc, x, y)
+    after = oscillation.oscillation_summary(osc)
+    final = {"oscillations": after["oscillations"] - before["oscillations"], "flips": after["flips"] - before["flips"]}
+    return evaluate(apply, qv), after, final
+
+
+def qat_tx(total, cga=None):
+    base = optax.adamw(optax.cosine_decay_schedule(5e-4, total), weight_decay=0.0)
+    return base if cga is None else optax.chain(base, cga)
+
+
+bits_list = (4, 3, 2)
+table = []
+total = QAT_STEPS + CGA_STEPS
+for bits in bits_list:
+    lsq_cfg = qat.QATConfig(weights=(KEEP_FLOAT, (r"kernel$", qat.LSQW(bits))))
+    acc_lsq, osc_lsq, fin_lsq = run_qat(lsq_cfg, qat_tx(total))
+    ofq_cfg = qat.QATConfig(weights=(KEEP_FLOAT, (r"kernel$", qat.StatsQW(bits))),
+                            qkr=qat.QKRConfig(r"attn$", bits, vit_cfg["num_heads"]))
+    cga = statsq.cga_freeze([(r"params/.*" + COMMON, bits)], boundary_range=0.005, start_step=QAT_STEPS)
+    acc_ofq, osc_ofq, fin_ofq = run_qat(ofq_cfg, qat_tx(total, cga))
+    table.append((bits, acc_lsq, osc_lsq, fin_lsq, acc_ofq, osc_ofq, fin_ofq))
+    print(f"W{bits}: LSQ acc {acc_lsq:.3f} oscillations {osc_lsq['oscillations']:5d} (last phase "
+          f"{fin_lsq['oscillations']:4d})  |  StatsQ+QKR+CGA acc {acc_ofq:.3f} oscillations "
+          f"{osc_ofq['oscillations']:5d} (last phase {fin_ofq['oscillations']:4d})   "
+          f"({time.perf_counter() - t_start:.1f}s)")
+    results.append((f"W{bits} LSQ acc / oscillations (total, last phase)",
+                    f"{acc_lsq:.3f} / {osc_lsq['oscillations']}, {fin_lsq['oscillations']}"))
+    results.append((f"W{bits} StatsQ+QKR+CGA acc / oscillations (total, last phase)",
+                    f"{acc_ofq:.3f} / {osc_ofq['oscillations']}, {fin_ofq['oscillations']}"))
+
+# %% [markdown]
+# ## 3. BitNet b1.58 decoder vs float32
+#
+# BitLinear (Ma et al. 2024, "The Era of 1-bit LLMs"): weights `W_hat = mean|W| * clip(round(W / mean|W|), -1, 1)`,
+# activations 8-bit absmax per token, straight-through gradients; embeddings and the (tied) head stay in float.
+# Data: the English descriptions bundled with scikit-learn's datasets, character level.
+
+# %%
+from sklearn import datasets as skd  # noqa: E402
+
+text = "\n".join(getattr(skd, f)().DESCR for f in ("load_iris", "load_digits", "load_wine", "load_breast_cancer",
+                                                      "load_diabetes", "load_linnerud"))
+chars = sorted(set(text))
+ids = np.array([chars.index(c) for c in text], np.int32)
+split = int(0.9 * len(ids))
+train_ids, val_ids = ids[:split], ids[split:]
+SEQ = 64
+gpt = GPT(vocab_size=len(chars), max_len=SEQ, width=64, depth=2, num_heads=4, mlp_dim=256)
+gparams = gpt.init(jax.random.key(1), jnp.zeros((1, SEQ), jnp.int32))["params"]
+LM_STEPS = 150 if QUICK else 2000
+LM_BATCH = 16 if QUICK else 32
+
+
+def lm_batch(src, n, r):
+    starts = r.integers(0, len(src) - SEQ - 1, n)
+    x = np.stack([src[s:s + SEQ] for s in starts])
+    y = np.stack([src[s + 1:s + SEQ + 1] for s in starts])
+    return x, y
+
+
+def train_lm(apply):
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 30, LM_STEPS), weight_decay=0.0)
+    v = {"params": gparams, "quant": {}}
+    opt = tx.init(v)
+
+    def loss_fn(v, x, y):
+        return softmax_cross_entropy(apply(v, x).reshape(-1, len(chars)), y.reshape(-1))
+
+    @jax.jit
+    def step(v, opt, x, y):
+        loss, g = jax.value_and_grad(loss_fn)(v, x, y)
+        up, opt = tx.update(g, opt, v)
+        return optax.apply_updates(v, up), opt, loss
+
+    r = np.random.default_rng(0)
+    for _ in range(LM_STEPS):
+        v, opt, loss = step(v, opt, *lm_batch(train_ids, LM_BATCH, r))
+    vx, vy = lm_batch(val_ids, 64, np.random.default_rng(1))
+    return float(jax.jit(loss_fn)(v, vx, vy)) / np.log(2)  # bits per character
+
+
+fp_lm = train_lm(lambda v, x: gpt.apply({"params": v["params"]}, x))
+bitnet_cfg = qat.QATConfig(weights=((r"embed|head", None), (r"kernel$", qat.FakeQuantW(quant.TERNARY, ste="identity"))),
+                           activations=((r"attn|mlp", qat.DynamicActQ(8)),))
+bitnet_lm = train_lm(qat.qat_apply(bitnet_cfg, gpt))
+print(f"char LM validation bits/char: fp32 {fp_lm:.3f}   BitNet b1.58 {bitnet_lm:.3f}   "
+      f"({time.perf_counter() - t_start:.1f}s)")
+results.append(("GPT fp32 val bits/char", f"{fp_lm:.3f}"))
+results.append(("GPT BitNet b1.58 val bits/char", f"{bitnet_lm:.3f}"))
+
+# Stored size of the ternary decoder: real 2-bit packing via QuantizedArray.
+packed = quant.quantize_tree(gparams, [(r"embed", None), (r"kernel$", quant.TERNARY)])
+flat_fp = sum(np.asarray(l).nbytes for l in jax.tree_util.tree_leaves(gparams))
+flat_q = sum(l.nbytes if quant.is_quantized(l) else np.asarray(l).nbytes
+             for l in jax.tree_util.tree_leaves(packed, is_leaf=quant.is_quantized))
+print(f"decoder bytes: fp32 {flat_fp}  ternary-packed kernels {flat_q}")
+results.append(("GPT bytes fp32 -> packed ternary", f"{flat_fp} -> {flat_q}"))
+
+# %%
+print("\n| result | value |\n| --- | --- |")
+for k, v in results:
+    print(f"| {k} | {v} |")
+print(f"total time {time.perf_counter() - t_start:.1f}s")
