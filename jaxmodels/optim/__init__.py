@@ -10,6 +10,7 @@ Every optimizer is an ``optax.GradientTransformation`` built from small ``scale_
 | ``adamp`` / ``sgdp`` | Heo et al. 2021, AdamP | ``adamp`` |
 | ``lisa`` | Pan et al. 2024, LISA | ``lisa`` |
 | ``scale_by_tract`` | Petersen et al. 2024, TrAct | ``tract`` |
+| ``error_feedback`` / ``sgd_ef21`` | Richtárik et al. 2021/2024 (EF21), L-GreCo (Alimohammadi et al. 2024) | ``error_feedback`` |
 """
 
 from jaxmodels.optim.adamp import (
@@ -21,6 +22,13 @@ from jaxmodels.optim.adamp import (
     sgdp,
 )
 from jaxmodels.optim.lamb import lamb, scale_by_layerwise_trust_ratio
+from jaxmodels.optim.error_feedback import (
+    ErrorFeedbackState,
+    error_feedback,
+    lgreco_allocate,
+    sgd_ef21,
+    top_k,
+)
 from jaxmodels.optim.lars import lars, scale_by_lars
 from jaxmodels.optim.lisa import LisaState, lisa, lisa_layers, scale_by_lisa
 from jaxmodels.optim.tract import scale_by_tract, tract_patches, tract_precondition
@@ -31,4 +39,5 @@ __all__ = [
     "adamp", "sgdp", "scale_by_radial_projection", "project_radial", "radial_projection", "scale_by_adam_nesterov",
     "lisa", "scale_by_lisa", "LisaState", "lisa_layers",
     "scale_by_tract", "tract_patches", "tract_precondition",
+    "error_feedback", "sgd_ef21", "top_k", "lgreco_allocate", "ErrorFeedbackState",
 ]
