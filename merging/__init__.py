@@ -5,8 +5,8 @@ registered by name in :mod:`merging.registry`. ``python -m merging CONFIG.yaml -
 from merging.registry import MergeMethod, available, get, register
 
 # data-free methods (one module each)
-from merging import (breadcrumbs, dare, della, linear, model_stock, nuslerp, slerp, task_arithmetic, ties,
-                     wise_ft)
+from merging import (breadcrumbs, dare, della, linear, model_stock, nuslerp, pcb, slerp, tall_masks,
+                     task_arithmetic, ties, wise_ft)
 
 # data-aware methods
 from merging import (adamerging, atlas, fisher, greedy_soup, lmc, permutation, pleas, regmean,  # noqa: E402
