@@ -1,0 +1,192 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Where to put the norm: Post-LN, Pre-LN, Peri-LN and LayerNorm Scaling
+#
+# We train the GPT-style decoder of `jaxmodels.models.gpt` as a character-level language model on a text that
+# ships with Python (the source of the standard library's `argparse` module) with four norm placements:
+#
+# | variant | block | paper |
+# | --- | --- | --- |
+# | Post-LN | `h = Norm(h + F(h))` | Vaswani et al. 2017 |
+# | Pre-LN | `h = h + F(Norm(h))` | Xiong et al. 2020 |
+# | Peri-LN | `h = h + Norm(F(Norm(h)))` | Kim et al. 2025 |
+# | LN-Scaling | `h = h + F(Norm(h) / sqrt(l))` (Pre-LN, block l) | Sun et al. 2025, "The Curse of Depth" |
+#
+# at a few depths, and compare the loss curves and the norm of the hidden state after each block.
+# Pre-LN's residual stream grows with depth (each block adds to it, nothing rescales it), which is what
+# LayerNorm Scaling and Peri-LN's output norms are designed to damp.
+#
+# Runs as a script (`python colabs/norms.py [--quick] [--out DIR]`) and as a notebook.
+
+# %%
+import argparse
+import inspect
+import os
+import sys
+import tempfile
+import time
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxmodels.models import GPT
+from jaxmodels.train import init_train_state, make_train_step
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--quick", action="store_true")
+ap.add_argument("--out", default=None, help="folder for the plots (default: a new temporary folder)")
+args, _ = ap.parse_known_args()
+QUICK = args.quick
+OUT = args.out or tempfile.mkdtemp(prefix="weightlab_norms_")
+os.makedirs(OUT, exist_ok=True)
+PROGRESS = os.environ.get("WEIGHTLAB_NO_PROGRESS", "0") != "1"
+t_start = time.perf_counter()
+print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, quick={QUICK}, plots -> {OUT}")
+
+# %% [markdown]
+# ## Data: `argparse.py`, character level
+
+# %%
+text = inspect.getsource(argparse)
+chars = sorted(set(text))
+ids = np.array([chars.index(c) for c in text], np.int32)
+split = int(0.9 * len(ids))
+train_ids, val_ids = ids[:split], ids[split:]
+SEQ = 32 if QUICK else 64
+print(f"{len(text)} characters, vocabulary {len(chars)}, train {len(train_ids)}, validation {len(val_ids)}")
+
+
+def batches(data, rng, batch):
+    starts = rng.integers(0, len(data) - SEQ - 1, batch)
+    w = np.stack([data[s:s + SEQ + 1] for s in starts])
+    return w[:, :-1], w[:, 1:]
+
+
+val_starts = np.arange(0, len(val_ids) - SEQ - 1, SEQ)[: 64 if QUICK else 256]
+val_x = np.stack([val_ids[s:s + SEQ] for s in val_starts])
+val_y = np.stack([val_ids[s + 1:s + SEQ + 1] for s in val_starts])
+
+# %% [markdown]
+# ## Train every placement at every depth
+# Same data order, initialization seed, optimizer (AdamW, linear warm-up then cosine decay) for all runs.
+
+# %%
+VARIANTS = {
+    "Post-LN": dict(placement="post"),
+    "Pre-LN": dict(placement="pre"),
+    "Peri-LN": dict(placement="peri"),
+    "LN-Scaling": dict(placement="pre", ln_scaling=True),
+}
+DEPTHS = (2, 6) if QUICK else (4, 12, 24)
+STEPS = 40 if QUICK else 800
+BATCH = 16 if QUICK else 32
+WIDTH = 32 if QUICK else 64
+LR = 3e-3 if QUICK else 1e-3
+
+
+def run(depth, variant):
+    model = GPT(vocab_size=len(chars), max_len=SEQ, width=WIDTH, depth=depth, num_heads=4, mlp_dim=4 * WIDTH,
+                scan_layers=True, **VARIANTS[variant])
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"]
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, LR, STEPS // 10, STEPS), weight_decay=0.01)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
+    apply_fn = lambda p, x: model.apply({"params": p}, x)
+    state = init_train_state(params, tx)
+    step = make_train_step(apply_fn, tx)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(STEPS):
+        x, y = batches(train_ids, rng, BATCH)
+        state, m = step(state, x, y)
+        losses.append(m["loss"])
+    losses = np.asarray(jax.device_get(losses))
+
+    @jax.jit
+    def evaluate(p):  # validation loss and the per-block hidden-state norms (sown by every block) in one pass
+        logits, inter = model.apply({"params": p}, val_x, mutable=["intermediates"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, val_y).mean(), inter["intermediates"]
+
+    val, inter = evaluate(state.params)
+    norms = np.asarray(inter["layers"]["hidden_norm"][0])  # scanned layers: one entry per block
+    return dict(losses=losses, val=float(val), norms=norms)
+
+
+results = {}
+jobs = [(d, v) for d in DEPTHS for v in VARIANTS]
+for depth, variant in tqdm(jobs, disable=not PROGRESS, desc="runs"):
+    t0 = time.perf_counter()
+    results[depth, variant] = r = run(depth, variant)
+    r["time"] = time.perf_counter() - t0
+
+# %% [markdown]
+# ## Loss curves
+
+# %%
+def smooth(x, k):
+    k = max(1, min(k, len(x)))
+    return np.convolve(x, np.ones(k) / k, mode="valid")
+
+
+fig, axes = plt.subplots(1, len(DEPTHS), figsize=(5 * len(DEPTHS), 3.5), squeeze=False)
+for ax, depth in zip(axes[0], DEPTHS):
+    for variant in VARIANTS:
+        ax.plot(smooth(results[depth, variant]["losses"], STEPS // 20), label=variant)
+    ax.set(title=f"depth {depth}", xlabel="step", ylabel="train loss (nats/char)")
+    ax.legend()
+fig.tight_layout()
+loss_png = os.path.join(OUT, "norms_loss_curves.png")
+fig.savefig(loss_png, dpi=80)
+print("saved", loss_png)
+
+# %% [markdown]
+# ## Hidden-state norm after each block (mean L2 norm over tokens, after training)
+
+# %%
+fig, axes = plt.subplots(1, len(DEPTHS), figsize=(5 * len(DEPTHS), 3.5), squeeze=False)
+for ax, depth in zip(axes[0], DEPTHS):
+    for variant in VARIANTS:
+        ax.plot(np.arange(1, depth + 1), results[depth, variant]["norms"], marker="o", label=variant)
+    ax.set(title=f"depth {depth}", xlabel="layer", ylabel="||h_l||", yscale="log")
+    ax.legend()
+fig.tight_layout()
+norm_png = os.path.join(OUT, "norms_hidden_norm.png")
+fig.savefig(norm_png, dpi=80)
+print("saved", norm_png)
+
+# %% [markdown]
+# ## Results
+# `growth` = hidden-state norm after the last block / after the first block.
+
+# %%
+rows = [("depth", "variant", "final train", "val loss", "||h_1||", "||h_L||", "growth", "time [s]")]
+for (depth, variant), r in results.items():
+    tail = r["losses"][-max(1, STEPS // 10):].mean()
+    rows.append((str(depth), variant, f"{tail:.3f}", f"{r['val']:.3f}", f"{r['norms'][0]:.2f}",
+                 f"{r['norms'][-1]:.2f}", f"{r['norms'][-1] / r['norms'][0]:.2f}", f"{r['time']:.1f}"))
+widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+print("\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows))
+deep = DEPTHS[-1]
+growth = {v: results[deep, v]["norms"][-1] / results[deep, v]["norms"][0] for v in VARIANTS}
+print(f"hidden-norm growth at depth {deep}: " + ", ".join(f"{v} {g:.2f}" for v, g in growth.items()))
+print(f"LN-Scaling damps Pre-LN growth: {growth['LN-Scaling'] < growth['Pre-LN']}")
+print(f"total wall time [s] {time.perf_counter() - t_start:.1f}")
