@@ -58,7 +58,7 @@ from jaxmodels.datasets import load_digits_split  # noqa: E402
 from jaxmodels.models import MLP  # noqa: E402
 from jaxmodels.train import init_train_state, make_train_step, softmax_cross_entropy  # noqa: E402
 from merging import registry  # noqa: E402
-from merging.adamerging import adamerging  # noqa: E402
+from merging.adamerging import adamerging, entropy  # noqa: E402
 from merging.atlas import atlas  # noqa: E402
 from merging.fisher import diagonal_fisher, fisher_merge  # noqa: E402
 from merging.greedy_soup import greedy_soup, uniform_soup  # noqa: E402
@@ -73,6 +73,16 @@ QUICK = "--quick" in sys.argv
 OUT = os.environ.get("WEIGHTLAB_COLAB_OUT") or tempfile.mkdtemp(prefix="weightlab_merging_")
 os.makedirs(OUT, exist_ok=True)
 t_start = time.perf_counter()
+_last = [time.perf_counter()]
+timings: list[tuple[str, float]] = []
+
+
+def lap(name):
+    now = time.perf_counter()
+    timings.append((name, now - _last[0]))
+    _last[0] = now
+
+
 print(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, quick={QUICK}")
 
 # %% [markdown]
@@ -113,10 +123,16 @@ apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
 apply_jit = jax.jit(apply_fn)
 
 
-def train(params, x, y, steps, lr, seed):
-    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+_train_steps = {}  # one compiled step per (model, steps, lr): fine-tuning every expert reuses it
+
+
+def train(params, x, y, steps, lr, seed, fn=None):
+    fn = fn or apply_fn
+    if (fn, steps, lr) not in _train_steps:
+        tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+        _train_steps[fn, steps, lr] = (tx, make_train_step(fn, tx))
+    tx, step = _train_steps[fn, steps, lr]
     state = init_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
-    step = make_train_step(apply_fn, tx)
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         idx = rng.integers(0, len(x), 64)
@@ -136,6 +152,7 @@ pre_steps, ft_steps = (400, 400) if QUICK else (1500, 1200)
 init = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
 base = train(init, x_tr, y_tr, pre_steps, 3e-3, seed=0)
 experts = [train(base, *split[t]["train"], ft_steps, 3e-3, seed=1 + k) for k, t in enumerate(task_names)]
+lap("pre-train + fine-tune")
 print("base accuracy on the original digits:", round(accuracy(base, x_te, y_te), 4))
 
 rows: list[tuple[str, list[float]]] = []  # (method, per-task test accuracies)
@@ -193,6 +210,7 @@ if "ties" in registry.available():
     best_dl = max(cands, key=lambda c: val_avg(ties(base, experts, density=c[0], weight=1.0, lambda_=c[1])))
     rows.append((f"ties (density={best_dl[0]}, λ={best_dl[1]} on val)",
                  task_accs(ties(base, experts, density=best_dl[0], weight=1.0, lambda_=best_dl[1]))))
+lap("data-free methods")
 
 # %% [markdown]
 # ## 4. Data-aware methods
@@ -204,14 +222,18 @@ val_x = [[split[t]["val"][0]] for t in task_names]
 # Fisher merging (Matena & Raffel): empirical diagonal Fisher of each expert on its own validation data.
 fishers = [diagonal_fisher(apply_fn, e, vb, progress=False) for e, vb in zip(experts, val_batches)]
 rows.append(("fisher merging", task_accs(fisher_merge(experts, fishers))))
+lap("fisher")
 
 # RegMean (Jin et al.) and RegMean++ on the experts' own validation inputs, α = 0.9 as in the paper.
 rows.append(("regmean (α=0.9)", task_accs(regmean_from_data(apply_fn, experts, val_x, alpha=0.9, progress=False))))
+lap("regmean")
 rows.append(("regmean++ (α=0.9)", task_accs(regmean_plusplus(apply_fn, experts, val_x, alpha=0.9, progress=False))))
+lap("regmean++")
 
 # Greedy soup (Wortsman et al.): ingredients = base + experts, held-out score = mean validation accuracy.
 gs = greedy_soup([base] + experts, val_avg, progress=False)
 rows.append((f"greedy soup (kept {len(gs.selected)}/{K + 1})", task_accs(gs.params)))
+lap("greedy soup")
 
 # AdaMerging (Yang et al.): entropy minimization on unlabeled test batches.
 ada_steps = 60 if QUICK else 300
@@ -220,17 +242,25 @@ for gran in ("task", "layer"):
     res = adamerging(apply_fn, base, experts, test_x, granularity=gran, steps=ada_steps, learning_rate=1e-2,
                      progress=False)
     rows.append((f"adamerging ({gran}-wise)", task_accs(res.params)))
+    lam = np.concatenate([np.ravel(v) for v in res.coefficients.values()])
+    ent = [float(np.mean(res.losses[:5])), float(np.mean(res.losses[-5:]))]
+    print(f"adamerging {gran}-wise: mean λ {lam.mean():.3f} (init 0.3), entropy objective {ent[0]:.3f} -> {ent[1]:.3f}")
+    base_ent = sum(float(entropy(apply_jit(base, xs[0]))) for xs in test_x)
+    print(f"  (entropy objective of the pre-trained base itself: {base_ent:.3f})")
+lap("adamerging")
 
 # aTLAS (Zhang et al.): one coefficient per parameter block per task vector, 64 labeled validation examples per task.
 few = [[(split[t]["val"][0][:64], split[t]["val"][1][:64])] for t in task_names]
 at = atlas(apply_fn, base, experts, few, steps=ada_steps, learning_rate=2e-2, progress=False)
 rows.append(("atlas (64 labels/task)", task_accs(at.params)))
+lap("atlas")
 
 # Twin-Merging (Lu et al.): shared = uniform soup, exclusive = rank-16 SVD of (expert − shared), router on val inputs.
 tw = twin_merging(apply_fn, base, experts, val_x, rank=16, steps=200 if QUICK else 500, progress=False)
 twin_fn = jax.jit(lambda x: twin_apply(apply_fn, tw, x))
 rows.append(("twin-merging (rank 16, routed)",
              [float((np.argmax(twin_fn(split[t]["test"][0]), -1) == y_te).mean()) for t in task_names]))
+lap("twin-merging")
 
 # %% [markdown]
 # ## 5. The table
@@ -267,18 +297,12 @@ wide_jit = jax.jit(wide_apply)
 
 def train_wide(seed, steps):
     p = wide.init(jax.random.key(100 + seed), jnp.zeros((1, 64)))["params"]
-    tx = optax.adam(optax.cosine_decay_schedule(3e-3, steps))
-    state = init_train_state(p, tx)
-    step = make_train_step(wide_apply, tx)
-    rng = np.random.default_rng(100 + seed)
-    for _ in range(steps):
-        idx = rng.integers(0, len(x_tr), 64)
-        state, _ = step(state, x_tr[idx], y_tr[idx])
-    return state.params
+    return train(p, x_tr, y_tr, steps, 3e-3, seed=100 + seed, fn=wide_apply)
 
 
 seed_steps = 600 if QUICK else 2000
 pa, pb = train_wide(0, seed_steps), train_wide(1, seed_steps)
+lap("train two seeds")
 spec = mlp_permutation_spec(2)
 t0 = time.perf_counter()
 perm_w = weight_matching(pa, pb, spec, progress=False)
@@ -306,6 +330,7 @@ print(f"weight matching took {wm_time:.2f} s; endpoint test accuracies "
       f"{np.mean(np.argmax(wide_jit(pa, x_te), -1) == y_te):.4f} / {np.mean(np.argmax(wide_jit(pb, x_te), -1) == y_te):.4f}")
 assert paths["weight matching"].barrier < paths["naive"].barrier, "alignment did not lower the barrier"
 assert paths["activation matching"].barrier < paths["naive"].barrier, "alignment did not lower the barrier"
+lap("re-basin + barriers")
 
 fig, ax = plt.subplots(figsize=(6, 4))
 for name, path in paths.items():
@@ -324,13 +349,14 @@ plt.close(fig)
 
 # %%
 pleas_acc = {}
-for r in (1.0, 1.25, 1.5, 2.0):
+for r in ((1.0, 1.5, 2.0) if QUICK else (1.0, 1.25, 1.5, 1.75, 2.0)):
     res = pleas_mlp(pa, pb, x_tr[:500], x_tr[500:1000], width_ratio=r)
     merged_model = MLP(features=res.widths, num_outputs=10)
     pleas_acc[r] = float((np.argmax(merged_model.apply({"params": res.params}, x_te), -1) == y_te).mean())
     print(f"PLeaS width ratio {r:4.2f}: widths {res.widths}, test acc {pleas_acc[r]:.4f}")
 wm_avg_acc = float((np.argmax(wide_jit(interpolate(pa, pb_w, jnp.float32(0.5)), x_te), -1) == y_te).mean())
 print(f"weight-matching average (same size as ratio 1.0): test acc {wm_avg_acc:.4f}")
+lap("pleas")
 
 # %% [markdown]
 # ## 8. Which of the papers' orderings does this benchmark reproduce?
@@ -379,4 +405,5 @@ for text, a, b in claims:
     print(f"  {'✓' if ok else '✗'}  {text}: {a:.4f} vs {b:.4f}")
 print(f"{n_ok}/{len(claims)} orderings reproduced")
 print(f"plots saved in {OUT}")
+print("time per section [s]: " + ", ".join(f"{n} {t:.1f}" for n, t in timings))
 print(f"total wall time {time.perf_counter() - t_start:.1f} s")
