@@ -60,7 +60,7 @@ def _pn_bwd(alpha_bkw, eps, res, g):
     lambda_b = (g * x_hat).mean(axes)
     gx = (g - nu * x_hat) * inv
     nu_new = nu * (1 - (1 - alpha_bkw) * gamma_b) + (1 - alpha_bkw) * lambda_b
-    return gx, jnp.zeros_like(psi2), nu_new - nu
+    return gx, None, nu_new - nu
 
 
 power_normalize.defvjp(_pn_fwd, _pn_bwd)

@@ -67,7 +67,7 @@ def _un_bwd(momentum, eps, res, g):
     new_psi = momentum * psi + (1 - momentum) * mean_g
     used = jnp.where(skip, mean_g, new_psi)
     gx = (g - used * z) * inv
-    return gx, jnp.zeros_like(var), new_psi - psi, new_window - window, jnp.zeros_like(flags)
+    return gx, None, new_psi - psi, new_window - window, None
 
 
 un_normalize.defvjp(_un_fwd, _un_bwd)

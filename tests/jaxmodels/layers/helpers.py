@@ -21,7 +21,8 @@ def assert_sharded_matches(fn: Callable, x, mesh, rtol=1e-5, atol=1e-5):
     ref = jax.jit(fn)(x)
     xs = jax.device_put(x, data_sharding(mesh, x.ndim))
     out = jax.jit(fn)(xs)
-    assert not xs.sharding.is_fully_replicated
+    if mesh.shape["data"] > 1:  # on a single-device runner the mesh degenerates to one shard
+        assert not xs.sharding.is_fully_replicated
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
     return out

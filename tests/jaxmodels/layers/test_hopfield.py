@@ -107,5 +107,7 @@ class _RowsAsSet(nn.Module):
 
 @pytest.mark.parametrize("kind", ["pooling", "layer"])
 def test_trains_on_digits(kind):
-    losses, acc = train_digits(_RowsAsSet(kind), steps=30)
-    assert_trains(losses, acc)
+    losses, acc = train_digits(_RowsAsSet(kind), steps=40)
+    # Pooling 8 rows into 4 vectors after 40 steps reaches ~0.76-0.8 held-out accuracy over seeds 0-2 (lookup ~0.87);
+    # 0.6 is far above chance (0.1) with margin for seed/platform variation.
+    assert_trains(losses, acc, min_acc=0.6)
