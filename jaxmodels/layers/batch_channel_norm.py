@@ -4,12 +4,19 @@ Normalization and Weight Standardization" (2019/2020).
 BCN normalizes with batch (per-channel) statistics and then with channel (group) statistics::
 
     x_dot  = gamma_b * (x - mu_hat) / sqrt(sigma_hat^2 + eps) + beta_b          (batch step)
-    x_ddot = gamma_c * (x_dot - mu_g(x_dot)) / sqrt(sigma_g^2(x_dot) + eps) + beta_c   (channel step, GroupNorm)
+    x_ddot = gamma_g * (x_dot - mu_g(x_dot)) / sqrt(sigma_g^2(x_dot) + eps) + beta_g   (channel step, GroupNorm)
 
-Large-batch mode (``micro_batch=False``): ``mu_hat, sigma_hat^2`` are the batch statistics (BatchNorm).
-Micro-batch mode (``micro_batch=True``, the paper's Algorithm 1): the estimates are updated first,
-``mu_hat <- mu_hat + r (mu - mu_hat)``, ``sigma_hat^2 <- sigma_hat^2 + r (sigma^2 - sigma_hat^2)``, and the
-(stop-gradient) estimates normalize the batch. At inference the estimates are used in both modes.
+The channel step's affine ``gamma_g, beta_g`` is per group, as in the authors' ``BCNorm``.
+
+Large-batch mode (``micro_batch=False``): ``mu_hat, sigma_hat^2`` are the batch statistics (BatchNorm); the running
+estimates are updated for inference with the same rule as below.
+Micro-batch mode (``micro_batch=True``, the paper's estimated BN): the estimates are updated first, with the batch
+variance measured around the previous estimate (as in the authors' ``EstBN``)::
+
+    mu_hat      <- mu_hat + r (mean(x) - mu_hat)
+    sigma_hat^2 <- sigma_hat^2 + r (mean((x - mu_hat_old)^2) - sigma_hat^2)
+
+and these (stop-gradient) estimates normalize the batch. At inference the estimates are used in both modes.
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ __all__ = ["BatchChannelNorm"]
 
 
 class BatchChannelNorm(nn.Module):
-    """BCN (Qiao et al.): per-channel batch normalization then GroupNorm with ``groups`` groups; see the module
-    docstring for both modes. Inputs ``[B, ..., C]``; statistics in ``batch_stats`` (``mean``, ``var``)."""
+    """BCN (Qiao et al.): per-channel batch normalization then GroupNorm with ``groups`` groups (per-group affine);
+    see the module docstring for both modes. Inputs ``[B, ..., C]``; statistics in ``batch_stats`` (``mean``, ``var``)."""
 
     groups: int = 8
     micro_batch: bool = False
@@ -51,8 +58,9 @@ class BatchChannelNorm(nn.Module):
             axes = tuple(range(x.ndim - 1))
             bmu = xf.mean(axes)
             bvar = xf.var(axes)
+            est_var = jnp.square(jax.lax.stop_gradient(xf) - ra_mean.value).mean(axes)
             new_mu = ra_mean.value + self.rate * (jax.lax.stop_gradient(bmu) - ra_mean.value)
-            new_var = ra_var.value + self.rate * (jax.lax.stop_gradient(bvar) - ra_var.value)
+            new_var = ra_var.value + self.rate * (est_var - ra_var.value)
             if not self.is_initializing():
                 ra_mean.value, ra_var.value = new_mu, new_var
             mu, var = (new_mu, new_var) if self.micro_batch else (bmu, bvar)
@@ -63,7 +71,7 @@ class BatchChannelNorm(nn.Module):
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
         gmu = yg.mean(axes, keepdims=True)
         gvar = yg.var(axes, keepdims=True)
-        y = ((yg - gmu) * jax.lax.rsqrt(gvar + self.eps)).reshape(x.shape)
-        gc = self.param("channel_scale", nn.initializers.ones, (c,), jnp.float32)
-        bc = self.param("channel_bias", nn.initializers.zeros, (c,), jnp.float32)
-        return (y * gc + bc).astype(x.dtype)
+        y = (yg - gmu) * jax.lax.rsqrt(gvar + self.eps)
+        gc = self.param("channel_scale", nn.initializers.ones, (self.groups, 1), jnp.float32)
+        bc = self.param("channel_bias", nn.initializers.zeros, (self.groups, 1), jnp.float32)
+        return (y * gc + bc).reshape(x.shape).astype(x.dtype)
