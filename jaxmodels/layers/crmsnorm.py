@@ -219,14 +219,30 @@ def pre_ln_to_pre_rmsnorm(params: Any) -> dict:
     return p
 
 
+def _check_zero_mean(name, arr, rtol=1e-4):
+    if isinstance(arr, jax.core.Tracer):  # under jit the values are unknown; the check runs eagerly only
+        return
+    a = jnp.asarray(arr, jnp.float32)
+    if float(jnp.abs(a.mean(-1)).max()) > rtol * (float(jnp.abs(a).max()) + 1e-30):
+        raise ValueError(f"pre_rmsnorm_to_pre_crmsnorm: {name} does not write a zero-mean residual stream; "
+                         "convert with pre_ln_to_pre_rmsnorm (or recenter_output) first")
+
+
 def pre_rmsnorm_to_pre_crmsnorm(params: Any) -> dict:
     """Convert zero-mean-residual ``norm="rmsnorm"`` params (e.g. from :func:`pre_ln_to_pre_rmsnorm`) to an equivalent
     ``norm="crmsnorm"`` model with residual width ``d - 1``. The input is not modified.
 
-    The equivalence needs a zero-mean residual stream: every writer's output must have zero mean over features."""
+    The equivalence needs a zero-mean residual stream: every writer's output must have zero mean over features
+    (checked, outside jit, to a relative 1e-4)."""
     p = _to_mutable(jax.tree.map(jnp.asarray, _unwrap(params)))
     if "bias" in p["final_norm"]:
         raise ValueError("pre_rmsnorm_to_pre_crmsnorm: expected RMSNorm params (no bias); convert LN first")
+    _check_zero_mean("tok_embed", p["tok_embed"]["embedding"])
+    _check_zero_mean("pos_embed", p["pos_embed"])
+    for blk in _blocks(p):
+        for w in _WRITERS:
+            _check_zero_mean(f"{blk}/{w}/kernel", p[blk][w]["kernel"])
+            _check_zero_mean(f"{blk}/{w}/bias", p[blk][w]["bias"])
     p = _fold_all(p, has_bias=False)
     p["tok_embed"]["embedding"] = compress_output(p["tok_embed"]["embedding"])
     p["pos_embed"] = compress_output(p["pos_embed"])

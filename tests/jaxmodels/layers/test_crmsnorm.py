@@ -82,9 +82,13 @@ def test_primitives_against_numpy():
 
 
 def test_wrong_params_rejected():
-    _, p, _ = _pre_ln()
+    _, p, tokens = _pre_ln()
     with pytest.raises(ValueError, match="RMSNorm"):
         pre_rmsnorm_to_pre_crmsnorm(p)
+    # An RMSNorm model whose residual stream is not zero-mean cannot be compressed.
+    p_rms = PreNormTransformer(norm="rmsnorm", **CFG).init(jax.random.key(3), tokens)["params"]
+    with pytest.raises(ValueError, match="zero-mean"):
+        pre_rmsnorm_to_pre_crmsnorm(p_rms)
     with pytest.raises(ValueError, match="norm must be"):
         PreNormTransformer(norm="batchnorm", **CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
 
@@ -95,3 +99,18 @@ def test_sharded_crms_model(mesh):
     tokens = jax.random.randint(jax.random.key(5), (16, T), 0, V)
     model = PreNormTransformer(norm="crmsnorm", **CFG)
     assert_sharded_matches(functools.partial(model.apply, {"params": p_crms}), tokens, mesh, atol=1e-4)
+
+
+def test_conversion_under_jit_with_tensor_parallel_params(mesh_2d):
+    from jax.sharding import PartitionSpec as P
+
+    from jaxmodels.sharding import shard
+
+    _, p, tokens = _pre_ln()
+    rules = [(r"(query|key|value|fc1)/kernel$", P(None, "model")), (r"(out|fc2)/kernel$", P("model", None))]
+    sp = shard(p, rules, mesh_2d)
+    convert = jax.jit(lambda q: pre_rmsnorm_to_pre_crmsnorm(pre_ln_to_pre_rmsnorm(q)))
+    out = convert(sp)
+    ref = pre_rmsnorm_to_pre_crmsnorm(pre_ln_to_pre_rmsnorm(p))
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
