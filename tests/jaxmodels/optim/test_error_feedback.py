@@ -150,7 +150,8 @@ def test_paper_claim_error_feedback_fixes_biased_top_k():
 
 
 def test_sharded_equals_unsharded(mesh_2d):
-    tx = optax.chain(error_feedback(ratio=0.1, adapt_every=2), optax.sgd(0.1))
+    tx = optax.chain(error_feedback(ratio=0.1, adapt_every=2, candidates=(0.05, 0.1, 0.2), budget_bins=20),
+                     optax.sgd(0.1))
     assert check_sharded_equals_unsharded(tx, mesh_2d) >= 7
 
 

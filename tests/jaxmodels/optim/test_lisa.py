@@ -93,8 +93,9 @@ def test_lisa_matches_numpy_reference_and_freezes_inactive_layers():
 def test_lisa_sampling_is_reproducible_and_covers_layers():
     params = stacked_tree(L=8)
     grads = [jax.tree.map(jnp.zeros_like, params)] * 60
-    _, _, a1, _ = run_lisa(scale_by_lisa(optax.scale_by_adam(), gamma=2, interval=2, seed=0), params, grads)
-    _, _, a2, _ = run_lisa(scale_by_lisa(optax.scale_by_adam(), gamma=2, interval=2, seed=0), params, grads)
+    tx = scale_by_lisa(optax.scale_by_adam(), gamma=2, interval=2, seed=0)
+    _, _, a1, _ = run_lisa(tx, params, grads)
+    _, _, a2, _ = run_lisa(tx, params, grads)
     _, _, a3, _ = run_lisa(scale_by_lisa(optax.scale_by_adam(), gamma=2, interval=2, seed=1), params, grads)
     np.testing.assert_array_equal(np.stack(a1), np.stack(a2))
     assert not np.array_equal(np.stack(a1), np.stack(a3))
@@ -212,6 +213,7 @@ def train_decoder(tx, steps=300, batch=256, C=8, seed=0):
     return float(loss_fn(params, ctx, ids[pos]))
 
 
+@pytest.mark.slow
 def test_paper_claim_lisa_close_to_adamw_on_small_decoder():
     """Pan et al.: sampling gamma=2 of L=8 layers per period reaches a loss close to full AdamW. Character-level
     decoder on scikit-learn's dataset descriptions (real English, 43 kB), 300 steps. Measured held-out loss (CPU):
