@@ -44,7 +44,7 @@ Training-time::
     quant.qkr: qk_product, qkr_logits, qkr_attention                                         (OFQ QKR)
     quant.oscillation: oscillation_init / oscillation_update / oscillation_summary           (Nagel et al.)
     quant.activation: dynamic_act_quant (per token / tensor), static_act_quant, calibrate_amax
-    quant.qat: QATConfig(weights=((regex, FakeQuantW | LSQW | StatsQW | GaussWSW | None), ...),
+    quant.qat: QATConfig(weights=((regex, FakeQuantW | LSQW | StatsQW | None), ...),
                          activations=((regex, DynamicActQ | StaticActQ | LSQActQ | None), ...), qkr=QKRConfig(...))
                qat_init(cfg, model, params, *sample) -> {"params", "quant"}; qat_apply(cfg, model, calib) -> apply;
                qat_calibrate; quantize_weights; weight_levels

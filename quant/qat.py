@@ -13,12 +13,11 @@ Rules are ``(regex, quantizer)`` pairs, first ``re.search`` match wins, ``None``
         activations=((r"mlp/fc\\d", DynamicActQ(8)),),
         qkr=QKRConfig(r"attn$", bits=4, num_heads=4))
     qvars = qat_init(cfg, model, params, x_sample)        # {"params": params, "quant": {learnable steps}}
-    apply = qat_apply(cfg, model)                          # apply(qvars, x, rng=None) -> model output
+    apply = qat_apply(cfg, model)                          # apply(qvars, x) -> model output
     loss = lambda qv: ce(apply(qv, x), y); jax.grad(loss)(qvars)
 
 Weight quantizers: :class:`FakeQuantW` (any :mod:`quant.formats` format, min-max / absmax parameters, STE),
-:class:`LSQW` (LSQ / LSQ+), :class:`StatsQW` (OFQ StatsQ), :class:`GaussWSW` (Gaussian weight sampling, noise instead
-of rounding). Activation quantizers: :class:`DynamicActQ`, :class:`StaticActQ` (needs ``calib`` from
+:class:`LSQW` (LSQ / LSQ+), :class:`StatsQW` (OFQ StatsQ). Activation quantizers: :class:`DynamicActQ`, :class:`StaticActQ` (needs ``calib`` from
 :func:`qat_calibrate`), :class:`LSQActQ` (learnable step, initialised from the sample batch).
 """
 
@@ -39,7 +38,7 @@ from quant.lsq import lsq_fake_quant, lsq_init, lsq_levels, lsqplus_init
 from quant.qarray import match_rule
 from quant.statsq import statsq_fake_quant, statsq_levels
 
-__all__ = ["FakeQuantW", "LSQW", "StatsQW", "GaussWSW", "DynamicActQ", "StaticActQ", "LSQActQ", "QKRConfig",
+__all__ = ["FakeQuantW", "LSQW", "StatsQW", "DynamicActQ", "StaticActQ", "LSQActQ", "QKRConfig",
            "QATConfig", "qat_init", "qat_apply", "qat_calibrate", "quantize_weights", "weight_levels",
            "QUANTIZABLE_MODULES"]
 
@@ -67,13 +66,6 @@ class LSQW:
 class StatsQW:
     """OFQ StatsQ: scale ``2 mean|W|`` per output channel, not learned."""
     bits: int
-
-
-@dataclasses.dataclass(frozen=True)
-class GaussWSW:
-    """Gaussian weight sampling pseudo-quantization (see :mod:`quant.gaussws`); needs ``rng`` in training."""
-    bits: int
-    per_channel: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +107,7 @@ class QATConfig:
     min_ndim: int = 2  # leaves with fewer dims (biases, norm scales) stay in float
 
     def __post_init__(self):
-        for rules, kinds, what in ((self.weights, (FakeQuantW, LSQW, StatsQW, GaussWSW), "weight"),
+        for rules, kinds, what in ((self.weights, (FakeQuantW, LSQW, StatsQW), "weight"),
                                    (self.activations, (DynamicActQ, StaticActQ, LSQActQ), "activation")):
             for rule in rules:
                 if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
@@ -144,10 +136,9 @@ def _weight_rule(cfg: QATConfig, path: str, leaf):
     return match_rule(path, cfg.weights)
 
 
-def quantize_weights(cfg: QATConfig, params: Any, quant_state: dict | None = None, rng=None) -> Any:
+def quantize_weights(cfg: QATConfig, params: Any, quant_state: dict | None = None) -> Any:
     """``params`` with every matched weight replaced by its fake-quantized value."""
     quant_state = quant_state or {}
-    counter = [0]
 
     def fn(path, w):
         q = _weight_rule(cfg, path, w)
@@ -160,12 +151,6 @@ def quantize_weights(cfg: QATConfig, params: Any, quant_state: dict | None = Non
             return lsq_fake_quant(w, st["step"], q.bits, True, st.get("offset"))
         if isinstance(q, StatsQW):
             return statsq_fake_quant(w, q.bits)
-        if isinstance(q, GaussWSW):
-            if rng is None:
-                return w
-            from quant.gaussws import gaussws_sample
-            counter[0] += 1
-            return gaussws_sample(w, q.bits, jax.random.fold_in(rng, counter[0]), per_channel=q.per_channel)
         raise TypeError(q)
 
     return map_with_path(fn, params)
@@ -185,9 +170,8 @@ def weight_levels(cfg: QATConfig, qvars: dict) -> dict[str, jax.Array]:
         elif isinstance(q, LSQW):
             st = qs["w:" + path]
             out[path] = lsq_levels(w, st["step"], q.bits, True, st.get("offset"))
-        elif isinstance(q, (StatsQW, GaussWSW)):
-            out[path] = statsq_levels(w, q.bits) if isinstance(q, StatsQW) else \
-                quantize_levels(w, *_gauss_fmt(w, q))
+        elif isinstance(q, StatsQW):
+            out[path] = statsq_levels(w, q.bits)
     if cfg.qkr is not None:
         from quant.qkr import qk_product
         flat = flatten(params)
@@ -203,12 +187,6 @@ def weight_levels(cfg: QATConfig, qvars: dict) -> dict[str, jax.Array]:
                     w_qk = qk_product(wq, wk, cfg.qkr.num_heads).reshape(-1, wq.shape[0])
                     out[prefix + "/W_qk"] = statsq_levels(w_qk, cfg.qkr.bits, out_axis=0)
     return out
-
-
-def _gauss_fmt(w, q):
-    from quant.formats import IntFormat
-    fmt = IntFormat(q.bits, granularity="channel" if q.per_channel else "tensor")
-    return fmt, compute_qparams(w, fmt)
 
 
 # ------------------------------------------------------------------------------------------------ activations
@@ -291,9 +269,15 @@ def qat_init(cfg: QATConfig, model: nn.Module, params: Any, *sample_args, **samp
     return out
 
 
-def qat_calibrate(cfg: QATConfig, model: nn.Module, params: Any, batches) -> dict[str, jax.Array]:
+def qat_calibrate(cfg: QATConfig, model: nn.Module, params: Any, batches, progress: bool | None = None
+                  ) -> dict[str, jax.Array]:
     """Static activation ranges: running max of ``amax`` per :class:`StaticActQ` module over ``batches`` (each a
-    tuple of positional model inputs or a single array)."""
+    tuple of positional model inputs or a single array). A tqdm bar shows unless ``progress=False`` or env
+    ``WEIGHTLAB_NO_PROGRESS=1``."""
+    from jaxmodels.capture import progress_enabled
+    if progress_enabled(progress):
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="qat_calibrate")
     calib: dict[str, jax.Array] = {}
     for b in batches:
         args = b if isinstance(b, tuple) else (b,)
@@ -311,17 +295,15 @@ def qat_calibrate(cfg: QATConfig, model: nn.Module, params: Any, batches) -> dic
 
 def qat_apply(cfg: QATConfig, model: nn.Module, calib: dict | None = None, method: Callable | str | None = None
               ) -> Callable[..., Any]:
-    """``apply(qvars, *args, rng=None, **kwargs)``: ``model.apply`` with quantized weights (and activations).
+    """``apply(qvars, *args, **kwargs)``: ``model.apply`` with quantized weights (and activations).
 
     ``qvars`` is :func:`qat_init`'s dict; differentiate w.r.t. ``qvars["params"]`` and ``qvars["quant"]``.
-    ``rng`` drives stochastic quantizers (GaussWS); without it they are the identity (evaluation uses
-    deterministic rounding via :func:`quantize_weights` of a ``FakeQuantW`` config, see ``quant.gaussws``).
     """
     needs_intercept = bool(cfg.activations) or cfg.qkr is not None
 
-    def apply(qvars, *args, rng=None, **kwargs):
+    def apply(qvars, *args, **kwargs):
         qs = qvars.get("quant", {})
-        params = quantize_weights(cfg, qvars["params"], qs, rng)
+        params = quantize_weights(cfg, qvars["params"], qs)
         kw = dict(kwargs)
         if method is not None:
             kw["method"] = method

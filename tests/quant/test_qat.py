@@ -59,14 +59,15 @@ def test_lsq_learns_step_reducing_error():
     w = jax.random.normal(jax.random.key(1), (4096,))
     s0 = lsq.lsq_init(w, 2, channel_axis=None).step.reshape(())
     loss = lambda s: jnp.mean((lsq.lsq_fake_quant(w, s, 2) - w) ** 2)
-    s, opt = s0, optax.adam(1e-2)
-    st = opt.init(s)
-    for _ in range(200):
-        gr = jax.grad(loss)(s)
-        up, st = opt.update(gr, st)
-        s = s + up
-    grid = np.linspace(0.1, 2.0, 400)
-    best = min(float(loss(jnp.float32(c))) for c in grid)
+    opt = optax.adam(1e-2)
+
+    def body(carry, _):
+        s, st = carry
+        up, st = opt.update(jax.grad(loss)(s), st)
+        return (s + up, st), None
+
+    (s, _), _ = jax.jit(lambda s: jax.lax.scan(body, (s, opt.init(s)), None, length=200))(s0)
+    best = float(jnp.min(jax.jit(jax.vmap(loss))(jnp.linspace(0.1, 2.0, 400))))
     assert float(loss(s)) < float(loss(s0))
     assert float(loss(s)) <= 1.05 * best  # within 5% of the grid-searched optimum
 
@@ -146,7 +147,7 @@ def test_activation_quant():
 def vit():
     m = ViT(**VIT_CONFIGS["digits"])
     x = jax.random.uniform(jax.random.key(5), (8, 8, 8, 1))
-    return m, m.init(jax.random.key(0), x)["params"], x
+    return m, jax.jit(m.init)(jax.random.key(0), x)["params"], x
 
 
 def test_qkr_reparameterization_is_exact_in_float(vit):
