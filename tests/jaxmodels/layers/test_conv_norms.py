@@ -79,6 +79,14 @@ def test_evonorm_s0_matches_numpy():
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
 
 
+def test_evonorm_s0_is_batch_independent():
+    # S0 uses only per-sample statistics: a sample's output does not depend on the rest of the batch.
+    x = _x()
+    m = EvoNormS0(groups=4)
+    v = m.init(jax.random.key(0), x)
+    np.testing.assert_allclose(m.apply(v, x[2:3]), m.apply(v, x)[2:3], rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- Batch-Channel Norm
 
 @pytest.mark.parametrize("micro", [False, True])

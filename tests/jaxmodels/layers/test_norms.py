@@ -81,3 +81,15 @@ def test_sharded_equals_unsharded(cls, mesh):
 def test_trains_on_digits(cls):
     losses, acc = train_digits(Net(cls), steps=40)
     assert_trains(losses, acc)
+
+
+def test_invariances():
+    # LayerNorm (no affine) is invariant to shifting and positive scaling of its input; RMSNorm and CRMSNorm to
+    # positive scaling (Zhang & Sennrich's motivation: re-scaling invariance without re-centering).
+    x = _x()
+    ln, rms, crms = LayerNorm(use_scale=False, use_bias=False), RMSNorm(use_scale=False), CRMSNorm(use_scale=False)
+    np.testing.assert_allclose(ln.apply({}, 3.0 * x + 5.0), ln.apply({}, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rms.apply({}, 3.0 * x), rms.apply({}, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(crms.apply({}, 3.0 * x), crms.apply({}, x), rtol=1e-5, atol=1e-5)
+    # RMSNorm output has unit RMS.
+    np.testing.assert_allclose(np.sqrt((np.asarray(rms.apply({}, x)) ** 2).mean(-1)), 1.0, rtol=1e-4)
