@@ -12,3 +12,6 @@ def test_tour_quick_trains_restores_and_reports_accuracy():
     assert acc > 0.9
     assert "restored == trained: True" in out
     assert "8 cpu devices" in out or "gpu" in out or "tpu" in out
+    # MiniLM section: paraphrases score higher than unrelated pairs.
+    cos = [float(c) for c in re.findall(r"MiniLM cosine ([+-][0-9.]+)", out)]
+    assert len(cos) == 4 and min(cos[:2]) > max(cos[2:]) + 0.3, cos
