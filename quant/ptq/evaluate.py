@@ -16,7 +16,9 @@ __all__ = ["embedding_metrics", "embed_batches"]
 def embed_batches(model, params, batches) -> np.ndarray:
     import jax
 
-    fwd = jax.jit(model.forward)
+    fwd = model.__dict__.get("_jit_forward")
+    if fwd is None:
+        fwd = model.__dict__["_jit_forward"] = jax.jit(model.forward)
     return np.concatenate([np.asarray(fwd(params, b)) for b in batches])
 
 

@@ -112,7 +112,7 @@ def _gptq_block(W1, Hinv1, scale, zero, new_group, g_scale, g_zero, maxq):
     R, B = W1.shape
 
     def body(i, carry):
-        W1, Q1, C1, E1, L1, sc, zr = carry
+        W1, Q1, C1, E1, L1, S1, Z1, sc, zr = carry
         sc = jnp.where(new_group[i], g_scale[i], sc)
         zr = jnp.where(new_group[i], g_zero[i], zr)
         w = W1[:, i]
@@ -122,11 +122,25 @@ def _gptq_block(W1, Hinv1, scale, zero, new_group, g_scale, g_zero, maxq):
         err = (w - q) / d
         W1 = W1 - err[:, None] * Hinv1[i][None, :]  # Hinv1 is upper triangular: only columns >= i change
         return (W1, Q1.at[:, i].set(q), C1.at[:, i].set(c), E1.at[:, i].set(err),
-                L1.at[:, i].set((w - q) ** 2 / d**2), sc, zr)
+                L1.at[:, i].set((w - q) ** 2 / d**2), S1.at[:, i].set(sc), Z1.at[:, i].set(zr), sc, zr)
 
     z = jnp.zeros_like(W1)
-    _, Q1, C1, E1, L1, sc, zr = jax.lax.fori_loop(0, B, body, (W1, z, z, z, z, scale, zero))
-    return Q1, C1, E1, L1, sc, zr
+    _, Q1, C1, E1, L1, S1, Z1, sc, zr = jax.lax.fori_loop(0, B, body, (W1, z, z, z, z, z, z, scale, zero))
+    return Q1, C1, E1, L1, S1, Z1, sc, zr
+
+
+@functools.partial(jax.jit, static_argnames=("i1", "B", "gs", "bits", "sym"))
+def _block_group_params(W, i1, B, gs, bits, sym):
+    """[B, R] parameters of the groups starting inside the block (found on the block-start weights)."""
+    R, C = W.shape
+    g_scale = jnp.zeros((B, R), jnp.float32)
+    g_zero = jnp.zeros((B, R), jnp.float32)
+    for c in range(i1, i1 + B):
+        if c % gs == 0:
+            s_, z_ = minmax_params(W[:, c:c + gs], bits, sym)
+            g_scale = g_scale.at[c - i1].set(s_)
+            g_zero = g_zero.at[c - i1].set(z_)
+    return g_scale, g_zero
 
 
 @jax.jit
@@ -194,19 +208,11 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
             new = idx % gs == 0
             # The reference finds a group's parameters on W[:, c:c+gs] whose in-block columns are still the
             # block-start values (W1 is a copy); W here is exactly that state.
-            starts = idx[new]
-            gp = [minmax_params(W[:, c:c + gs], config.bits, config.sym) for c in starts]
-            g_scale = jnp.zeros((B, R), jnp.float32)
-            g_zero = jnp.zeros((B, R), jnp.float32)
-            for c, (s_, z_) in zip(starts, gp):
-                g_scale = g_scale.at[c - i1].set(s_)
-                g_zero = g_zero.at[c - i1].set(z_)
-        Q1, C1, E1, L1, scale, zero = _gptq_block(W[:, i1:i2], U[i1:i2, i1:i2], scale, zero, jnp.asarray(new),
-                                                  g_scale, g_zero, maxq)
-        # per-column quantizer (for export): recompute which (scale, zero) each column used
-        cs, cz = _column_params(new, g_scale, g_zero, col_scale, col_zero, (scale, zero) if gs == -1 else None, R)
-        col_scale += cs
-        col_zero += cz
+            g_scale, g_zero = _block_group_params(W, i1, B, gs, config.bits, config.sym)
+        Q1, C1, E1, L1, S1, Z1, scale, zero = _gptq_block(W[:, i1:i2], U[i1:i2, i1:i2], scale, zero,
+                                                          jnp.asarray(new), g_scale, g_zero, maxq)
+        col_scale.append(S1)  # the quantizer each column used (for export)
+        col_zero.append(Z1)
         Q.append(Q1)
         codes.append(C1)
         losses = losses + L1.sum() / 2
@@ -214,8 +220,8 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
             W = W.at[:, i2:].set(_propagate(W[:, i2:], E1, U[i1:i2, i2:]))
     Q = jnp.concatenate(Q, axis=1)
     codes = jnp.concatenate(codes, axis=1)
-    col_scale = jnp.stack(col_scale, axis=1)  # [R, C] in processing order
-    col_zero = jnp.stack(col_zero, axis=1)
+    col_scale = jnp.concatenate(col_scale, axis=1)  # [R, C] in processing order
+    col_zero = jnp.concatenate(col_zero, axis=1)
     if perm is not None:
         inv = np.argsort(perm)
         Q, codes, col_scale, col_zero = Q[:, inv], codes[:, inv], col_scale[:, inv], col_zero[:, inv]
@@ -242,21 +248,6 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
         "loss": float(losses),
         "percdamp": pd,
     }
-
-
-def _column_params(new, g_scale, g_zero, prev_s, prev_z, global_scale, R):
-    """Per-column (scale, zero) used inside one block (mirrors the carry of ``_gptq_block``)."""
-    if global_scale is not None:
-        return [global_scale[0]] * len(new), [global_scale[1]] * len(new)
-    cs, cz = [], []
-    cur_s = prev_s[-1] if prev_s else None
-    cur_z = prev_z[-1] if prev_z else None
-    for i, is_new in enumerate(new):
-        if is_new:
-            cur_s, cur_z = g_scale[i], g_zero[i]
-        cs.append(cur_s)
-        cz.append(cur_z)
-    return cs, cz
 
 
 # ----------------------------------------------------------------------------------------------------- whole model
