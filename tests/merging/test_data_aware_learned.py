@@ -14,7 +14,7 @@ from merging.greedy_soup import greedy_soup, uniform_soup
 from merging.twin_merging import compress_svd, decompress, router_weights, twin_apply, twin_merging, twin_params
 
 
-def _mlps(n=3, seed=0, features=(8,), d=4, out=4):
+def _mlps(n=3, seed=0, features=(8,), d=4, out=4):  # noqa: D103
     model = MLP(features=features, num_outputs=out)
     ps = [model.init(jax.random.key(seed + i), jnp.zeros((1, d)))["params"] for i in range(n)]
     return ps, lambda p, x: model.apply({"params": p}, x)
@@ -150,3 +150,31 @@ def test_twin_merging_full_rank_routes_back_to_experts():
         # routed inference ≈ the task's own expert
         np.testing.assert_allclose(twin_apply(apply_fn, tw, xs[k][0]), apply_fn(ps[k], xs[k][0]), rtol=0.05,
                                    atol=0.05 * float(jnp.abs(apply_fn(ps[k], xs[k][0])).max()))
+
+
+def test_greedy_soup_atlas_twin_lmc_sharded(mesh_2d):
+    """Sharded (tensor-parallel) inputs give the single-device results."""
+    from merging.lmc import interpolation_path
+
+    ps, apply_fn = _mlps(3, features=(8, 8))
+    sps = [shard(p, MLP_RULES_TP, mesh_2d) for p in ps]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    y = rng.integers(0, 4, 16).astype(np.int32)
+    score = lambda p: float((np.argmax(apply_fn(p, x), -1) == y).mean())  # noqa: E731
+    a, b = greedy_soup(ps, score, progress=False), greedy_soup(sps, score, progress=False)
+    assert a.selected == b.selected
+    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+    ra = atlas(apply_fn, ps[0], ps[1:], [[(x, y)]], steps=5, progress=False)
+    rb = atlas(apply_fn, sps[0], sps[1:], [[(x, y)]], steps=5, progress=False)
+    for k in ra.coefficients:
+        np.testing.assert_allclose(ra.coefficients[k], rb.coefficients[k], rtol=1e-4, atol=1e-5)
+    xs = [[x], [x + 2.0]]
+    ta = twin_merging(apply_fn, None, ps[1:], xs, rank=2, steps=20, progress=False)
+    tb = twin_merging(apply_fn, None, sps[1:], xs, rank=2, steps=20, progress=False)
+    # SVD and router training on identical numbers up to reduction order: ~1e-5 relative.
+    np.testing.assert_allclose(twin_apply(apply_fn, tb, x), twin_apply(apply_fn, ta, x), rtol=1e-3, atol=1e-4)
+    la = interpolation_path(score, ps[0], ps[1], num_points=3, progress=False)
+    lb = interpolation_path(score, sps[0], sps[1], num_points=3, progress=False)
+    np.testing.assert_allclose(la.values, lb.values)
