@@ -207,3 +207,31 @@ def test_regmean_sharded(mesh, mesh_2d):
                            progress=False)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(sh)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 summation order in the Grams
+
+
+def test_regmean_conv_layers_use_im2col_grams():
+    """Conv kernels are merged as [kh·kw·c_in, c_out] matrices against the im2col Gram; identical models return
+    themselves and RegMean(α=1) of two convs is the least-squares solution on the union of their patches."""
+
+    class Conv(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(3, (2, 2), padding="VALID", use_bias=False, name="conv")(x)
+
+    net = Conv()
+    apply_fn = lambda p, x: net.apply({"params": p}, x)  # noqa: E731
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(4, 5, 5, 2)).astype(np.float32) for _ in range(2)]
+    ps = [net.init(jax.random.key(i), xs[0])["params"] for i in range(2)]
+    same = regmean_from_data(apply_fn, [ps[0], ps[0]], [[xs[0]], [xs[1]]], alpha=1.0, progress=False)
+    np.testing.assert_allclose(same["conv"]["kernel"], ps[0]["conv"]["kernel"], rtol=1e-3, atol=1e-4)
+    out = regmean_from_data(apply_fn, ps, [[xs[0]], [xs[1]]], alpha=1.0, progress=False)
+    # NumPy reference: explicit patches in (kh, kw, c_in) order, joint least squares on both models' outputs.
+    def patches(x):
+        return np.stack([x[:, i:i + 2, j:j + 2, :].reshape(x.shape[0], -1) for i in range(4) for j in range(4)],
+                        1).reshape(-1, 8).astype(np.float64)
+
+    X = [patches(x) for x in xs]
+    Y = [Xi @ np.asarray(p["conv"]["kernel"], np.float64).reshape(8, 3) for Xi, p in zip(X, ps)]
+    ref = np.linalg.lstsq(np.concatenate(X), np.concatenate(Y), rcond=None)[0]
+    np.testing.assert_allclose(np.asarray(out["conv"]["kernel"]).reshape(8, 3), ref, rtol=1e-3, atol=1e-4)
