@@ -22,6 +22,7 @@ def test_colab_qat_quick():
             assert int(m.group(2)) >= int(m.group(3)) >= 0
     fp_bpc = float(re.search(r"\| GPT fp32 val bits/char \| ([0-9.]+) \|", out).group(1))
     bit_bpc = float(re.search(r"\| GPT BitNet b1.58 val bits/char \| ([0-9.]+) \|", out).group(1))
-    assert fp_bpc < 6.0 and bit_bpc < 6.5  # both learn something (uniform over the ~80-char vocabulary is ~6.3)
+    # both learn (uniform over the ~90-character vocabulary is 6.5 bits; ~3.6 after the quick budget)
+    assert fp_bpc < 5.0 and bit_bpc < 5.5
     m = re.search(r"\| GPT bytes fp32 -> packed ternary \| (\d+) -> (\d+) \|", out)
     assert int(m.group(2)) < int(m.group(1)) / 4
