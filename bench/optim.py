@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmodels.optim import adamp, lamb, lars, lisa, sgdp
+from jaxmodels.optim import adamp, lamb, lars, lisa, sgd_ef21, sgdp
 from jaxmodels.tree import flatten, tree_bytes
 
 
@@ -84,6 +84,7 @@ def main():
         "adamp": adamp(1e-3, weight_decay=1e-4),
         "sgdp": sgdp(0.1, momentum=0.9, weight_decay=1e-4),
         f"lisa(g={gamma}/L={L})": lisa(1e-3, gamma=gamma, interval=50),
+        "sgd_ef21(top-1%)": sgd_ef21(0.1, ratio=0.01),
     }
 
     def loss_fn(p):
