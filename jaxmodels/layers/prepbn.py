@@ -91,6 +91,7 @@ class PRepBN(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, step=None):
         use_ra = use_running(self.use_running_average, use_running_average)
+        prepbn_gamma(0, self.decay_steps, self.warmup, self.r0)  # validates the schedule before any work
         counter = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
         rep = RepBN(use_running_average=use_ra, momentum=self.momentum, eps=self.eps, name="repbn")(x)
         ln = LayerNorm(self.eps, name="ln")(x)

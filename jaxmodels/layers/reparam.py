@@ -64,7 +64,7 @@ class ReparamDense(nn.Module):
 
 
 class ReparamConv(nn.Module):
-    """``y = conv(x, transform(W)) + b`` for NHWC (any number of spatial axes) inputs; ``padding`` is
+    """``y = conv(x, transform(W)) + b`` for channels-last inputs with 1 to 3 spatial axes; ``padding`` is
     ``"SAME"``, ``"VALID"`` or explicit ``[(lo, hi), ...]``."""
 
     features: int
@@ -78,13 +78,13 @@ class ReparamConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         nd = len(self.kernel_size)
+        if not 1 <= nd <= 3:
+            raise ValueError(f"ReparamConv supports 1 to 3 spatial axes, got kernel_size={self.kernel_size}")
         if x.ndim != nd + 2:
             raise ValueError(f"expected [B, {nd} spatial axes, C] input, got {x.shape}")
         w = transformed_kernel(self, (*self.kernel_size, x.shape[-1], self.features), self.transform,
                                self.kernel_init)
-        spatial = "".join("DHW"[3 - nd:]) if nd <= 3 else None
-        if spatial is None:
-            raise ValueError("ReparamConv supports 1 to 3 spatial axes")
+        spatial = "DHW"[3 - nd:]
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
         y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), tuple(self.strides or (1,) * nd), self.padding,
                                          dimension_numbers=dn)

@@ -1,7 +1,6 @@
 """Unified Normalization (Yang et al. 2022): GM-smoothed statistics, smoothed backward, outlier filtration,
 folding into the preceding Dense, sharding, training."""
 
-import functools
 
 import flax.linen as nn
 import jax
