@@ -86,7 +86,7 @@ class IntFormat:
         _check_granularity(self)
 
 
-# name: (exponent bits, mantissa bits, has_inf_nan_ieee (e5m2), ml_dtypes dtype name)
+# name: (exponent bits, mantissa bits, ml_dtypes dtype name)
 FLOAT_SPECS = {
     "e4m3": (4, 3, "float8_e4m3fn"),
     "e5m2": (5, 2, "float8_e5m2"),
@@ -500,13 +500,4 @@ def decode(codes: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.float32) -
     else:
         raise TypeError(f"unknown format {fmt!r}")
     return dequantize_levels(q, fmt, qparams, dtype)
-
-
-def _bits_for(fmt: Format) -> int:
-    return int(fmt.bits)
-
-
-def storage_bits(fmt: Format) -> int:
-    """Bits per stored code."""
-    return _bits_for(fmt)
 

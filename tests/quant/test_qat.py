@@ -204,3 +204,41 @@ def test_qat_sharded_equals_unsharded(vit, mesh_2d):
     sharded = dict(qv, params=jaxmodels.shard(params, VIT_RULES_TP, mesh_2d))
     out = apply(sharded, x)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_cga_reduces_oscillations_in_annealing_phase():
+    """Small real experiment for CGA: 2-bit StatsQ regression; in the final (annealing) phase, with the same decaying
+    learning rate, freezing confidently binned weights gives fewer oscillations than plain QAT.
+
+    Measured here: plain ~12.4k vs CGA ~10.9k oscillations (weights sitting on a threshold are by definition
+    unconfident and keep training, so the reduction is modest; OFQ reports CGA's benefit mainly as accuracy)."""
+    kx, kw = jax.random.split(jax.random.key(6))
+    x = jax.random.normal(kx, (256, 32))
+    w_true = jax.random.normal(kw, (32, 16))
+    y = x @ w_true
+    main, final = 150, 100
+
+    def run(with_cga):
+        lr = optax.join_schedules([optax.constant_schedule(0.05), optax.linear_schedule(0.05, 0.0, final)], [main])
+        tx = optax.sgd(lr)
+        if with_cga:
+            tx = optax.chain(tx, statsq.cga_freeze([(r"w", 2)], boundary_range=0.01, start_step=main))
+        p = {"w": w_true + 0.3 * jax.random.normal(jax.random.key(7), w_true.shape)}
+        lv = lambda p: {"w": statsq.statsq_levels(p["w"], 2)}
+
+        def body(carry, _):
+            p, st, osc = carry
+            g = jax.grad(lambda p: jnp.mean((x @ statsq.statsq_fake_quant(p["w"], 2) - y) ** 2))(p)
+            up, st = tx.update(g, st, p)
+            p = optax.apply_updates(p, up)
+            return (p, st, oscillation.oscillation_update(osc, lv(p))), None
+
+        carry = (p, tx.init(p), oscillation.oscillation_init(lv(p)))
+        carry, _ = jax.lax.scan(body, carry, None, length=main)
+        before = carry[2].count["w"].sum()
+        carry, _ = jax.lax.scan(body, carry, None, length=final)
+        return carry[2].count["w"].sum() - before
+
+    plain, cga = int(jax.jit(lambda: run(False))()), int(jax.jit(lambda: run(True))())
+    assert plain > 1000  # 2-bit latent weights keep flipping around decision thresholds
+    assert cga < 0.95 * plain
