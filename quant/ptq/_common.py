@@ -88,6 +88,15 @@ def rtn_minmax(w: jax.Array, bits: int, group_size: int = -1, sym: bool = False)
     return w_hat, codes.reshape(w.shape).astype(jnp.uint8), scale, zero
 
 
+def awq_grid(w: jax.Array, bits: int, group_size: int = 128):
+    """Asymmetric llm-awq grid of ``w[out, in]``: ``(scale, zero)`` of shape ``[out, n_groups]``."""
+    g = group_view(w, group_size)
+    mx, mn = g.max(-1), g.min(-1)
+    maxq = 2**bits - 1
+    scale = jnp.maximum(mx - mn, 1e-5) / maxq
+    return scale, jnp.clip(-jnp.round(mn / scale), 0, maxq)
+
+
 def awq_pseudo_quantize(w: jax.Array, bits: int, group_size: int = 128, zero_point: bool = True) -> jax.Array:
     """llm-awq ``pseudo_quantize_tensor`` on ``w[out, in]`` per (output channel, input group).
 

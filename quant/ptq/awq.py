@@ -18,12 +18,13 @@ and finally ``Q`` = asymmetric min/max g128 (``pseudo_quantize_tensor``). No bac
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import awq_pseudo_quantize, check_bits, group_view, pbar
+from ._common import awq_grid, awq_pseudo_quantize, check_bits, group_view, pbar
 from .blocks import capture_dense, get_sub, set_kernels, set_sub
 from .gptq import layer_error
 
@@ -48,8 +49,21 @@ class AWQConfig:
             raise ValueError(f"invalid AWQ grid settings {self}")
 
 
+_pq = jax.jit(awq_pseudo_quantize, static_argnums=(1, 2, 3))
+
+
 def _q(w_oi, cfg):  # W[out, in] -> pseudo-quantized
-    return awq_pseudo_quantize(w_oi, cfg.bits, cfg.group_size, cfg.zero_point)
+    return _pq(w_oi, cfg.bits, cfg.group_size, cfg.zero_point)
+
+
+@jax.jit
+def _linear_mse(x, eff, ref):
+    return jnp.mean((x @ eff - x @ ref) ** 2)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _scaled_q(k, s, bits, gs, zp):
+    return (awq_pseudo_quantize(k.T * s[None, :], bits, gs, zp) / s[None, :]).T
 
 
 def scale_candidates(x_mean_abs, n_grid):
@@ -65,7 +79,7 @@ def search_scale(loss_fn, kernels: dict, x_mean_abs, cfg: AWQConfig):
     cands = scale_candidates(x_mean_abs, cfg.n_grid)
     losses = []
     for s in cands:
-        eff = {n: (_q(k.T * s[None, :], cfg) / s[None, :]).T for n, k in kernels.items()}
+        eff = {n: _scaled_q(k, s, cfg.bits, cfg.group_size, cfg.zero_point) for n, k in kernels.items()}
         losses.append(float(loss_fn(eff)))
     i = int(np.argmin(losses))
     return cands[i], i / cfg.n_grid, losses
@@ -81,18 +95,23 @@ def search_clip(w_oi, x, cfg: AWQConfig):
     judged by the per-group partial outputs on ``n_sample_token`` evenly strided tokens. Returns ``max_val [o, ng]``."""
     x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
     step = max(x.shape[0] // cfg.n_sample_token, 1)
-    x = x[::step]
-    w_g = group_view(w_oi, cfg.group_size)
+    return _search_clip(w_oi, x[::step], cfg.bits, cfg.group_size, cfg.zero_point, int(cfg.max_shrink * cfg.n_grid),
+                        cfg.n_grid)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _search_clip(w_oi, x, bits, group_size, zero_point, n_steps, n_grid):
+    w_g = group_view(w_oi, group_size)
     o, ng, gs = w_g.shape
     x_g = x.reshape(x.shape[0], ng, gs)
     org_max = jnp.abs(w_g).max(-1)
     org_out = _group_out(w_g, x_g)
     best = org_max
     best_err = jnp.full_like(org_max, jnp.inf)
-    for i in range(int(cfg.max_shrink * cfg.n_grid)):
-        mv = org_max * (1 - i / cfg.n_grid)
+    for i in range(n_steps):
+        mv = org_max * (1 - i / n_grid)
         cur = jnp.clip(w_g, -mv[..., None], mv[..., None])
-        q = group_view(_q(cur.reshape(o, ng * gs), cfg), cfg.group_size)
+        q = group_view(awq_pseudo_quantize(cur.reshape(o, ng * gs), bits, group_size, zero_point), group_size)
         err = ((_group_out(q, x_g) - org_out) ** 2).mean(1)
         better = err < best_err
         best_err = jnp.where(better, err, best_err)
@@ -139,7 +158,7 @@ def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress
                     return jnp.mean((yq.reshape(-1, yq.shape[-1])[valid] - yv) ** 2)
             else:
                 def loss_fn(eff, _x=x, _sub=sub):
-                    return sum(jnp.mean((_x @ eff[n] - _x @ _sub[n]) ** 2) * _sub[n].shape[1]
+                    return sum(_linear_mse(_x, eff[n], _sub[n]) * _sub[n].shape[1]
                                for n in eff) / sum(_sub[n].shape[1] for n in eff)
             s, alpha, _ = search_scale(loss_fn, sub, x_mean, config)
             scales[g] = s
@@ -164,9 +183,11 @@ def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress
                 mv = search_clip(w_oi, xs[n], config)
                 w_oi = jnp.clip(group_view(w_oi, config.group_size), -mv[..., None], mv[..., None]).reshape(w_oi.shape)
             q_oi = _q(w_oi, config)
+            sc, zr = awq_grid(w_oi, config.bits, config.group_size) if config.zero_point else (None, None)
             k_eff = q_oi.T if n not in in_scale else q_oi.T / in_scale[n][:, None]
             eff_k[n] = k_eff
             layers[f"{bp}/{n}/kernel"] = {"weight": k_eff, "stored": q_oi.T, "in_scale": in_scale.get(n),
+                                          "scale": sc, "zero": zr, "perm": None,
                                           "error": layer_error(xs[n], kern[n], q_oi.T)}
         qblock = set_kernels(block, eff_k, {n: b for n, b in bias.items()})
         out = set_sub(out, bp, qblock)

@@ -298,6 +298,7 @@ def gptq(params, model, calib_batch, config: GPTQConfig = GPTQConfig(), *, progr
             r = gptq_quantize_weight(kq, Hq, config)
             w_hat = r["weight"] if undo is None else undo(r["weight"])
             r["error"] = layer_error(x, k, w_hat, tok)
+            r["stored"] = r["weight"]  # what the codes dequantize to (in the transformed basis, if any)
             r["weight"] = w_hat
             layers[f"{bp}/{name}/kernel"] = r
             new_k[name] = w_hat
