@@ -10,7 +10,7 @@ Every optimizer is an ``optax.GradientTransformation`` built from small ``scale_
 | ``adamp`` / ``sgdp`` | Heo et al. 2021, AdamP | ``adamp`` |
 | ``lisa`` | Pan et al. 2024, LISA | ``lisa`` |
 | ``scale_by_tract`` | Petersen et al. 2024, TrAct | ``tract`` |
-| ``error_feedback`` / ``sgd_ef21`` | Richtárik et al. 2021/2024 (EF21), L-GreCo (Alimohammadi et al. 2024) | ``error_feedback`` |
+| ``error_feedback`` / ``sgd_ef21`` | EF21 (Richtárik et al. 2021, 2024); L-GreCo (Alimohammadi et al.) | |
 """
 
 from jaxmodels.optim.adamp import (

@@ -18,6 +18,9 @@ kernel ``[in, out]`` and of a Conv kernel ``[kh, kw, in, out]`` (``channel_axis=
 usable after ``optax.scale_by_adam`` or ``optax.trace``: the cosine test uses the raw gradient when it is passed as
 the ``grads=`` extra argument (what :func:`project_radial` / :func:`adamp` / :func:`sgdp` do), else the incoming
 update. SGDP divides the weight decay by ``1 - momentum`` as the reference does.
+
+Views are per leaf: a scanned/stacked kernel ``[L, in, out]`` is treated as one weight (channel rows span all L
+layers); exclude such leaves with ``mask`` or keep per-layer leaves if per-layer views are wanted.
 """
 
 from __future__ import annotations

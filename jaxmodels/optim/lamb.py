@@ -18,6 +18,8 @@ Differences from ``optax.lamb`` (with defaults this module *equals* ``optax.lamb
   typically c = 1).
 * ``max_grad_norm`` clips the global gradient norm before the Adam moments (NVIDIA's pre-normalisation).
 * ``phi_bounds`` implements the paper's clipped scaling function φ.
+
+"Layer" means pytree leaf (as in optax): a scanned/stacked kernel ``[L, ...]`` gets one trust ratio for the stack.
 """
 
 from __future__ import annotations
