@@ -33,3 +33,53 @@ def embedding_metrics(e_float: np.ndarray, e_quant: np.ndarray) -> dict:
     iu = np.triu_indices(len(a), k=1)
     rho = float(spearmanr((a @ a.T)[iu], (b @ b.T)[iu]).statistic)
     return {"cosine": cos, "spearman": rho}
+
+
+SETTINGS = {"W4 g128": (4, 128), "W3 g128": (3, 128), "W2 g64": (2, 64)}
+
+
+def run_method(method: str, params, model, calib, bits: int, group_size: int, progress=None):
+    """Quantize all linears of ``model`` with ``method`` in {"rtn", "gptq", "gptq-ao", "awq", "rsq"}."""
+    from .awq import AWQConfig, awq
+    from .gptq import GPTQConfig, gptq
+    from .rsq import RSQConfig, rsq
+    from .rtn import rtn
+
+    if method == "rtn":
+        return rtn(params, model, calib, bits=bits, group_size=group_size, progress=progress)
+    if method == "gptq":
+        return gptq(params, model, calib, GPTQConfig(bits, group_size), progress=progress)
+    if method == "gptq-ao":
+        return gptq(params, model, calib, GPTQConfig(bits, group_size, act_order=True), progress=progress)
+    if method == "awq":
+        q, rep = awq(params, model, calib, AWQConfig(bits, group_size), progress=progress)
+        return q, rep
+    if method == "rsq":
+        return rsq(params, model, calib, RSQConfig(GPTQConfig(bits, group_size, act_order=True)), progress=progress)
+    raise ValueError(f"unknown PTQ method {method!r}")
+
+
+def ptq_table(params, model, calib, eval_batches, methods=("rtn", "gptq", "gptq-ao", "awq", "rsq"),
+              settings=("W4 g128", "W3 g128", "W2 g64"), progress=None):
+    """Rows ``{setting, method, cosine, spearman, seconds, layer_errors}`` for every (setting, method)."""
+    import time
+
+    e_float = embed_batches(model, params, eval_batches)
+    rows = []
+    for st in settings:
+        bits, gs = SETTINGS[st]
+        for m in methods:
+            t = time.perf_counter()
+            q, rep = run_method(m, params, model, calib, bits, gs, progress)
+            sec = time.perf_counter() - t
+            met = embedding_metrics(e_float, embed_batches(model, q, eval_batches))
+            rows.append({"setting": st, "method": m, **met, "seconds": sec,
+                         "layer_errors": {p: r.get("error") for p, r in rep["layers"].items()}})
+    return rows
+
+
+def format_table(rows) -> str:
+    lines = [f"{'setting':8s} {'method':8s} {'cosine':>8s} {'spearman':>9s} {'time s':>7s}"]
+    for r in rows:
+        lines.append(f"{r['setting']:8s} {r['method']:8s} {r['cosine']:8.4f} {r['spearman']:9.4f} {r['seconds']:7.1f}")
+    return "\n".join(lines)

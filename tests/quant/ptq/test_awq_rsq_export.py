@@ -119,8 +119,6 @@ def test_export_round_trip_smaller_and_equal(tmp_path):
     runs = {
         "rtn": rtn(params, model, None, bits=4, group_size=32, progress=False),
         "gptq": gptq(params, model, batch, GPTQConfig(4, 32, act_order=True), progress=False),
-        "gptq_static": gptq(params, model, batch, GPTQConfig(3, 32, act_order=True, static_groups=True),
-                            progress=False),
         "awq": awq(params, model, batch, AWQConfig(4, 32), progress=False),
         "rsq": rsq(params, model, batch, RSQConfig(GPTQConfig(4, 32, act_order=True)), progress=False),
     }

@@ -1,0 +1,50 @@
+"""PTQ benchmark on all-MiniLM-L6-v2 (real weights) on this machine: wall time per method at W4 g128 (ratio to
+RTN, the anchor measured in the same run) and model bytes before/after (real packed sizes).
+
+    python bench/ptq.py [--quick]
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("WEIGHTLAB_NO_PROGRESS", "1")
+
+import jax  # noqa: E402
+
+from jaxmodels.io import save_safetensors  # noqa: E402
+from jaxmodels.models.bert import load_minilm  # noqa: E402
+from jaxmodels.tree import tree_bytes  # noqa: E402
+from quant.ptq.evaluate import run_method  # noqa: E402
+from quant.ptq.export import quantized_tree, save_quantized  # noqa: E402
+from quant.ptq.minilm import bert_block_model, calibration_sentences  # noqa: E402
+
+
+def main():
+    quick = "--quick" in sys.argv
+    n_cal = 32 if quick else 128
+    emb = load_minilm(max_length=64 if quick else 128)
+    model = bert_block_model(emb)
+    calib = emb.tokenizer(calibration_sentences(n_cal))
+    tmp = tempfile.mkdtemp()
+    float_file = save_safetensors(os.path.join(tmp, "float.safetensors"), emb.params).stat().st_size
+    print(f"all-MiniLM-L6-v2 on {jax.devices()[0].platform}, {n_cal} calibration sentences {calib['input_ids'].shape}")
+    print(f"float params {tree_bytes(emb.params) / 2**20:.2f} MiB in memory, {float_file / 2**20:.2f} MiB on disk")
+    times = {}
+    for m in ("rtn", "gptq", "gptq-ao", "awq", "rsq"):
+        run_method(m, emb.params, model, calib, 4, 128, progress=False) if m == "rtn" else None  # warm jit (RTN)
+        t = time.perf_counter()
+        q, rep = run_method(m, emb.params, model, calib, 4, 128, progress=False)
+        times[m] = time.perf_counter() - t
+        if m == "awq":
+            rep["config"]["bits"], rep["config"]["group_size"] = 4, 128
+        size = save_quantized(os.path.join(tmp, f"{m}.safetensors"), quantized_tree(q, rep))
+        lin = sum(r["weight"].size * 4 for r in rep["layers"].values())
+        print(f"{m:8s} {times[m]:7.1f} s  x{times[m] / times['rtn']:6.1f} vs RTN   file {size / 2**20:6.2f} MiB "
+              f"(x{float_file / size:.2f} smaller; linears {lin / 2**20:.2f} MiB float)")
+
+
+if __name__ == "__main__":
+    main()
