@@ -1,3 +1,4 @@
+import functools
 import json
 import time
 
@@ -18,8 +19,9 @@ TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attent
                   max_position_embeddings=24)
 
 
+@functools.lru_cache(maxsize=1)
 def _tiny_params():
-    return BertEncoder(TINY).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    return jax.jit(BertEncoder(TINY).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
 
 
 def _to_hf(params):
@@ -94,7 +96,7 @@ def test_encoder_matches_numpy_reference():
     ids = rng.integers(0, 50, (2, 7)).astype(np.int32)
     mask = np.array([[1] * 7, [1] * 4 + [0] * 3], np.int32)
     types = rng.integers(0, 2, (2, 7)).astype(np.int32)
-    ours = np.asarray(BertEncoder(TINY).apply({"params": params}, ids, mask, types))
+    ours = np.asarray(jax.jit(BertEncoder(TINY).apply)({"params": params}, ids, mask, types))
 
     def ln(x, p, eps=1e-12):
         mu = x.mean(-1, keepdims=True)

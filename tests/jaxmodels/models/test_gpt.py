@@ -67,8 +67,7 @@ def _np_gpt(params, tokens, placement, ln_scaling, heads=4):
     return h @ p["embed"]["embedding"].T
 
 
-@pytest.mark.parametrize("placement,ln_scaling", [("post", False), ("pre", False), ("peri", False),
-                                                  ("pre", True), ("peri", True)])
+@pytest.mark.parametrize("placement,ln_scaling", [("post", False), ("pre", True), ("peri", True)])
 def test_matches_numpy_reference(placement, ln_scaling):
     model = GPT(**TINY, placement=placement, ln_scaling=ln_scaling)
     params = _init(model)
@@ -82,16 +81,20 @@ def test_matches_numpy_reference(placement, ln_scaling):
     np.testing.assert_allclose(ours, _np_gpt(params, tokens, placement, ln_scaling), atol=2e-4, rtol=1e-4)
 
 
+def _shapes(model, t=8):
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, t), jnp.int32))["params"]
+
+
 def test_param_paths_tied_untied_and_peri():
-    p = jaxmodels.flatten(_init(GPT(**TINY, placement="peri", tie_embeddings=False)))
+    p = jaxmodels.flatten(_shapes(GPT(**TINY, placement="peri", tie_embeddings=False)))
     for n in ("query", "key", "value", "out"):
         assert p[f"block_2/attn/{n}/kernel"].shape == (16, 16)
     assert p["block_0/mlp/fc1/kernel"].shape == (16, 32) and p["block_0/mlp/fc2/kernel"].shape == (32, 16)
     assert "block_0/attn_out_norm/scale" in p and "block_0/mlp_out_norm/scale" in p
     assert p["head/kernel"].shape == (16, 11)
-    q = jaxmodels.flatten(_init(GPT(**TINY, placement="post")))
+    q = jaxmodels.flatten(_shapes(GPT(**TINY, placement="post")))
     assert "head/kernel" not in q and "norm/scale" not in q and "block_0/attn_out_norm/scale" not in q
-    r = jaxmodels.flatten(_init(GPT(**TINY, norm="rmsnorm")))
+    r = jaxmodels.flatten(_shapes(GPT(**TINY, norm="rmsnorm")))
     assert "block_0/norm1/scale" in r and "block_0/norm1/bias" not in r
 
 
@@ -107,7 +110,7 @@ def test_causal():
     assert not np.allclose(a[:, 5:], b[:, 5:])
 
 
-@pytest.mark.parametrize("placement", ["pre", "peri"])
+@pytest.mark.parametrize("placement", ["peri"])
 def test_scan_layers_equals_unrolled(placement):
     unrolled = GPT(**TINY, placement=placement, ln_scaling=True)
     scanned = GPT(**TINY, placement=placement, ln_scaling=True, scan_layers=True)
@@ -128,15 +131,14 @@ def test_scan_layers_equals_unrolled(placement):
 
 def test_bad_config_rejected():
     with pytest.raises(ValueError, match="placement"):
-        _init(GPT(**TINY, placement="sandwich"))
+        _shapes(GPT(**TINY, placement="sandwich"))
     with pytest.raises(ValueError, match="Curse of Depth"):
-        _init(GPT(**TINY, placement="post", ln_scaling=True))
+        _shapes(GPT(**TINY, placement="post", ln_scaling=True))
     with pytest.raises(ValueError, match="max_len"):
-        _init(GPT(**TINY), t=17)
+        _shapes(GPT(**TINY), t=17)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("rules_name", ["dp", "tp"])
+@pytest.mark.parametrize("rules_name,scan", [("dp", False), ("tp", False), ("tp", True)])
 def test_sharded_equals_unsharded(rules_name, scan, mesh, mesh_2d):
     rules, m = (GPT_RULES_DP, mesh) if rules_name == "dp" else (GPT_RULES_TP, mesh_2d)
     model = GPT(**TINY, scan_layers=scan)

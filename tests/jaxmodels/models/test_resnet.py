@@ -51,10 +51,11 @@ def test_layer_indices():
     assert layers_to_blocks((7, 13)) == (3, 6)  # the standard ResNet-20 downsampling conv layers
     with pytest.raises(ValueError, match="first conv"):
         layers_to_blocks((8,))
+    shapes = lambda m: jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((2, 8, 8, 1)))
     with pytest.raises(ValueError, match="downsample_at"):
-        _init(ResNet20(downsample_at=(9,)))
+        shapes(ResNet20(downsample_at=(9,)))
     with pytest.raises(ValueError, match="shortcut"):
-        _init(ResNet20(shortcut="C"))
+        shapes(ResNet20(shortcut="C"))
 
 
 def test_batchnorm_train_updates_stats_eval_uses_them():
@@ -63,14 +64,13 @@ def test_batchnorm_train_updates_stats_eval_uses_them():
     x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1)) * 3 + 1
     y, upd = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(v, x)
     # momentum 0.9: new mean = 0.9 * 0 + 0.1 * batch mean of the stem conv output.
-    conv = model.apply(v, x, capture_intermediates=lambda m, _: m.name == "stem_conv",
-                       mutable=["intermediates"])[1]["intermediates"]["stem_conv"]["__call__"][0]
+    conv = jax.jit(functools.partial(model.apply, capture_intermediates=lambda m, _: m.name == "stem_conv",
+                                     mutable=["intermediates"]))(v, x)[1]["intermediates"]["stem_conv"]["__call__"][0]
     np.testing.assert_allclose(upd["batch_stats"]["stem_bn"]["mean"], 0.1 * conv.mean((0, 1, 2)), rtol=1e-4,
                                atol=1e-6)
-    # Eval mode is deterministic per example (no batch dependence).
-    e1 = jax.jit(model.apply)({**v, **upd}, x)
-    e2 = jax.jit(model.apply)({**v, **upd}, x[:4])
-    np.testing.assert_allclose(e1[:4], e2, atol=1e-5)
+    # Eval mode is per example (no batch dependence): reversing the batch reverses the logits.
+    f = jax.jit(model.apply)
+    np.testing.assert_allclose(f({**v, **upd}, x)[::-1], f({**v, **upd}, x[::-1]), atol=1e-5)
 
 
 @pytest.mark.parametrize("rules_name", ["dp", "tp"])
@@ -103,8 +103,8 @@ def test_trains_on_digits():
     step = make_train_step(apply_fn, tx, has_model_state=True)
     rng = np.random.default_rng(0)
     losses = []
-    for _ in range(60):
-        idx = rng.integers(0, len(data.x_train), 64)
+    for _ in range(40):
+        idx = rng.integers(0, len(data.x_train), 32)
         state, metrics = step(state, data.x_train[idx], data.y_train[idx])
         losses.append(float(metrics["loss"]))
     assert np.mean(losses[:3]) > 1.8 and np.mean(losses[-10:]) < 0.8, losses
