@@ -96,6 +96,12 @@ def test_param_paths_tied_untied_and_peri():
     assert "head/kernel" not in q and "norm/scale" not in q and "block_0/attn_out_norm/scale" not in q
     r = jaxmodels.flatten(_shapes(GPT(**TINY, norm="rmsnorm")))
     assert "block_0/norm1/scale" in r and "block_0/norm1/bias" not in r
+    # A callable norm (the plug-in point for jaxmodels.layers) is called as norm(name=..., epsilon=...).
+    import flax.linen as nn
+
+    c = jaxmodels.flatten(_shapes(GPT(**TINY, placement="peri", norm=lambda name, epsilon: nn.LayerNorm(
+        epsilon=epsilon, use_bias=False, name=name))))
+    assert "block_0/mlp_out_norm/scale" in c and "block_0/mlp_out_norm/bias" not in c
 
 
 def test_causal():
