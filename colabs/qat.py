@@ -64,9 +64,9 @@ vit_cfg = dict(VIT_CONFIGS["digits"])
 model = ViT(**vit_cfg)
 params0 = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
 BATCH = 64 if QUICK else 128
-FP_STEPS = 250 if QUICK else 2000
-QAT_STEPS = 60 if QUICK else 1000  # main QAT phase
-CGA_STEPS = 30 if QUICK else 300  # OFQ: CGA phase appended; LSQ trains the same total number of steps
+FP_STEPS = 200 if QUICK else 2000
+QAT_STEPS = 50 if QUICK else 1000  # main QAT phase
+CGA_STEPS = 25 if QUICK else 300  # OFQ: CGA phase appended; LSQ trains the same total number of steps
 rng = np.random.default_rng(0)
 
 
