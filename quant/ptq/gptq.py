@@ -129,23 +129,33 @@ def _gptq_block(W1, Hinv1, scale, zero, new_group, g_scale, g_zero, maxq):
     return Q1, C1, E1, L1, S1, Z1, sc, zr
 
 
-@functools.partial(jax.jit, static_argnames=("i1", "B", "gs", "bits", "sym"))
-def _block_group_params(W, i1, B, gs, bits, sym):
-    """[B, R] parameters of the groups starting inside the block (found on the block-start weights)."""
+@functools.partial(jax.jit, static_argnames=("B", "gs", "bits", "sym", "mode"))
+def _gptq_step(W, U, i1, scale, zero, st_cols, B, gs, bits, sym, mode):
+    """One lazy block at (traced) offset i1: quantize its B columns, then W[:, i2:] -= Err1 · U[i1:i2, i2:].
+
+    Group parameters (``mode="dynamic"``) come from ``W[:, c:c+gs]`` as it is at the block start, exactly as in the
+    reference (its ``W`` is only updated between blocks); ``mode="static"``: per-column parameters ``st_cols``."""
     R, C = W.shape
-    g_scale = jnp.zeros((B, R), jnp.float32)
-    g_zero = jnp.zeros((B, R), jnp.float32)
-    for c in range(i1, i1 + B):
-        if c % gs == 0:
-            s_, z_ = minmax_params(W[:, c:c + gs], bits, sym)
-            g_scale = g_scale.at[c - i1].set(s_)
-            g_zero = g_zero.at[c - i1].set(z_)
-    return g_scale, g_zero
-
-
-@jax.jit
-def _propagate(W_rest, Err1, Hinv_block_rest):
-    return W_rest - Err1 @ Hinv_block_rest
+    W1 = jax.lax.dynamic_slice(W, (0, i1), (R, B))
+    U1 = jax.lax.dynamic_slice(U, (i1, i1), (B, B))
+    cols = i1 + jnp.arange(B)
+    if mode == "none":
+        new = jnp.zeros((B,), bool)
+        g_scale = g_zero = jnp.zeros((B, R), jnp.float32)
+    elif mode == "static":
+        new = jnp.ones((B,), bool)
+        g_scale = jax.lax.dynamic_slice(st_cols[0], (i1, 0), (B, R))
+        g_zero = jax.lax.dynamic_slice(st_cols[1], (i1, 0), (B, R))
+    else:
+        all_s, all_z = jax.vmap(lambda g: minmax_params(g, bits, sym), in_axes=1, out_axes=1)(
+            W.reshape(R, C // gs, gs))  # [R, n_groups]
+        new = cols % gs == 0
+        g_scale, g_zero = all_s[:, cols // gs].T, all_z[:, cols // gs].T
+    Q1, C1, E1, L1, S1, Z1, scale, zero = _gptq_block(W1, U1, scale, zero, new, g_scale, g_zero, 2**bits - 1)
+    Urow = jax.lax.dynamic_slice(U, (i1, 0), (B, C))
+    Urow = jnp.where(jnp.arange(C)[None, :] >= i1 + B, Urow, 0.0)
+    W = W - E1 @ Urow
+    return W, Q1, C1, S1, Z1, L1.sum() / 2, scale, zero
 
 
 def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, kernel_layout: bool = True) -> dict:
@@ -189,35 +199,23 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
     else:
         scale = zero = jnp.zeros((R,), jnp.float32)
 
-    Q = []
-    codes = []
-    losses = jnp.zeros(())
-    col_scale, col_zero = [], []
+    mode = "none" if gs == -1 else ("static" if config.static_groups else "dynamic")
+    if mode == "static":
+        orig = perm if perm is not None else np.arange(C)
+        st_cols = (st_scale[:, orig // gs].T, st_zero[:, orig // gs].T)  # [C, R] in processing order
+    else:
+        st_cols = (jnp.zeros((C, R), jnp.float32), jnp.zeros((C, R), jnp.float32))
+    Q, codes, col_scale, col_zero = [], [], [], []
+    losses = 0.0
     for i1 in range(0, C, config.block_size):
-        i2 = min(i1 + config.block_size, C)
-        B = i2 - i1
-        idx = np.arange(i1, i2)
-        if gs == -1:
-            new = np.zeros(B, bool)
-            g_scale = g_zero = jnp.zeros((B, R), jnp.float32)
-        elif config.static_groups:
-            orig = perm[idx] if perm is not None else idx
-            new = np.ones(B, bool)
-            g_scale, g_zero = st_scale[:, orig // gs].T, st_zero[:, orig // gs].T
-        else:
-            new = idx % gs == 0
-            # The reference finds a group's parameters on W[:, c:c+gs] whose in-block columns are still the
-            # block-start values (W1 is a copy); W here is exactly that state.
-            g_scale, g_zero = _block_group_params(W, i1, B, gs, config.bits, config.sym)
-        Q1, C1, E1, L1, S1, Z1, scale, zero = _gptq_block(W[:, i1:i2], U[i1:i2, i1:i2], scale, zero,
-                                                          jnp.asarray(new), g_scale, g_zero, maxq)
+        B = min(i1 + config.block_size, C) - i1
+        W, Q1, C1, S1, Z1, L1, scale, zero = _gptq_step(W, U, jnp.int32(i1), scale, zero, st_cols, B=B,
+                                                        gs=max(gs, 1), bits=config.bits, sym=config.sym, mode=mode)
         col_scale.append(S1)  # the quantizer each column used (for export)
         col_zero.append(Z1)
         Q.append(Q1)
         codes.append(C1)
-        losses = losses + L1.sum() / 2
-        if i2 < C:
-            W = W.at[:, i2:].set(_propagate(W[:, i2:], E1, U[i1:i2, i2:]))
+        losses += float(L1)
     Q = jnp.concatenate(Q, axis=1)
     codes = jnp.concatenate(codes, axis=1)
     col_scale = jnp.concatenate(col_scale, axis=1)  # [R, C] in processing order
