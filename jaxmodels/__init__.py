@@ -2,6 +2,7 @@
 (pytree utilities, sharding helpers, checkpoint I/O) that `merging` and `quant` build on."""
 
 from jaxmodels import io, sharding, tree
+from jaxmodels import capture, datasets, layers, models, optim, train
 from jaxmodels.io import (
     CheckpointError,
     iter_safetensors,
@@ -23,7 +24,7 @@ from jaxmodels.tree import (
 )
 
 __all__ = [
-    "io", "sharding", "tree",
+    "io", "sharding", "tree", "capture", "datasets", "layers", "models", "optim", "train",
     "CheckpointError", "iter_safetensors", "load_safetensors", "restore_checkpoint", "save_checkpoint",
     "save_safetensors", "make_mesh", "rules_to_shardings", "shard", "jit_sharded", "check_compatible", "flatten",
     "unflatten", "select", "filter_paths", "map_with_path", "compute_in_float32", "tree_bytes",
