@@ -63,6 +63,13 @@ def _gta_leaf(base, xs, weights, lambda_, key, *, sparsification, densities, con
         elif sparsification == "della_magprune":
             delta = S.della_magprune(delta, d, epsilon[i], jax.random.fold_in(key, i), rescale, norm)
         deltas.append(delta)
+    if consensus is None:  # no election: a running weighted sum, no [n, ...] stack
+        mixed = sum(weights[i].astype(jnp.float32) * d for i, d in enumerate(deltas))
+        wsum = weights.astype(jnp.float32).sum()
+        div = jnp.where(jnp.abs(wsum) < 1e-8, 1.0, wsum)
+        if normalize:
+            mixed = mixed / div
+        return base + lambda_ * mixed
     deltas = jnp.stack(deltas)
     w = weights.astype(jnp.float32).reshape((-1,) + (1,) * base.ndim)
     wd = deltas * w
