@@ -115,6 +115,70 @@ results += [("MiniLM load time [s]", f"{minilm_load_time:.2f}")]
 results += [(f"MiniLM cos: {a[:22]} ~ {b[:22]}", f"{c:.3f}") for (a, b), c in zip(pairs, cosines)]
 
 # %% [markdown]
+# ## Model merging: digit-subset experts merged without data
+#
+# Fine-tune the trained MLP into three task experts (digits 0-3, 4-6, 7-9), then merge them back into one model
+# with data-free methods from `merging` (uniform soup, task arithmetic, TIES, DARE-TIES) and compare per-task
+# accuracy (on each task's test digits) and the average.
+
+# %%
+# Run as a script, colabs/ is first on sys.path and colabs/merging.py would shadow the `merging` package.
+if "__file__" in globals():
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.modules.pop("merging", None)
+import merging  # noqa: E402
+from merging.task_arithmetic import task_arithmetic as _ta  # noqa: E402
+
+merge_tasks = {"digits 0-3": (0, 1, 2, 3), "digits 4-6": (4, 5, 6), "digits 7-9": (7, 8, 9)}
+ft_steps = 60 if QUICK else 300
+# the experts are tiny: fine-tune and merge them on one device (no collectives needed)
+dev0 = jax.devices()[0]
+pre = jax.device_put(jax.tree.map(np.asarray, state.params), dev0)
+experts = []
+for ti, (tname, digits) in enumerate(merge_tasks.items()):
+    sel = np.isin(data.y_train, digits)
+    xt, yt = data.x_train[sel], data.y_train[sel]
+    ft_tx = optax.adam(3e-3)
+    ft_state = init_train_state(jax.tree.map(jnp.copy, pre), ft_tx)
+    ft_step = make_train_step(apply_fn, ft_tx)
+    frng = np.random.default_rng(ti)
+    for _ in range(ft_steps):
+        idx = frng.integers(0, len(xt), batch)
+        ft_state, _ = ft_step(ft_state, xt[idx], yt[idx])
+    experts.append(ft_state.params)
+
+eval_fn = jax.jit(apply_fn)
+
+
+def task_accuracies(p):
+    logits = eval_fn(p, data.x_test)
+    accs = [float(accuracy(logits[np.isin(data.y_test, d)], data.y_test[np.isin(data.y_test, d)]))
+            for d in merge_tasks.values()]
+    return accs + [float(np.mean(accs))]
+
+
+merge_rows = {"pre-trained": task_accuracies(pre)}
+for ti, e in enumerate(experts):
+    merge_rows[f"expert {list(merge_tasks)[ti]}"] = task_accuracies(e)
+merged_models = {
+    "uniform soup": merging.get("linear")(None, experts),
+    "task arithmetic (lambda 1)": _ta(pre, experts, lambda_=1.0),
+    "TIES (density 0.3)": merging.get("ties")(pre, experts, density=0.3),
+    "DARE-TIES (density 0.3)": merging.get("dare_ties")(pre, experts, key=jax.random.key(0), density=0.3),
+}
+for mname, mp in merged_models.items():
+    merge_rows[mname] = task_accuracies(mp)
+head = "".join(f"{t:>12s}" for t in list(merge_tasks) + ["average"])
+print(f"{'model':28s}{head}")
+for mname, accs in merge_rows.items():
+    print(f"{mname:28s}" + "".join(f"{a:12.3f}" for a in accs))
+best_expert_avg = max(merge_rows[f"expert {t}"][-1] for t in merge_tasks)
+for mname in merged_models:
+    results.append((f"merge avg acc: {mname}", f"{merge_rows[mname][-1]:.4f}"))
+results.append(("merge avg acc: best single expert", f"{best_expert_avg:.4f}"))
+
+# %% [markdown]
 # ## Results
 
 # %%

@@ -187,6 +187,7 @@ def test_nan_in_an_input_aborts_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_command_line_dry_run_and_run(tmp_path):
     _write_family(tmp_path)
     import yaml
@@ -219,6 +220,7 @@ def _stream_growth(d: Path, n_tensors: int, n_models: int = 4, shape=(256, 1024)
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_growth"]
 
 
+@pytest.mark.slow
 def test_streaming_peak_memory_does_not_grow_with_the_model(tmp_path):
     """TIES-merge 4 checkpoints of 4 and of 96 tensors of 1 MiB (16 MiB vs 384 MiB in) in child processes and
     compare the growth of peak RSS (VmHWM reset after a warm-up merge). Streaming keeps one tensor per model plus
