@@ -134,3 +134,21 @@ def test_export_round_trip_smaller_and_equal(tmp_path):
         np.testing.assert_allclose(out_l, out_q, atol=5e-3, err_msg=name)
         # the toy model is embedding-dominated; its linears (~64% of the bytes) shrink ~6x at 4 bits
         assert size < 0.75 * fsize, (name, size, fsize)
+
+
+def test_rsq_without_rotation_and_scaling_is_gptq():
+    model, params, batch = toy_bert(seed=1)
+    g = GPTQConfig(3, 16, act_order=True)
+    q1, _ = rsq(params, model, batch, RSQConfig(g, rotate=False, scale_tokens=False), progress=False)
+    q2, _ = gptq(params, model, batch, g, progress=False)
+    for a, b in zip(jax.tree_util.tree_leaves(q1), jax.tree_util.tree_leaves(q2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError):
+        RSQConfig(g, min_value=3.0, max_value=1.0).validate()
+
+
+def test_awq_bad_config_rejected():
+    with pytest.raises(ValueError, match="bits"):
+        AWQConfig(bits=9).validate()
+    with pytest.raises(ValueError, match="grid"):
+        AWQConfig(max_shrink=1.5).validate()

@@ -171,3 +171,20 @@ def test_inputs_not_modified_and_rtn_formats():
         q = rtn_format(params, fmt)
         np.testing.assert_array_equal(np.asarray(q["a"]["kernel"]), np.asarray(round_trip(jnp.asarray(w), fmt)))
         np.testing.assert_array_equal(np.asarray(q["a"]["bias"]), 1.0)
+
+
+def test_sharded_equals_single_device(mesh_2d):
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(6)
+    x, w = _layer(rng, d_in=32, d_out=16)
+    H = hessian_from_inputs(x)
+    ws = jax.device_put(jnp.asarray(w), NamedSharding(mesh_2d, P(None, "model")))
+    Hs = jax.device_put(H, NamedSharding(mesh_2d, P("model", None)))
+    cfg = GPTQConfig(4, 16, act_order=True, block_size=16)
+    np.testing.assert_array_equal(np.asarray(gptq_quantize_weight(ws, Hs, cfg)["weight"]),
+                                  np.asarray(gptq_quantize_weight(w, H, cfg)["weight"]))
+    np.testing.assert_array_equal(np.asarray(rtn_quantize_weight(ws, 3, 16)["weight"]),
+                                  np.asarray(rtn_quantize_weight(w, 3, 16)["weight"]))
