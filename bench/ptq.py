@@ -18,7 +18,7 @@ from jaxmodels.io import save_safetensors  # noqa: E402
 from jaxmodels.models.bert import load_minilm  # noqa: E402
 from jaxmodels.tree import tree_bytes  # noqa: E402
 from quant.ptq.evaluate import run_method  # noqa: E402
-from quant.ptq.export import quantized_tree, save_quantized  # noqa: E402
+from quant.ptq.export import QuantizedLinear, quantized_tree, save_quantized  # noqa: E402
 from quant.ptq.minilm import bert_block_model, calibration_sentences  # noqa: E402
 
 
@@ -38,12 +38,14 @@ def main():
         t = time.perf_counter()
         q, rep = run_method(m, emb.params, model, calib, 4, 128, progress=False)
         times[m] = time.perf_counter() - t
-        if m == "awq":
-            rep["config"]["bits"], rep["config"]["group_size"] = 4, 128
-        size = save_quantized(os.path.join(tmp, f"{m}.safetensors"), quantized_tree(q, rep))
+        tree = quantized_tree(q, rep)
+        size = save_quantized(os.path.join(tmp, f"{m}.safetensors"), tree)
         lin = sum(r["weight"].size * 4 for r in rep["layers"].values())
+        packed = sum(l.nbytes for l in jax.tree_util.tree_leaves(tree, is_leaf=lambda l: isinstance(l, QuantizedLinear))
+                     if isinstance(l, QuantizedLinear))
         print(f"{m:8s} {times[m]:7.1f} s  x{times[m] / times['rtn']:6.1f} vs RTN   file {size / 2**20:6.2f} MiB "
-              f"(x{float_file / size:.2f} smaller; linears {lin / 2**20:.2f} MiB float)")
+              f"(x{float_file / size:.2f} smaller); linears {lin / 2**20:.2f} MiB float -> {packed / 2**20:.2f} MiB packed "
+              f"(x{lin / packed:.2f})")
 
 
 if __name__ == "__main__":
