@@ -246,12 +246,33 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(h.metadata() or {})
 
 
+def _data_layout(path: Path) -> tuple[int, dict[str, Any]]:
+    """(byte offset where tensor data starts, raw JSON header) of a file already validated by :func:`_open`."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return 8 + n, json.loads(f.read(n))
+
+
+def _pread_exact(fd: int, nbytes: int, offset: int, path: Path, name: str) -> bytearray:
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    got = 0
+    while got < nbytes:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k <= 0:
+            raise CheckpointError(f"{path}: truncated while reading tensor {name!r}")
+        got += k
+    return buf
+
+
 def iter_safetensors(
     path: str | os.PathLike, names: list[str] | None = None, as_numpy: bool = True
 ) -> Iterator[tuple[str, Any]]:
-    """Yield ``(name, array)`` one tensor at a time (file order, or ``names`` order); memory stays at one tensor
-    (the file is memory-mapped by safetensors).
+    """Yield ``(name, array)`` one tensor at a time (file order, or ``names`` order).
 
+    Each file is validated by ``safetensors.safe_open`` first; each tensor is then read with ``pread`` into a fresh
+    buffer, so memory holds one tensor at a time (a memory map would keep every touched page resident until the
+    file is closed, which defeats streaming a checkpoint larger than memory).
     Arrays are NumPy (bf16 as ``ml_dtypes.bfloat16``) by default, or ``jax.Array`` with ``as_numpy=False``.
     """
     files = safetensors_files(path)
@@ -259,18 +280,27 @@ def iter_safetensors(
     for name in order:
         if name not in files:
             raise CheckpointError(f"{path}: no tensor named {name!r}")
-    stack = contextlib.ExitStack()
-    handles: dict[Path, Any] = {}
-    with stack:
+    layouts: dict[Path, tuple[int, dict[str, Any]]] = {}
+    fds: dict[Path, int] = {}
+    try:
         for name in order:
             f = files[name]
-            if f not in handles:
-                handles[f] = stack.enter_context(_open(f))
-            try:
-                arr = handles[f].get_tensor(name)
-            except Exception as e:  # SafetensorError / KeyError from the rust side
-                raise CheckpointError(f"{f}: cannot read tensor {name!r}: {e}") from e
-            yield name, (np.asarray(arr) if as_numpy else arr)
+            if f not in layouts:
+                with _open(f):  # the library's validation: header, offsets, file size
+                    pass
+                layouts[f] = _data_layout(f)
+                fds[f] = os.open(f, os.O_RDONLY)
+            start, header = layouts[f]
+            if name not in header:
+                raise CheckpointError(f"{f}: index lists {name!r} but the file does not contain it")
+            spec = header[name]
+            b, e = spec["data_offsets"]
+            buf = _pread_exact(fds[f], e - b, start + b, f, name)
+            arr = np.frombuffer(buf, dtype=SAFETENSORS_DTYPES[spec["dtype"]]).reshape(spec["shape"])
+            yield name, (arr if as_numpy else jnp.asarray(arr))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def load_safetensors(

@@ -238,48 +238,6 @@ def is_orbax(path: Path) -> bool:
     return path.is_dir() and not list(path.glob("*.safetensors")) and not (path / jio.INDEX_NAME).exists()
 
 
-def _header(path: Path) -> tuple[int, dict[str, Any]]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise jio.CheckpointError(f"{path}: truncated safetensors file")
-        n = int.from_bytes(raw, "little")
-        header = json.loads(f.read(n))
-    return 8 + n, header
-
-
-def iter_tensors_pread(path: Path, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(name, array)`` reading each tensor with one ``pread`` into a fresh buffer: memory holds exactly one
-    tensor (``jaxmodels.io.iter_safetensors`` memory-maps the file, so touched pages stay resident until it is
-    closed; streaming a file larger than memory needs plain reads). Shapes/dtypes were validated from the same
-    headers by :func:`jaxmodels.io.safetensors_specs`."""
-    files = jio.safetensors_files(path)
-    headers: dict[Path, tuple[int, dict[str, Any]]] = {}
-    fds: dict[Path, int] = {}
-    try:
-        for name in names:
-            f = files[name]
-            if f not in headers:
-                headers[f] = _header(f)
-                fds[f] = os.open(f, os.O_RDONLY)
-            start, header = headers[f]
-            h = header[name]
-            b, e = h["data_offsets"]
-            dtype = jio.SAFETENSORS_DTYPES[h["dtype"]]
-            buf = bytearray(e - b)
-            view = memoryview(buf)
-            got = 0
-            while got < len(buf):
-                k = os.preadv(fds[f], [view[got:]], start + b + got)
-                if k <= 0:
-                    raise jio.CheckpointError(f"{f}: truncated while reading tensor {name!r}")
-                got += k
-            yield name, np.frombuffer(buf, dtype=dtype).reshape(h["shape"])
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
 @dataclasses.dataclass
 class Source:
     label: str
@@ -290,7 +248,7 @@ class Source:
 
     def iter(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         if self.kind == "safetensors":
-            return iter_tensors_pread(self.path, names)
+            return jio.iter_safetensors(self.path, names)
         return ((n, np.asarray(self.tree[n])) for n in names)
 
 
