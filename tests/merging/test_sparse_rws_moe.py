@@ -114,3 +114,118 @@ def test_sparse_soup_rejects_different_masks_naming_the_path():
         sparse_soup(None, models, weight=[1.0, -1.0])
     with pytest.raises(ValueError, match="entries"):
         sparse_soup(None, models, weight=[1.0, 1.0, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Robust Weight Signatures
+
+from merging.robust_signatures import PatchUndo, extract_signature, patch, unpatch  # noqa: E402
+
+SHALLOW = r"^dense/"
+
+
+def rws_family(seed=0, dtype=np.float32):
+    clean = make_tree(seed, dtype=dtype)
+    robust = [jax.tree.map(lambda c, t: (c + t).astype(dtype), clean, make_tree(seed + 1 + i, 0.05))
+              for i in range(2)]
+    return clean, robust
+
+
+def np_quant(d, bits):
+    q = 2 ** (bits - 1) - 1
+    amax = np.abs(d).max()
+    s = amax / q if amax > 0 else 1.0
+    return (np.clip(np.round(d / s), -q, q) * s).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_extract_signature_matches_numpy_reference(bits):
+    clean, (robust, _) = rws_family()
+    sig = extract_signature(clean, robust, include=SHALLOW, bits=bits)
+    assert sorted(sig) == ["dense/bias", "dense/kernel"]
+    for p, d in sig.items():
+        want = flatten(np_tree(robust))[p] - flatten(np_tree(clean))[p]
+        if bits is not None:
+            want = np_quant(want, bits)
+            # a b-bit grid: at most 2^b - 1 distinct values
+            assert len(np.unique(np.asarray(d))) <= 2 ** bits - 1
+        np.testing.assert_allclose(np.asarray(d), want, **TOL)
+
+
+def test_patch_matches_numpy_and_only_selected_layers_change():
+    clean, robust = rws_family()
+    sigs = [extract_signature(clean, r, include=SHALLOW) for r in robust]
+    sigs[1] = {"dense/kernel": sigs[1]["dense/kernel"]}  # a signature may cover fewer layers
+    c = [0.7, -0.4]
+    got = flatten(patch(clean, sigs, c))
+    ref = flatten(np_tree(clean))
+    for p, g in got.items():
+        want = ref[p] + sum(ci * np.asarray(s[p]) for ci, s in zip(c, sigs) if p in s)
+        if p.startswith("dense/"):
+            np.testing.assert_allclose(np.asarray(g), want, **TOL)
+            assert not np.array_equal(np.asarray(g), ref[p])
+        else:
+            np.testing.assert_array_equal(np.asarray(g), ref[p])
+    # patching the clean model with its own robust signature (c=1) gives the robust shallow layers back
+    full = flatten(patch(clean, sigs[0], 1.0))
+    for p in sigs[0]:
+        np.testing.assert_allclose(np.asarray(full[p]), flatten(np_tree(robust[0]))[p], **TOL)
+
+
+def test_unpatch_is_exact_with_undo_and_within_rounding_without():
+    clean, robust = rws_family(seed=5)
+    sigs = [extract_signature(clean, r, include=SHALLOW, bits=8) for r in robust]
+    patched, undo = patch(clean, sigs, [1.3, 0.9], return_undo=True)
+    assert isinstance(undo, PatchUndo) and sorted(undo.original) == ["dense/bias", "dense/kernel"]
+    assert_trees_equal(unpatch(patched, sigs, [1.3, 0.9], undo=undo), clean)  # bit for bit
+    # arithmetic inverse: (x + d) - d is within 1 float32 ulp of x for |d| <~ |x| (2 ulps of O(1) values)
+    assert_trees_close(unpatch(patched, sigs, [1.3, 0.9]), clean, rtol=1e-6, atol=5e-7)
+    # a patched model changed since cannot be restored "exactly"
+    tampered = jax.tree.map(lambda x: x, patched)
+    tampered["dense"]["bias"] = tampered["dense"]["bias"] + 1.0
+    with pytest.raises(ValueError, match="dense/bias"):
+        unpatch(tampered, sigs, [1.3, 0.9], undo=undo)
+    with pytest.raises(ValueError, match="not what patch"):
+        unpatch(patched, sigs, [1.3, 0.8], undo=undo)
+
+
+def test_rws_sharded_equals_unsharded(mesh):
+    clean, robust = rws_family()
+    sigs = [extract_signature(clean, r, include=SHALLOW, bits=8) for r in robust]
+    want = patch(clean, sigs, [0.5, 0.5])
+    sc, sr = shard_tree(clean, mesh), [shard_tree(r, mesh) for r in robust]
+    ssigs = [extract_signature(sc, r, include=SHALLOW, bits=8) for r in sr]
+    for a, b in zip(ssigs, sigs):
+        assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
+    got, undo = patch(sc, ssigs, [0.5, 0.5], return_undo=True)
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+    assert_trees_equal(unpatch(got, ssigs, [0.5, 0.5], undo=undo), clean)
+
+
+def test_rws_bf16_model_keeps_dtype():
+    clean, robust = rws_family(dtype=jnp.bfloat16)
+    sig = extract_signature(clean, robust[0], include=SHALLOW)
+    assert all(d.dtype == jnp.float32 for d in sig.values())
+    patched, undo = patch(clean, sig, 1.0, return_undo=True)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(patched))
+    # clean + (robust - clean) in float32, rounded once to bf16, is the bf16 robust value exactly
+    for p in sig:
+        np.testing.assert_array_equal(np.asarray(flatten(patched)[p]), np.asarray(flatten(robust[0])[p]))
+    assert_trees_equal(unpatch(patched, sig, 1.0, undo=undo), clean)
+
+
+def test_rws_bad_inputs():
+    clean, robust = rws_family()
+    with pytest.raises(ValueError, match="bits"):
+        extract_signature(clean, robust[0], include=SHALLOW, bits=1)
+    with pytest.raises(ValueError, match="selects no leaf"):
+        extract_signature(clean, robust[0], include="^nothing")
+    with pytest.raises(ValueError, match="robust"):
+        extract_signature(clean, {"dense": clean["dense"]}, include=SHALLOW)
+    sig = extract_signature(clean, robust[0], include=SHALLOW)
+    with pytest.raises(ValueError, match="entries"):
+        patch(clean, [sig], [1.0, 2.0])
+    with pytest.raises(ValueError, match="lacks"):
+        patch({"out": clean["out"]}, sig)
+    with pytest.raises(ValueError, match="finite"):
+        patch(clean, sig, float("nan"))
