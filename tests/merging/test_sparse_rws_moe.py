@@ -229,3 +229,127 @@ def test_rws_bad_inputs():
         patch({"out": clean["out"]}, sig)
     with pytest.raises(ValueError, match="finite"):
         patch(clean, sig, float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MC-SMoE expert merging
+
+from merging.moe_expert_merge import MoEMerge, expert_usage, mc_smoe_merge  # noqa: E402
+
+E = 8
+
+
+def moe_experts(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return {"wi": rng.standard_normal((E, 4, 6)).astype(dtype), "wo": rng.standard_normal((E, 6, 4)).astype(dtype),
+            "b": rng.standard_normal((E, 6)).astype(dtype)}
+
+
+def planted_logits(seed=0, tokens=400):
+    """Two latent routing directions: experts 1 and 5 are the popular ones; 0, 2, 3 follow 1's logit pattern and
+    4, 6, 7 follow 5's (plus noise), so MC-SMoE must find groups {0,1,2,3} and {4,5,6,7}."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((tokens, 2)).astype(np.float32)
+    owner = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    offset = np.array([-1.0, 2.0, -1.5, -0.5, -1.0, 2.2, -0.8, -1.2], np.float32)
+    return (z[:, owner] * 2.0 + offset + 0.3 * rng.standard_normal((tokens, E))).astype(np.float32)
+
+
+def np_mc_smoe(experts, logits, num_groups, top_k):
+    t, e = logits.shape
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+    freq = np.zeros(e, np.float32)
+    for row in top:
+        freq[row] += 1
+    freq /= t
+    dom = np.sort(np.argsort(-freq, kind="stable")[:num_groups])
+    group = np.empty(e, np.int64)
+    for i in range(e):
+        if i in dom:
+            group[i] = list(dom).index(i)
+        else:
+            sims = [logits[:, i] @ logits[:, d] / (np.linalg.norm(logits[:, i]) * np.linalg.norm(logits[:, d]))
+                    for d in dom]
+            group[i] = int(np.argmax(sims))
+    merged = {}
+    for k, x in experts.items():
+        out = []
+        for g in range(num_groups):
+            members = np.flatnonzero(group == g)
+            w = freq[members] if freq[members].sum() > 0 else np.ones(len(members), np.float32)
+            out.append(np.tensordot(w / w.sum(), np.asarray(x, np.float32)[members], axes=1))
+        merged[k] = np.stack(out)
+    return merged, group, dom, freq
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_mc_smoe_matches_numpy_reference_on_planted_groups(top_k):
+    experts, logits = moe_experts(), planted_logits()
+    got = mc_smoe_merge(experts, logits, 2, top_k=top_k)
+    assert isinstance(got, MoEMerge)
+    want, group, dom, freq = np_mc_smoe(experts, logits, 2, top_k)
+    np.testing.assert_allclose(np.asarray(got.frequency), freq, rtol=0, atol=1e-7)  # counts / T, exact in f32
+    np.testing.assert_array_equal(np.asarray(got.dominant), dom)
+    np.testing.assert_array_equal(np.asarray(got.group_of_expert), group)
+    if top_k == 1:  # the planted structure is recovered
+        np.testing.assert_array_equal(dom, [1, 5])
+        np.testing.assert_array_equal(group, [0, 0, 0, 0, 1, 1, 1, 1])
+    for k in experts:
+        assert got.experts[k].shape == (2,) + experts[k].shape[1:]
+        np.testing.assert_allclose(np.asarray(got.experts[k]), want[k], **TOL)
+
+
+def test_mc_smoe_identical_experts_unchanged():
+    one = moe_experts(3)
+    experts = {k: np.repeat(v[:1], E, axis=0) for k, v in one.items()}
+    got = mc_smoe_merge(experts, planted_logits(1), 3, top_k=2)
+    # a convex combination of identical rows: Σ w_e x with Σ w_e = 1 up to float32 rounding (a few ulps of O(1))
+    for k, v in experts.items():
+        np.testing.assert_allclose(np.asarray(got.experts[k]), np.repeat(v[:1], 3, axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_mc_smoe_frequency_weights_respected():
+    # 2 experts, one group; expert 0 wins 3 of 4 tokens -> merged = 0.75 W_0 + 0.25 W_1 (not the plain mean)
+    experts = {"w": np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)}
+    logits = np.array([[2.0, 1.0], [3.0, 0.0], [1.0, 0.5], [0.0, 1.0]], np.float32)
+    got = mc_smoe_merge(experts, logits, 1)
+    np.testing.assert_array_equal(np.asarray(got.frequency), [0.75, 0.25])
+    np.testing.assert_allclose(np.asarray(got.experts["w"]), [[0.75, 0.25]], rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(got.group_of_expert), [0, 0])
+    np.testing.assert_array_equal(np.asarray(expert_usage(logits, 2)), [1.0, 1.0])
+    # num_groups = E: every expert its own group, weights untouched
+    got = mc_smoe_merge(experts, logits, 2)
+    np.testing.assert_array_equal(np.asarray(got.experts["w"]), experts["w"])
+
+
+def test_mc_smoe_sharded_equals_unsharded(mesh):
+    experts, logits = moe_experts(), planted_logits()
+    want = mc_smoe_merge(experts, logits, 3, top_k=2)
+    got = mc_smoe_merge(shard_tree(experts, mesh), shard_tree(logits, mesh), 3, top_k=2)
+    np.testing.assert_array_equal(np.asarray(got.group_of_expert), np.asarray(want.group_of_expert))
+    # same float32 program partitioned over devices: reductions may re-associate (a few ulps)
+    assert_trees_close(got.experts, want.experts, rtol=1e-5, atol=1e-6)
+
+
+def test_mc_smoe_bf16_in_bf16_out():
+    experts, logits = moe_experts(dtype=jnp.bfloat16), planted_logits()
+    got = mc_smoe_merge(experts, logits, 2)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got.experts))
+    want = mc_smoe_merge(jax.tree.map(lambda x: x.astype(jnp.float32), experts), logits, 2)
+    assert_trees_close(got.experts, want.experts, rtol=2 ** -7, atol=1e-2)  # one bf16 rounding of the f32 merge
+
+
+def test_mc_smoe_bad_inputs():
+    experts, logits = moe_experts(), planted_logits()
+    with pytest.raises(ValueError, match="num_groups"):
+        mc_smoe_merge(experts, logits, 0)
+    with pytest.raises(ValueError, match="top_k"):
+        mc_smoe_merge(experts, logits, 2, top_k=9)
+    with pytest.raises(ValueError, match="router_logits has 7 experts"):
+        mc_smoe_merge(experts, logits[:, :7], 2)
+    with pytest.raises(ValueError, match="leaf 'wo' has leading .expert. axis 5, expected 8"):
+        mc_smoe_merge({**experts, "wo": experts["wo"][:5]}, logits, 2)
+    bad = logits.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        mc_smoe_merge(experts, bad, 2)
