@@ -97,6 +97,56 @@ def test_sparse_soup_bf16_in_bf16_out():
         assert np.all(np.asarray(g, np.float32)[~flatten(masks)[p]] == 0)
 
 
+def test_sparse_soup_digits_experiment_soup_of_retrained_sparse_models():
+    """The paper's setting in miniature: train an MLP on digits, prune 80% of each kernel by magnitude, retrain 3
+    copies under the same mask with different batch orders, soup them. Measured (CPU): ingredients test acc
+    0.949 / 0.955 / 0.958 (loss 0.151 / 0.148 / 0.152), soup acc 0.955 (loss 0.149), pruned-not-retrained 0.762."""
+    import optax
+
+    from jaxmodels.datasets import load_digits_split
+    from jaxmodels.models.mlp import MLP
+    from jaxmodels.train import accuracy, init_train_state, make_train_step, softmax_cross_entropy
+
+    d = load_digits_split()
+    model = MLP(features=(64,))
+
+    def apply(p, x):
+        return model.apply({"params": p}, x)
+
+    def train(params, steps, seed, lr, mask=None):
+        tx = optax.adam(lr)
+        st = init_train_state(params, tx)
+        step = make_train_step(apply, tx, donate=False)
+        rng = np.random.default_rng(seed)
+        for _ in range(steps):
+            idx = rng.integers(0, len(d.x_train), 64)
+            st, _ = step(st, d.x_train[idx], d.y_train[idx])
+            if mask is not None:
+                st = st._replace(params=jax.tree.map(lambda p, m: p * m, st.params, mask))
+        return st.params
+
+    def acc(p):
+        return float(accuracy(apply(p, d.x_test), d.y_test))
+
+    def loss(p):
+        return float(softmax_cross_entropy(apply(p, d.x_test), d.y_test))
+
+    dense = train(model.init(jax.random.key(0), d.x_train[:1])["params"], 200, 0, 1e-2)
+    mask = {k: {"kernel": np.abs(np.asarray(v["kernel"])) >= np.quantile(np.abs(np.asarray(v["kernel"])), 0.8),
+                "bias": np.ones(v["bias"].shape, bool)} for k, v in dense.items()}
+    pruned = jax.tree.map(lambda p, m: p * m, dense, mask)
+    ings = [train(pruned, 300, s, 3e-3, mask) for s in (1, 2, 3)]
+    soup = sparse_soup(None, ings, mask=mask)
+    # sparsity kept exactly: 80% of every kernel is zero in the soup
+    for k in soup:
+        assert np.all(np.asarray(soup[k]["kernel"])[~mask[k]["kernel"]] == 0)
+    # the soup is at least as good as a typical ingredient (loss below the ingredients' mean; accuracy no worse than
+    # the worst ingredient) and far better than the pruned, not retrained, network
+    assert loss(soup) <= np.mean([loss(p) for p in ings])
+    assert acc(soup) >= min(acc(p) for p in ings)
+    assert acc(soup) > acc(pruned) + 0.1
+
+
 def test_sparse_soup_rejects_different_masks_naming_the_path():
     _, models = sparse_family(2)
     bad = jax.tree.map(lambda x: x, models[1])
