@@ -264,6 +264,58 @@ def test_rws_bf16_model_keeps_dtype():
     assert_trees_equal(unpatch(patched, sig, 1.0, undo=undo), clean)
 
 
+def test_rws_digits_experiment_shallow_signature_carries_robustness():
+    """The paper's claim in miniature: fine-tune a clean digits MLP on Gaussian-noise-corrupted inputs; the 8-bit
+    signature of the first layer alone, patched onto the clean model, recovers most of the robust model's accuracy
+    on noisy test digits, while the signature of the last layer does not. Measured (CPU): noisy-test accuracy
+    clean 0.465, robust 0.628, clean + Dense_0 signature 0.619, clean + Dense_2 signature 0.488; clean-test
+    accuracy of the patched model 0.947 (robust 0.949)."""
+    import optax
+
+    from jaxmodels.datasets import load_digits_split
+    from jaxmodels.models.mlp import MLP
+    from jaxmodels.train import accuracy, init_train_state, make_train_step
+
+    d = load_digits_split()
+    model = MLP(features=(64, 64))
+
+    def apply(p, x):
+        return model.apply({"params": p}, x)
+
+    def corrupt(x, seed):
+        return np.clip(x + 0.5 * np.random.default_rng(seed).standard_normal(x.shape), 0, 1).astype(np.float32)
+
+    def train(params, steps, seed, lr, noisy=False):
+        tx = optax.adam(lr)
+        st = init_train_state(params, tx)
+        step = make_train_step(apply, tx, donate=False)
+        rng = np.random.default_rng(seed)
+        for i in range(steps):
+            idx = rng.integers(0, len(d.x_train), 64)
+            x = corrupt(d.x_train[idx], seed * 10000 + i) if noisy else d.x_train[idx]
+            st, _ = step(st, x, d.y_train[idx])
+        return st.params
+
+    x_noisy = corrupt(d.x_test, 999)
+
+    def acc(p, x):
+        return float(accuracy(apply(p, x), d.y_test))
+
+    clean = train(model.init(jax.random.key(0), d.x_train[:1])["params"], 300, 0, 1e-2)
+    robust = train(clean, 300, 1, 1e-3, noisy=True)
+    shallow = extract_signature(clean, robust, include=r"^Dense_0/", bits=8)
+    deep = extract_signature(clean, robust, include=r"^Dense_2/", bits=8)
+    patched, undo = patch(clean, shallow, 1.0, return_undo=True)
+    a_clean, a_robust = acc(clean, x_noisy), acc(robust, x_noisy)
+    a_shallow, a_deep = acc(patched, x_noisy), acc(patch(clean, deep, 1.0), x_noisy)
+    # margins are several test examples (1 example = 0.0022) wider than the measured gaps
+    assert a_robust > a_clean + 0.1
+    assert a_shallow >= a_robust - 0.03
+    assert a_shallow > a_deep + 0.05
+    assert acc(patched, d.x_test) > 0.9
+    assert_trees_equal(unpatch(patched, shallow, 1.0, undo=undo), clean)
+
+
 def test_rws_bad_inputs():
     clean, robust = rws_family()
     with pytest.raises(ValueError, match="bits"):
