@@ -13,7 +13,7 @@ from jaxmodels.sharding import DATA, rules_to_shardings
 
 PyTree = Any
 
-__all__ = ["TrainState", "make_train_step", "softmax_cross_entropy", "accuracy", "init_train_state"]
+__all__ = ["TrainState", "synchronize_on_cpu_mesh", "make_train_step", "softmax_cross_entropy", "accuracy", "init_train_state"]
 
 
 class TrainState(NamedTuple):
@@ -90,4 +90,24 @@ def make_train_step(
         y = jax.lax.with_sharding_constraint(y, batch_sharding(y.ndim))
         return step(state, x, y)
 
-    return jax.jit(sharded_step, donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(sharded_step, donate_argnums=(0,) if donate else ())
+    return synchronize_on_cpu_mesh(jitted, mesh)
+
+
+def synchronize_on_cpu_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """Wait for each call's result when ``mesh`` spans several CPU devices.
+
+    XLA's CPU backend runs the virtual devices of ``--xla_force_host_platform_device_count`` as threads of one pool;
+    with asynchronous dispatch, the next step's participants can occupy the pool while one participant of the
+    previous step's all-reduce has not started, and the rendezvous aborts the process after 40 s (seen on 2-core
+    machines). Blocking on every step keeps at most one collective program in flight. GPU/TPU meshes are untouched.
+    """
+    devices = mesh.devices.flat
+    if mesh.size <= 1 or not all(d.platform == "cpu" for d in devices):
+        return fn
+
+    def synchronized(*args, **kwargs):
+        return jax.block_until_ready(fn(*args, **kwargs))
+
+    synchronized.lower = fn.lower  # keep the jitted function's AOT interface
+    return synchronized
