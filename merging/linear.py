@@ -31,19 +31,27 @@ def _linear_leaf(xs, weights, *, normalize):
     return acc
 
 
+def validate_weighted_average(base: Any, models: Sequence[Any], weight, normalize: bool,
+                              method: str) -> tuple[list, list[float]]:
+    """Checks shared by the weighted averages (linear, sparse_soup) before any work: no base, compatible trees and
+    dtypes, one finite weight per model, a non-zero weight sum when normalizing. Returns (models, weights)."""
+    models = C.as_models(models, 1, method)
+    if base is not None:
+        raise ValueError(f"{method}: takes no base model (put it in `models` to include it in the average)")
+    C.validate_trees(None, models, method)
+    C.check_leaf_dtypes(None, models, method)
+    weights = C.per_model(weight, len(models), "weight", method)
+    for w in weights:
+        C.check_finite_param(w, "weight", method)
+    if normalize and abs(sum(weights)) < 1e-12:
+        raise ValueError(f"{method}: weights sum to zero ({weights}); cannot normalize")
+    return models, weights
+
+
 @register("linear", needs_base=False, per_model=("weight",), defaults={"normalize": True})
 def linear(base: Any, models: Sequence[Any], *, weight: float | Sequence[float] = 1.0, normalize: bool = True) -> Any:
     """Weighted average of ``models`` (``base`` must be None: include the base in ``models`` to average it)."""
-    models = C.as_models(models, 1, "linear")
-    if base is not None:
-        raise ValueError("linear: takes no base model (put it in `models` to include it in the average)")
-    C.validate_trees(None, models, "linear")
-    C.check_leaf_dtypes(None, models, "linear")
-    weights = C.per_model(weight, len(models), "weight", "linear")
-    for w in weights:
-        C.check_finite_param(w, "weight", "linear")
-    if normalize and abs(sum(weights)) < 1e-12:
-        raise ValueError(f"linear: weights sum to zero ({weights}); cannot normalize")
+    models, weights = validate_weighted_average(base, models, weight, normalize, "linear")
     w_arr = jnp.asarray(weights, jnp.float32)
 
     @compute_in_float32(dtype_from=0)

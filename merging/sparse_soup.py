@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxmodels.tree import check_compatible, compute_in_float32, flatten
 from merging import _common as C
+from merging.linear import validate_weighted_average
 from merging.registry import register
 
 __all__ = ["sparse_soup", "shared_mask", "check_shared_mask"]
@@ -72,16 +73,7 @@ def sparse_soup(base: Any, models: Sequence[Any], *, weight: float | Sequence[fl
     non-zero pattern of ``models[0]`` and all models must share it. With it, a weight that is non-zero outside the
     mask in any model is rejected (the models were not pruned with that mask).
     """
-    models = C.as_models(models, 1, "sparse_soup")
-    if base is not None:
-        raise ValueError("sparse_soup: takes no base model (put it in `models` to include it in the average)")
-    C.validate_trees(None, models, "sparse_soup")
-    C.check_leaf_dtypes(None, models, "sparse_soup")
-    weights = C.per_model(weight, len(models), "weight", "sparse_soup")
-    for w in weights:
-        C.check_finite_param(w, "weight", "sparse_soup")
-    if normalize and abs(sum(weights)) < 1e-12:
-        raise ValueError(f"sparse_soup: weights sum to zero ({weights}); cannot normalize")
+    models, weights = validate_weighted_average(base, models, weight, normalize, "sparse_soup")
     if mask is None:
         check_shared_mask(models)
         mask = shared_mask(models[0])
