@@ -11,7 +11,7 @@ the forward pass stays differentiable without a straight-through estimator (as i
     W_hat = cast_fp(W + R * Delta)              (an addition, then a cast to the operator format, e.g. BF16)
 
 ``R`` takes integer values: ``P(R = k) = Phi(2k + 1) - Phi(2k - 1)``, so ``P(R = 0) = erf(1/sqrt 2) ~= 0.683`` (about
-two weights in three are left unperturbed at each step: the precision is stochastic), ``P(|R| = 1) ~= 0.315``,
+two weights in three are left unperturbed at each step), ``P(|R| = 1) ~= 0.315``,
 ``P(|R| = 2) ~= 0.0027``; ``E[R] = 0`` and ``Var(R) = sum_k k^2 P(R = k) ~= 0.3254`` (:data:`R_VARIANCE`).
 ``Delta`` is one step per block, proportional to the block's absolute maximum (reviewers of the revision: "per-block
 noise scaled by the block max"; :func:`block_absmax` computes it over micro-scaling blocks).
@@ -19,7 +19,8 @@ noise scaled by the block max"; :func:`block_absmax` computes it over micro-scal
 What is NOT taken from the paper: the exact map from bit width and block maximum to ``Delta`` was not available to us
 (only the abstracts and the reviews of the revision were), so :func:`gaussws_fake_quant` takes ``Delta`` from the
 caller, e.g. ``block_absmax(w, 32) * 2.0 ** (1 - bits)`` for the step of a symmetric ``bits``-bit grid. The random
-numbers come from ``jax.random.normal`` (the paper generates ``R`` with bit operations, hence its "~=").
+numbers come from ``jax.random.normal`` (the revision generates ``R`` with bit operations instead, per its reviews).
+Nor is the paper's "stochastic precision annealing" schedule implemented here (its definition was not available).
 
 Gradient: ``d W_hat / d W = 1`` (the cast passes gradients through unchanged) plus, when ``Delta`` is computed from
 ``W``, the term through ``Delta`` (``R dDelta/dW``), as in DiffQ; wrap ``Delta`` in ``jax.lax.stop_gradient`` to drop
