@@ -8,8 +8,10 @@ For a weight ``W[out, in]`` (the Flax kernel transposed) on a b-bit grid with in
 
 * ``s1`` — the common grid step, one per (output channel, input group), initialised to the RTN min/max grid
   (:func:`quant.ptq._common.minmax_params`, the grid of :mod:`quant.ptq.rtn`) and learned;
-* ``S2`` ``[out, in]`` — one learnable division factor per weight; ``s3`` ``[out, 1]`` per output channel, ``s4``
-  ``[1, in]`` per input channel (the reference code for linear layers has no ``s4``: ``FlexRoundConfig(s4=False)``);
+* ``S2`` ``[out, in]`` — one learnable division factor per weight; ``s3`` ``[out, 1]`` per output channel — the
+  paper's form for fully-connected layers and the authors' code (``delta1 + delta2 + delta3``); the paper's
+  convolutions add ``s4`` per input channel, available here for linears as ``FlexRoundConfig(s4=True)`` ``[1, in]``
+  (s4 = 1, i.e. absent, by default);
 * every factor is exp-parameterised so it stays positive: ``s1 = s1⁰·exp(δ1)``, ``S2 = exp(Δ2)``, ``s3 = exp(δ3)``,
   ``s4 = exp(δ4)`` with all δ = 0 at the start (S2 = s3 = s4 = 1, s1 = RTN step: Ŵ is then *exactly* RTN);
   the reference stores ``log s1`` instead of ``δ1`` — same gradients and Adam steps, but ``exp(log s1) ≠ s1`` in
@@ -63,8 +65,9 @@ class FlexRoundConfig:
     plain min/max initial grid); scale ``iters`` down for CPU runs (a few hundred steps already move the rounding).
 
     ``batch_size``: calibration samples (leading axis of the activations: sequences for a block, rows for a single
-    layer) per Adam step. ``learn_s1``: learn the grid step (the paper's ablation shows it matters). ``s4``: the
-    per-input-channel divisor (the paper's convolution form; the reference linear code uses ``s3`` only).
+    layer) per Adam step. ``learn_s1``: learn the grid step (the paper's ablation shows it matters). ``s4``: also
+    learn a per-input-channel divisor (the paper's convolution form; its linear form and code use ``s3`` only).
+    ``seed``: mini-batch sampling. ``chunk``: Adam steps per jitted call (progress-bar granularity).
     """
 
     bits: int = 4
@@ -74,31 +77,31 @@ class FlexRoundConfig:
     lr: float = 3e-3
     batch_size: int = 2
     learn_s1: bool = True
-    s4: bool = True
+    s4: bool = False
     seed: int = 0
-    chunk: int = 100  # Adam steps per jitted call (progress granularity)
+    chunk: int = 100
 
     def validate(self) -> None:
         check_bits(self.bits, self.group_size)
-        if not isinstance(self.iters, (int, np.integer)) or isinstance(self.iters, bool) or self.iters < 0:
-            raise ValueError(f"iters must be a non-negative integer, got {self.iters!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        for name in ("iters", "batch_size", "chunk", "seed"):
+            v = getattr(self, name)
+            lo = 0 if name in ("iters", "seed") else 1
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float, np.floating)) \
+                or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.chunk, (int, np.integer)) or self.chunk < 1:
-            raise ValueError(f"chunk must be a positive integer, got {self.chunk!r}")
 
 
 # ----------------------------------------------------------------------------------------------- the quantizer
 
-def flexround_init(w_oi: jax.Array, bits: int, group_size: int = -1, sym: bool = False, *, s4: bool = True,
+def flexround_init(w_oi: jax.Array, bits: int, group_size: int = -1, sym: bool = False, *, s4: bool = False,
                    learn_s1: bool = True):
     """Initial state of one weight ``W[out, in]``: ``(theta, grid)``.
 
     ``grid = {"s1": s1⁰ [out, n_groups], "zero": z [out, n_groups]}`` is the RTN min/max grid (fixed);
     ``theta = {"d1": δ1 [out, n_groups], "d2": Δ2 [out, in], "d3": δ3 [out, 1], "d4": δ4 [1, in]}`` are the learnable
-    log-factors, all zero (``d1`` absent when ``learn_s1=False``, ``d4`` absent when ``s4=False``).
+    log-factors, all zero (``d1`` absent when ``learn_s1=False``, ``d4`` only with ``s4=True``).
     """
     check_bits(bits, group_size)
     w = jnp.asarray(w_oi, jnp.float32)
@@ -136,12 +139,12 @@ def flexround_weight(w_oi: jax.Array, theta: dict, grid: dict, bits: int):
     """FlexRound quantizer of ``W[out, in]`` (jit-able, differentiable in ``theta`` through the STE):
 
         Ŵ = s1 · (clamp(⌊W ⊘ (s1 ⊙ S2 ⊙ s3 ⊙ s4)⌉ + z, 0, 2^b − 1) − z),
-        s1 = s1⁰·exp(δ1) (per group), S2 = exp(Δ2), s3 = exp(δ3), s4 = exp(δ4).
+        s1 = s1⁰·exp(δ1) (per group), S2 = exp(Δ2), s3 = exp(δ3), s4 = exp(δ4) (1 without ``d4``).
 
     Returns ``(Ŵ [out, in] float32, codes [out, in] uint8, s1 [out, n_groups])``; ``s1·(codes − z) == Ŵ`` exactly.
     """
     w = jnp.asarray(w_oi, jnp.float32)
-    w_hat, codes = _forward(w, theta, grid, jnp.float32(2**bits - 1))
+    w_hat, codes = _forward(w, theta, grid, jnp.float32(2.0) ** bits - 1)  # ``bits`` may be traced
     s1 = grid["s1"] * jnp.exp(theta["d1"]) if "d1" in theta else grid["s1"]
     return w_hat, codes.astype(jnp.uint8), s1
 
