@@ -11,6 +11,7 @@ Every optimizer is an ``optax.GradientTransformation`` built from small ``scale_
 | ``lisa`` | Pan et al. 2024, LISA | ``lisa`` |
 | ``scale_by_tract`` | Petersen et al. 2024, TrAct | ``tract`` |
 | ``error_feedback`` / ``sgd_ef21`` | EF21 (Richtárik et al. 2021, 2024); L-GreCo (Alimohammadi et al.) | |
+| ``gradnorm_lorp`` | Huang et al. 2025, GradNormLoRP | ``gradnorm_lorp`` |
 """
 
 from jaxmodels.optim.adamp import (
@@ -32,6 +33,12 @@ from jaxmodels.optim.error_feedback import (
 from jaxmodels.optim.lars import lars, scale_by_lars
 from jaxmodels.optim.lisa import LisaState, lisa, lisa_layers, scale_by_lisa
 from jaxmodels.optim.tract import scale_by_tract, tract_patches, tract_precondition
+from jaxmodels.optim.gradnorm_lorp import (
+    GradNormLoRPState,
+    gradnorm_lorp,
+    scale_by_adam_hf,
+    scale_by_gradnorm_lorp,
+)
 
 __all__ = [
     "lamb", "scale_by_layerwise_trust_ratio",
@@ -40,4 +47,5 @@ __all__ = [
     "lisa", "scale_by_lisa", "LisaState", "lisa_layers",
     "scale_by_tract", "tract_patches", "tract_precondition",
     "error_feedback", "sgd_ef21", "top_k", "lgreco_allocate", "ErrorFeedbackState",
+    "gradnorm_lorp", "scale_by_gradnorm_lorp", "scale_by_adam_hf", "GradNormLoRPState",
 ]
