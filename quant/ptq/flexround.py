@@ -216,11 +216,19 @@ def _full_loss(fn, frozen, weights, grids, theta, data, ctx_fixed, maxq):
 
 @jax.jit
 def _fold(weights, grids, theta, maxq):
+    """Per weight: (Ŵ, uint8 codes, learned s1, fraction of weights rounded beyond both neighbours ⌊W/s1⌋, ⌈W/s1⌉
+    of their own grid — the moves the paper credits to element-wise division and AdaRound cannot make)."""
     out = {}
     for n in weights:
-        w_hat, codes = _forward(weights[n], theta[n], grids[n], maxq)
-        s1 = grids[n]["s1"] * jnp.exp(theta[n]["d1"]) if "d1" in theta[n] else grids[n]["s1"]
-        out[n] = (w_hat, codes.astype(jnp.uint8), s1)
+        w, g = weights[n], grids[n]
+        w_hat, codes = _forward(w, theta[n], g, maxq)
+        s1 = g["s1"] * jnp.exp(theta[n]["d1"]) if "d1" in theta[n] else g["s1"]
+        o, i = w.shape
+        v = (w.reshape(o, s1.shape[1], -1) / s1[..., None]).reshape(o, i)
+        z = jnp.repeat(g["zero"], i // s1.shape[1], axis=1)
+        lo, hi = jnp.clip(jnp.floor(v) + z, 0, maxq), jnp.clip(jnp.ceil(v) + z, 0, maxq)
+        beyond = jnp.mean(((codes < lo) | (codes > hi)).astype(jnp.float32))
+        out[n] = (w_hat, codes.astype(jnp.uint8), s1, beyond)
     return out
 
 
@@ -234,7 +242,7 @@ def _split_ctx(ctx: dict, n: int):
 
 def _reconstruct(fn, frozen, weights: dict, h, ctx: dict, y, tok, cfg: FlexRoundConfig, key, progress, desc):
     """Learn FlexRound's θ for ``weights`` ({name: W[out, in]}) so that ``fn`` on ``h`` reproduces ``y``.
-    Returns ``({name: (Ŵ[out, in], codes[out, in], s1, zero)}, loss at RTN, final loss)``."""
+    Returns ``({name: (Ŵ[out, in], codes[out, in], s1, zero, beyond_nearest)}, loss at RTN, final loss)``."""
     maxq = jnp.float32(2**cfg.bits - 1)
     theta, grids = {}, {}
     for n, w in weights.items():
@@ -253,10 +261,10 @@ def _reconstruct(fn, frozen, weights: dict, h, ctx: dict, y, tok, cfg: FlexRound
                                        batch_size=bs)
     loss = float(_full_loss(fn, frozen, weights, grids, theta, data, ctx_f, maxq)) if cfg.iters else loss0
     folded = _fold(weights, grids, theta, maxq)
-    return {n: (*folded[n], grids[n]["zero"]) for n in weights}, loss0, loss
+    return {n: (*folded[n][:3], grids[n]["zero"], float(folded[n][3])) for n in weights}, loss0, loss
 
 
-def _record(w_in, w_hat, codes, s1, zero, group_size: int, kernel_layout: bool = True) -> dict:
+def _record(w_in, w_hat, codes, s1, zero, beyond, group_size: int, kernel_layout: bool = True) -> dict:
     C = w_hat.shape[1]
     gs = C if group_size == -1 else group_size
     return {
@@ -266,6 +274,7 @@ def _record(w_in, w_hat, codes, s1, zero, group_size: int, kernel_layout: bool =
         "zero": zero,
         "g_idx": (jnp.arange(C) // gs).astype(jnp.int32),
         "perm": None,
+        "beyond_nearest": beyond,
     }
 
 
@@ -287,7 +296,8 @@ def flexround_quantize_weight(w: Any, x: Any, config: FlexRoundConfig = FlexRoun
     whose leading axis is sampled in mini-batches of ``config.batch_size``; ``token_weights`` (shape ``x.shape[:-1]``,
     default 1) m_t. Returns the dict of :func:`quant.ptq.rtn.rtn_quantize_weight` (``weight`` in the layout/dtype of
     ``w``, ``codes``, ``scale`` = learned s1, ``zero``, ``g_idx``, ``perm=None``) plus ``loss_rtn`` / ``loss`` (the
-    objective at the RTN start and at the end).
+    objective at the RTN start and at the end) and ``beyond_nearest`` (fraction of weights whose code is neither
+    ⌊W/s1⌋ nor ⌈W/s1⌉ of their learned grid: the paper's "rounded beyond the nearest grid points").
     """
     config.validate()
     w_in = jnp.asarray(w)
@@ -306,8 +316,7 @@ def flexround_quantize_weight(w: Any, x: Any, config: FlexRoundConfig = FlexRoun
     y = x @ W.T
     res, l0, l1 = _reconstruct(_LinearFn(), {}, {"linear": W}, x, {}, y, tok, config,
                                jax.random.PRNGKey(config.seed), progress, f"FlexRound w{config.bits}")
-    w_hat, codes, s1, zero = res["linear"]
-    out = _record(w_in, w_hat, codes, s1, zero, config.group_size, kernel_layout)
+    out = _record(w_in, *res["linear"], config.group_size, kernel_layout)
     out.update(loss_rtn=l0, loss=l1)
     return out
 
@@ -325,8 +334,9 @@ def flexround(params, model, calib_batch, config: FlexRoundConfig = FlexRoundCon
 
     Returns ``(quantized_params, report)``: params with the dequantized kernels (input dtype) and
     ``{"method": "flexround", "config", "layers": {path: {weight, codes, scale (= learned s1), zero, g_idx,
-    perm=None, error}}, "blocks": {block path: {"loss_rtn", "loss"}}}``; ``error`` is the relative output error
-    ‖XW − XŴ‖² / ‖XW‖² of the layer on its (quantized-stream) calibration inputs.
+    perm=None, error, beyond_nearest}}, "blocks": {block path: {"loss_rtn", "loss"}}}``; ``error`` is the relative
+    output error ‖XW − XŴ‖² / ‖XW‖² of the layer on its (quantized-stream) calibration inputs, ``beyond_nearest`` as
+    in :func:`flexround_quantize_weight`, ``loss_rtn``/``loss`` the block objective before and after learning.
     """
     from .blocks import capture_dense, dense_names, get_sub, set_kernels, set_sub
     from .gptq import layer_error

@@ -109,7 +109,7 @@ def test_zero_steps_is_rtn_exactly(toy):
         ref = rtn_quantize_weight(w, 3, gs, sym)
         for k in ("weight", "codes", "scale", "zero", "g_idx"):
             np.testing.assert_array_equal(np.asarray(r[k]), np.asarray(ref[k]), err_msg=f"{k} gs={gs} sym={sym}")
-        assert r["perm"] is None and r["loss"] == r["loss_rtn"]
+        assert r["perm"] is None and r["loss"] == r["loss_rtn"] and r["beyond_nearest"] == 0
     model, params, batch = toy
     q, rep = flexround(params, model, batch, FlexRoundConfig(3, 16, iters=0), progress=False)
     q_rtn, rep_rtn = rtn(params, model, batch, bits=3, group_size=16, progress=False)
@@ -174,6 +174,10 @@ def test_toy_bert_blockwise_below_rtn(toy_run):
         "attention/query", "attention/key", "attention/value", "attention/attention_output", "intermediate", "output")}
     for r in rep["layers"].values():
         assert r["perm"] is None and 0 <= r["error"] < 1
+    # the paper's qualitative claim (its Fig. 3): unlike AdaRound's up-or-down choice, element-wise division moves
+    # some weights beyond both neighbouring grid points (not many: it is still mostly a rounding choice)
+    beyond = [r["beyond_nearest"] for r in rep["layers"].values()]
+    assert max(beyond) > 0 and max(beyond) < 0.5, beyond
 
 
 def test_export_round_trip(toy_run, tmp_path):
