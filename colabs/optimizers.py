@@ -21,7 +21,9 @@
 # * **AdamP / SGDP** (Heo et al. 2021) remove the radial component of the update of scale-invariant weights
 #   (weights followed by a normalization layer), which otherwise inflates their norm;
 # * **LISA** (Pan et al. 2024) trains only γ randomly sampled middle layers per period and keeps optimizer state only
-#   for them.
+#   for them;
+# * **GradNormLoRP** (Huang et al. 2025) weight-normalises each kernel per output channel and runs Adam on the
+#   direction's gradient projected to rank r (GaLore), so its state for a kernel is low-rank (last section).
 #
 # We train one small model — a residual MLP with stacked (scanned) blocks and RMS normalization on scikit-learn's
 # digits — with each of them and compare loss curves, test accuracy, the growth of a
@@ -116,7 +118,10 @@ optimizers = {
 # rules=[(r".*", P())] to init_train_state / make_train_step for data parallelism).
 mesh, rules = None, None
 curves, results, norms, state_bytes = {}, {}, {}, {}
-for name, tx in optimizers.items():
+
+
+def train(name, tx):
+    """Train ``params0`` with ``tx``; record the loss curve, ‖w1‖, test accuracy and optimizer-state bytes."""
     state = init_train_state(jax.tree.map(np.array, params0), tx, mesh, rules)  # copy: the step donates
     state_bytes[name] = jaxmodels.tree_bytes(state.opt_state)
     step_fn = make_train_step(apply_fn, tx, mesh=mesh, rules=rules)
@@ -134,6 +139,10 @@ for name, tx in optimizers.items():
     results[name] = acc
     print(f"{name:9s} final train loss {np.mean(losses[-10:]):.4f}  test accuracy {acc:.3f}  "
           f"({time.perf_counter() - t0:.1f}s)")
+
+
+for name, tx in optimizers.items():
+    train(name, tx)
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(16, 4))
@@ -165,4 +174,28 @@ for n in names:
 for n in names:
     print(f"RESULT {n} accuracy {results[n]:.4f} norm_growth {norms[n][-1] / norms[n][0] - 1:.4f} "
           f"state_ratio {state_bytes[n] / state_bytes['adamw']:.4f}")
+
+# %% [markdown]
+# ## GradNormLoRP: weight-normalised, low-rank optimizer state
+#
+# GradNormLoRP writes each selected kernel column-wise as w = δ v/‖v‖ and projects the gradient of the direction v
+# onto its top-r singular vectors (recomputed every `update_proj_gap` steps); Adam runs on the r-dimensional
+# projection and its step is projected back, the magnitudes δ get a full Adam. Per layer of the stack (the
+# `layers/` leaves are per-layer matrices) the state is a projector plus two r × 128 moments instead of two
+# 64 × 128 ones. Low-rank methods are run at a larger peak learning rate than AdamW (as in GaLore).
+
+# %%
+lowrank = r"(layers/w[12]|embed/kernel)$"
+lowrank_lr = optax.warmup_cosine_decay_schedule(0.0, 1e-2, steps // 10, steps)
+train("gradnorm_lorp", optim.gradnorm_lorp(lowrank_lr, rank=16, update_proj_gap=max(steps // 4, 1), weight_decay=1e-4,
+                                           weight_norm=lowrank, project=lowrank))
+fig, ax = plt.subplots(figsize=(6, 4))
+for n in ("adamw", "gradnorm_lorp"):
+    ax.plot(np.convolve(curves[n], np.ones(5) / 5, mode="valid"),
+            label=f"{n} (state {state_bytes[n] / state_bytes['adamw']:.2f} of AdamW's)")
+ax.set(yscale="log", xlabel="step", ylabel="train loss (smoothed)", title="AdamW vs GradNormLoRP (rank 16)")
+ax.legend()
+plt.show()
+print(f"LOWRANK gradnorm_lorp accuracy {results['gradnorm_lorp']:.4f} adamw_accuracy {results['adamw']:.4f} "
+      f"state_ratio {state_bytes['gradnorm_lorp'] / state_bytes['adamw']:.4f}")
 print(f"total time {time.perf_counter() - t_start:.1f}s")
