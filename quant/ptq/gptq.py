@@ -15,6 +15,16 @@ weight ``W[out, in]`` (the Flax kernel transposed) and calibration inputs ``X[n,
 Group parameters are found with the min/max quantizer of the reference either when a group starts (on the block-start
 weights, exactly like the reference, whose ``W`` is only updated between blocks) or up front on the full weight
 (``static_groups``). The column loop is a ``lax.fori_loop`` inside a jitted per-block update.
+
+``quant(·)`` is the reference's uniform min/max integer grid (:class:`MinMaxQuantizer`) unless a ``quantizer`` is
+passed: any hashable object with
+
+* ``prepare(W) -> aux``: once per layer, on ``W[out, in]`` before GPTQ's updates and before the act-order
+  permutation, so ``aux`` (any pytree of arrays, or ``None``) must not depend on the column order (a per-row anchor);
+* ``params(groups[R, G, gs], aux) -> (scale[R, G], zero[R, G])``;
+* ``quantize(w, scale, zero) -> codes`` and ``dequantize(codes, scale, zero) -> values``, elementwise on a column.
+
+ZeroQuant-FP runs GPTQ in FP4 this way (:mod:`quant.ptq.zeroquant_fp`); ``config.bits``/``sym`` are then unused.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ import numpy as np
 
 from ._common import check_bits, minmax_params, qdq, quantize_codes
 
-__all__ = ["GPTQConfig", "gptq_quantize_weight", "hessian_from_inputs", "HessianAccumulator", "damped_inverse_cholesky"]
+__all__ = ["GPTQConfig", "MinMaxQuantizer", "gptq_quantize_weight", "hessian_from_inputs", "HessianAccumulator",
+           "damped_inverse_cholesky"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +61,27 @@ class GPTQConfig:
             raise ValueError(f"percdamp must be in (0, 1), got {self.percdamp}")
         if self.static_groups and self.group_size == -1:
             raise ValueError("static_groups needs a group_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMaxQuantizer:
+    """The reference's quantizer: per-row min/max grid (``quant.ptq._common.minmax_params``) of every group,
+    ``codes = clamp(round(w/s) + z, 0, 2^b - 1)``, ``values = s (codes - z)``."""
+
+    bits: int = 4
+    sym: bool = False
+
+    def prepare(self, W):
+        return None
+
+    def params(self, groups, aux):
+        return jax.vmap(lambda g: minmax_params(g, self.bits, self.sym), in_axes=1, out_axes=1)(groups)
+
+    def quantize(self, w, scale, zero):
+        return quantize_codes(w, scale, zero, 2**self.bits - 1)
+
+    def dequantize(self, codes, scale, zero):
+        return scale * (codes - zero)
 
 
 def hessian_from_inputs(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -105,8 +137,8 @@ def damped_inverse_cholesky(H: np.ndarray, percdamp: float) -> tuple[np.ndarray,
     raise np.linalg.LinAlgError("GPTQ: Hessian is not positive definite even after raising the dampening 10^8x")
 
 
-@functools.partial(jax.jit, static_argnames=("maxq",))
-def _gptq_block(W1, Hinv1, scale, zero, new_group, g_scale, g_zero, maxq):
+@functools.partial(jax.jit, static_argnames=("qz",))
+def _gptq_block(W1, Hinv1, scale, zero, new_group, g_scale, g_zero, qz):
     """Quantize the columns of one lazy block. ``new_group[i]``: column i takes (g_scale[i], g_zero[i]) as its
     quantizer; otherwise it keeps the carried one. Returns Q1, codes, Err1, losses, carried scale/zero."""
     R, B = W1.shape
@@ -117,8 +149,8 @@ def _gptq_block(W1, Hinv1, scale, zero, new_group, g_scale, g_zero, maxq):
         zr = jnp.where(new_group[i], g_zero[i], zr)
         w = W1[:, i]
         d = Hinv1[i, i]
-        c = quantize_codes(w, sc, zr, maxq)
-        q = sc * (c - zr)
+        c = qz.quantize(w, sc, zr)
+        q = qz.dequantize(c, sc, zr)
         err = (w - q) / d
         W1 = W1 - err[:, None] * Hinv1[i][None, :]  # Hinv1 is upper triangular: only columns >= i change
         return (W1, Q1.at[:, i].set(q), C1.at[:, i].set(c), E1.at[:, i].set(err),
@@ -129,8 +161,8 @@ def _gptq_block(W1, Hinv1, scale, zero, new_group, g_scale, g_zero, maxq):
     return Q1, C1, E1, L1, S1, Z1, sc, zr
 
 
-@functools.partial(jax.jit, static_argnames=("B", "gs", "bits", "sym", "mode"))
-def _gptq_step(W, U, i1, scale, zero, st_cols, B, gs, bits, sym, mode):
+@functools.partial(jax.jit, static_argnames=("B", "gs", "qz", "mode"))
+def _gptq_step(W, U, i1, scale, zero, st_cols, aux, B, gs, qz, mode):
     """One lazy block at (traced) offset i1: quantize its B columns, then W[:, i2:] -= Err1 · U[i1:i2, i2:].
 
     Group parameters (``mode="dynamic"``) come from ``W[:, c:c+gs]`` as it is at the block start, exactly as in the
@@ -147,19 +179,20 @@ def _gptq_step(W, U, i1, scale, zero, st_cols, B, gs, bits, sym, mode):
         g_scale = jax.lax.dynamic_slice(st_cols[0], (i1, 0), (B, R))
         g_zero = jax.lax.dynamic_slice(st_cols[1], (i1, 0), (B, R))
     else:
-        all_s, all_z = jax.vmap(lambda g: minmax_params(g, bits, sym), in_axes=1, out_axes=1)(
-            W.reshape(R, C // gs, gs))  # [R, n_groups]
+        all_s, all_z = qz.params(W.reshape(R, C // gs, gs), aux)  # [R, n_groups]
         new = cols % gs == 0
         g_scale, g_zero = all_s[:, cols // gs].T, all_z[:, cols // gs].T
-    Q1, C1, E1, L1, S1, Z1, scale, zero = _gptq_block(W1, U1, scale, zero, new, g_scale, g_zero, 2**bits - 1)
+    Q1, C1, E1, L1, S1, Z1, scale, zero = _gptq_block(W1, U1, scale, zero, new, g_scale, g_zero, qz)
     Urow = jax.lax.dynamic_slice(U, (i1, 0), (B, C))
     Urow = jnp.where(jnp.arange(C)[None, :] >= i1 + B, Urow, 0.0)
     W = W - E1 @ Urow
     return W, Q1, C1, S1, Z1, L1.sum() / 2, scale, zero
 
 
-def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, kernel_layout: bool = True) -> dict:
-    """GPTQ one layer. ``w`` is a Flax kernel ``[in, out]`` (``kernel_layout=False``: ``W[out, in]``), ``H[in, in]``.
+def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, kernel_layout: bool = True,
+                         quantizer: Any = None) -> dict:
+    """GPTQ one layer. ``w`` is a Flax kernel ``[in, out]`` (``kernel_layout=False``: ``W[out, in]``), ``H[in, in]``;
+    ``quantizer``: the grid (default ``MinMaxQuantizer(config.bits, config.sym)``, see the module docstring).
 
     Returns a dict with ``weight`` (dequantized, same layout/dtype as ``w``), ``codes`` (uint8, layout of ``w``, in the
     ORIGINAL column order), ``scale``/``zero`` (``[out, n_groups]``, or per column when ``g_idx`` is needed),
@@ -177,15 +210,15 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
     gs = config.group_size
     if gs != -1 and C % gs:
         raise ValueError(f"input features {C} not divisible by group_size {gs}")
-    maxq = 2**config.bits - 1
+    qz = MinMaxQuantizer(config.bits, config.sym) if quantizer is None else quantizer
 
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W = W.at[:, jnp.asarray(dead)].set(0.0) if dead.any() else W
+    aux = qz.prepare(W)
 
     if config.static_groups:
-        st_scale, st_zero = jax.vmap(lambda g: minmax_params(g, config.bits, config.sym), in_axes=1, out_axes=1)(
-            W.reshape(R, C // gs, gs))  # [R, n_groups]
+        st_scale, st_zero = qz.params(W.reshape(R, C // gs, gs), aux)  # [R, n_groups]
     perm = None
     if config.act_order:
         perm = np.argsort(-np.diag(H), kind="stable")
@@ -195,7 +228,7 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
     U = jnp.asarray(U)
 
     if gs == -1:
-        scale, zero = minmax_params(W, config.bits, config.sym)
+        scale, zero = (p[:, 0] for p in qz.params(W[:, None, :], aux))
     else:
         scale = zero = jnp.zeros((R,), jnp.float32)
 
@@ -209,8 +242,8 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
     losses = 0.0
     for i1 in range(0, C, config.block_size):
         B = min(i1 + config.block_size, C) - i1
-        W, Q1, C1, S1, Z1, L1, scale, zero = _gptq_step(W, U, jnp.int32(i1), scale, zero, st_cols, B=B,
-                                                        gs=max(gs, 1), bits=config.bits, sym=config.sym, mode=mode)
+        W, Q1, C1, S1, Z1, L1, scale, zero = _gptq_step(W, U, jnp.int32(i1), scale, zero, st_cols, aux, B=B,
+                                                        gs=max(gs, 1), qz=qz, mode=mode)
         col_scale.append(S1)  # the quantizer each column used (for export)
         col_zero.append(Z1)
         Q.append(Q1)
@@ -261,13 +294,14 @@ def layer_error(x, w, w_hat, weights=None) -> float:
 
 
 def gptq(params, model, calib_batch, config: GPTQConfig = GPTQConfig(), *, progress: bool | None = None,
-         token_weights_fn=None, transform=None):
+         token_weights_fn=None, transform=None, quantizer=None):
     """GPTQ every linear layer of ``model`` (a :class:`quant.ptq.blocks.BlockModel`), block by block.
 
     Each block sees the outputs of the already-quantized previous blocks (reference ``opt_sequential``); the Hessian
     of every linear is ``2 Σ_t w_t x_t x_tᵀ / Σ_t w_t`` over the block's calibration tokens (w_t = 1, 0 for padding;
     RSQ passes attention-concentration weights via ``token_weights_fn(records, ctx)``). ``transform`` (RSQ) maps
     ``(name, kernel, H) -> (kernel', H', undo)`` before GPTQ; ``undo(kernel_hat)`` brings the result back.
+    ``quantizer``: the per-layer grid (see :func:`gptq_quantize_weight`).
 
     Returns ``(quantized_params, report)``: the params with dequantized kernels (a drop-in float model) and a report
     ``{"layers": {path: {...codes, scale, zero, g_idx, perm, error}}, "config": ...}``.
@@ -293,7 +327,7 @@ def gptq(params, model, calib_batch, config: GPTQConfig = GPTQConfig(), *, progr
             kq, Hq = k, H
             if transform is not None:
                 kq, Hq, undo = transform(f"{bp}/{name}", k, H)
-            r = gptq_quantize_weight(kq, Hq, config)
+            r = gptq_quantize_weight(kq, Hq, config, quantizer=quantizer)
             w_hat = r["weight"] if undo is None else undo(r["weight"])
             r["error"] = layer_error(x, k, w_hat, tok)
             r["stored"] = r["weight"]  # what the codes dequantize to (in the transformed basis, if any)
