@@ -16,11 +16,11 @@ from jaxmodels.capture import capture_inputs
 from jaxmodels.datasets import load_digits_split
 from jaxmodels.models.resnet import ResNet
 from jaxmodels.train import init_train_state, make_train_step
-from jaxmodels.tree import flatten
+from jaxmodels.tree import flatten, map_with_path, unflatten
 from quant.ptq import zeroq as zq
 
 # The distillation used throughout: the paper's batch statistics, Adam lr 0.5 + ReduceLROnPlateau as the reference,
-# 200 steps instead of 500 (the loss is flat by then on this model, see test_distillation_matches_bn_statistics).
+# 200 steps instead of 500 with the plateau patience scaled along (40 instead of 100): the loss goes 1e2 -> 3e-3.
 # The digits are fed as load_digits_split gives them (pixels in [0, 1], not normalized), so the reference's input
 # term (targets mean 0 / std 1 of normalized images) does not describe this model's inputs: it is off, and the
 # input scale is learned from the stem BatchNorm statistics alone (data-free).
@@ -30,6 +30,14 @@ assert CFG.plateau_patience == 40  # the reference's patience 100 of 500 steps, 
 
 # ------------------------------------------------------------------------------------------------ fixtures
 
+@pytest.fixture(scope="module", autouse=True)
+def _full_float32():
+    """Full float32 matmuls/convs (no TF32 on GPUs), so values compared across programs agree to float32 rounding.
+    The default on CPU: no extra compiles there."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_digits_split(images=True)
@@ -37,7 +45,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def trained(digits):
-    """A 3-block ResNet (widths 8-16-32, downsampling at blocks 1 and 2) trained 200 Adam steps: ~98.7% test."""
+    """A 3-block ResNet (widths 8-16-32, downsampling at blocks 1 and 2) trained 200 Adam steps: 98.0% test."""
     model = ResNet(num_blocks=3, downsample_at=(1, 2), width=8)
     v = _init(model, (1, 8, 8, 1), 0)
 
@@ -64,7 +72,6 @@ def distilled(trained):
 def _init(model, x_shape, seed):
     """He-normal kernels, zero biases, BN scale 1 / bias 0, drawn with NumPy from the shapes of ``model.init``
     (abstract: compiling flax's threefry initializers costs ~6 s of CPU here)."""
-    from jaxmodels.tree import map_with_path
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(x_shape, jnp.float32))
     rng = np.random.default_rng(seed)
 
@@ -76,10 +83,10 @@ def _init(model, x_shape, seed):
     return map_with_path(leaf, shapes)
 
 
-def _tiny(seed=0, num_blocks=2, width=4, c_in=3, hw=6):
-    """A random ResNet whose BatchNorm running statistics are random too (so the targets are not 0 / 1)."""
-    model = ResNet(num_blocks=num_blocks, downsample_at=(1,), width=width, num_classes=5)
-    v = _init(model, (1, hw, hw, c_in), seed)
+def _tiny(seed=0):
+    """A random 2-block ResNet on 6x6x3 inputs whose BatchNorm running statistics are random too (targets != 0 / 1)."""
+    model = ResNet(num_blocks=2, downsample_at=(1,), width=4, num_classes=5)
+    v = _init(model, (1, 6, 6, 3), seed)
     rng = np.random.default_rng(seed)
     bs = {k: {"mean": jnp.asarray(rng.normal(size=s["mean"].shape), jnp.float32),
               "var": jnp.asarray(rng.uniform(0.2, 3.0, size=s["var"].shape), jnp.float32)}
@@ -99,7 +106,6 @@ def flatten_bn(bs):
 
 
 def unflatten_bn(stats, like):
-    from jaxmodels.tree import unflatten
     flat = {}
     for p, s in stats.items():
         flat[p + "/mean"], flat[p + "/var"] = s["mean"], s["var"]
@@ -183,6 +189,17 @@ def test_single_sample_per_sample_equals_batch_statistics(tiny):
     model, v, x, _ = tiny
     a, b = jax.jit(lambda v, x: (zq.bn_loss(model, v, x, per_sample=True), zq.bn_loss(model, v, x)))(v, x[:1])
     np.testing.assert_allclose(a, b, rtol=1e-6)  # the same formula up to a [1, C] vs [C] reshape
+
+
+def test_bn_loss_float32_for_bfloat16_activations(tiny):
+    """A bfloat16 model: the statistics and the loss are computed in float32 (the activations are upcast)."""
+    model, v, x, _ = tiny
+    bf = model.clone(dtype=jnp.bfloat16)
+    a, b = jax.jit(lambda v, x: (zq.bn_loss(bf, v, x), zq.bn_loss(model, v, x)))(v, x)
+    assert a.dtype == jnp.float32
+    # bf16 convs: 8-bit mantissas, ~4e-3 relative error per activation, mostly averaged out in the statistics
+    # (measured 3e-4 on the loss; 1e-2 leaves 30x).
+    np.testing.assert_allclose(a, b, rtol=1e-2)
 
 
 # ------------------------------------------------------------------------------------------------ distillation
@@ -347,7 +364,7 @@ def test_sensitivity_and_pareto(trained, distilled):
 
 # ------------------------------------------------------------------------------------------------ validation
 
-def test_bad_configs_rejected_before_work(tiny, monkeypatch):
+def test_bad_configs_rejected_before_work(tiny, mesh, monkeypatch):
     for kw in ({"batch_size": 0}, {"steps": 0}, {"num_batches": -1}, {"lr": 0.0}, {"factor": 1.0},
                {"min_lr": 1.0}, {"eps": 0.0}, {"input_std": 0.0}, {"patience": 2.5}):
         with pytest.raises(ValueError):
@@ -355,9 +372,10 @@ def test_bad_configs_rejected_before_work(tiny, monkeypatch):
     model, v, _, _ = tiny
     calls = []
     monkeypatch.setattr(zq, "_distill_step", lambda *a: calls.append(1))  # any work would call the step
-    with pytest.raises(ValueError, match="divisible"):
-        zq.distill_data(model, v, (6, 6, 3), zq.DistillConfig(batch_size=12, steps=1),
-                        mesh=jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",)))
+    n = mesh.shape["data"]
+    if n > 1:  # a batch the data axis does not divide
+        with pytest.raises(ValueError, match="divisible"):
+            zq.distill_data(model, v, (6, 6, 3), zq.DistillConfig(batch_size=n + 1, steps=1), mesh=mesh)
     with pytest.raises(ValueError, match="batch_stats"):
         zq.distill_data(model, {"params": v["params"]}, (6, 6, 3), zq.DistillConfig(steps=1))
     with pytest.raises(ValueError, match="variance is undefined"):  # per-sample statistics of 1x1 feature maps
