@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import merging
+import merging.ties
 from merging import _common as C
+from merging import sparsify as S
 from merging.breadcrumbs import breadcrumbs, breadcrumbs_ties
 from merging.dare import dare_linear, dare_ties
 from merging.della import della, della_linear
@@ -339,6 +341,50 @@ def test_ties_density_one_of_one_model_adds_its_task_vector_back():
     got = flat(ties(base, [m], density=0.25))
     for p, b in flat(base).items():
         np.testing.assert_allclose(got[p], b + np_magnitude(flat(tau)[p], 0.25), **TOL)
+
+
+@pytest.mark.parametrize("n", [3000, 40000])  # lax.top_k path (<= 2^14 entries) and radix-select path
+def test_kth_largest_is_the_exact_order_statistic(n):
+    """``kth_largest`` equals ``np.sort(a)[::-1][k - 1]`` bit for bit, duplicates counted, on data with exact ties,
+    a block of zeros, a huge dynamic range and an infinity, for k at both ends and in the middle."""
+    rng = np.random.default_rng(n)
+    a = np.abs(rng.standard_normal(n)).astype(np.float32)
+    a[: n // 5] = 0.0  # many exact ties at zero
+    a[n // 5: n // 3] = np.round(a[n // 5: n // 3] * 4) / 4  # ties at quarter steps
+    a[n // 3: n // 3 + 50] = np.exp(rng.uniform(-80, 80, 50)).astype(np.float32)
+    a[-1] = np.inf
+    rng.shuffle(a)
+    want = np.sort(a)[::-1]
+    kth = jax.jit(S.kth_largest, static_argnums=1)
+    for k in (1, 2, 7, n // 10, n // 2, n - n // 5, n - n // 5 + 1, n - 1, n):
+        assert np.asarray(kth(jnp.asarray(a), k)) == want[k - 1], k
+    radix = jax.jit(S.kth_largest_radix, static_argnums=1)
+    assert np.asarray(radix(jnp.asarray(a), n // 3)) == want[n // 3 - 1]
+    with pytest.raises(ValueError, match="k must be in"):
+        S.kth_largest(jnp.asarray(a), 0)
+
+
+def _stacked_gta_election(base, models, weights, density, consensus):
+    """The election written on an [n, ...] stack (the textbook form), to pin the running-sum kernel bit for bit."""
+    b = base.astype(np.float32)
+    d = jnp.stack([S.magnitude(m - b, density) for m in models])
+    wd = d * jnp.asarray(weights, jnp.float32).reshape(-1, *([1] * b.ndim))
+    mask = merging.ties.sign_consensus_mask(wd, consensus)
+    div = jnp.where(mask, jnp.asarray(weights, jnp.float32).reshape(-1, *([1] * b.ndim)), 0.0).sum(0)
+    return b + jnp.where(mask, wd, 0.0).sum(0) / jnp.where(div == 0, 1.0, div)
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+def test_ties_election_is_bit_identical_to_the_stacked_form(consensus):
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((64, 48)).astype(np.float32)
+    models = [base + 0.1 * rng.standard_normal(base.shape).astype(np.float32) for _ in range(3)]
+    models[2][:8] = base[:8]  # zero task-vector entries (never agree), and a row where only signs cancel
+    models[1][8] = base[8] + (models[0][8] - base[8])
+    weights = [1.0, -0.5, 0.8]  # a negative weight flips that model's vote
+    got = ties({"w": base}, [{"w": m} for m in models], weight=weights, density=0.4, consensus=consensus)["w"]
+    want = _stacked_gta_election(base, [jnp.asarray(m) for m in models], weights, 0.4, consensus)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_inputs_are_not_modified():
