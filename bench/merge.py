@@ -1,25 +1,46 @@
 """Merge throughput: linear, task arithmetic, TIES and DARE on 4 checkpoints of ~100M float32 parameters each,
 against a NumPy memcpy of the same bytes in the same run (the memory-bandwidth roofline).
 
-    python bench/merge.py [--size 100e6] [--tensor 4096x4096] [--models 4] [--cli] [--mergekit /path/mergekit-yaml]
+    python bench/merge.py [--size 100e6] [--tensor 4096x4096] [--models 4] [--rounds 3] [--reps 2] [--no-thp]
+                          [--cli] [--mergekit /path/mergekit-yaml]
 
 Effective GB/s = (bytes read + bytes written) / seconds, where a merge reads every input once and writes the
 result once. The roofline is a NumPy copy of one buffer as large as all those bytes (it reads and writes, so it
 moves 2x its size; we report 2 x size / time). Targets: linear and task arithmetic >= 60% of the roofline,
-TIES >= 25% (its exact top-k needs two more passes over every task vector plus histograms).
-``--cli`` also times the streaming CLI end to end (safetensors on disk, includes I/O), and ``--mergekit``
-mergekit-yaml on the same files.
+TIES >= 25%. Each round measures the roofline and then every method (best of ``--reps``); the ratio of a round
+uses that round's roofline, and the summary gives the median and the range over rounds (the machine may be
+shared: absolute times drift, ratios measured minutes apart less so).
+
+Allocator: XLA:CPU allocates every output with glibc malloc, i.e. a fresh mmap per tensor, so writing the result
+first-touches its pages; on 4 KiB pages that costs ~0.5 ms per MB here (a KVM guest), as much as the merge itself.
+NumPy madvises its own large buffers to transparent huge pages (2 MiB). By default the script therefore re-runs
+itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` so that XLA's buffers get huge pages too (the pages are still
+faulted and zeroed, just 512x fewer faults); ``--no-thp`` measures the default allocator. The same variable speeds
+up any large CPU merge (e.g. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m merging ...``).
+
+Two extra rows bound TIES: "ties trim only" is the exact top-k threshold of every task vector (the radix select of
+``merging.sparsify.kth_largest``, what TIES needs before it can write anything) and "ties, density 1" the
+election + disjoint-merge pass alone. ``--cli`` also times the streaming CLI end to end (safetensors on disk,
+includes I/O), and ``--mergekit`` mergekit-yaml on the same files.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+THP = "glibc.malloc.hugetlb=1"
+if __name__ == "__main__" and "--no-thp" not in sys.argv and sys.platform.startswith("linux") \
+        and THP not in os.environ.get("GLIBC_TUNABLES", ""):
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), THP) if t))
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)  # the tunable is read when the process starts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,6 +50,7 @@ import numpy as np  # noqa: E402
 
 from merging.dare import dare_ties  # noqa: E402
 from merging.linear import linear  # noqa: E402
+from merging.sparsify import kth_largest, num_kept  # noqa: E402
 from merging.task_arithmetic import task_arithmetic  # noqa: E402
 from merging.ties import ties  # noqa: E402
 
@@ -42,12 +64,32 @@ def best_of(fn, reps):
     return min(ts)
 
 
+@functools.partial(jax.jit, static_argnames="k")
+def _thresholds(b, *xs, k):
+    return [kth_largest(jnp.abs(x - b).reshape(-1), k) for x in xs]
+
+
+def trim_thresholds(base, models, density):
+    """The exact per-tensor top-k magnitude of every task vector (TIES' trim step without the merge)."""
+    return [_thresholds(b, *(m[p] for m in models), k=num_kept(density, b.size)) for p, b in base.items()]
+
+
+def roofline(total, reps):
+    src = np.ones(total // 4, np.float32)
+    dst = np.empty_like(src)
+    t = best_of(lambda: np.copyto(dst, src), reps + 1)  # the first copy also faults dst in
+    return 2 * total / t / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=float, default=100e6, help="parameters per checkpoint")
     ap.add_argument("--tensor", default="4096x4096", help="shape of each tensor (the last one is cut to size)")
     ap.add_argument("--models", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="roofline + every method, this many times")
+    ap.add_argument("--reps", type=int, default=2, help="best of this many runs per method and round")
+    ap.add_argument("--no-thp", action="store_true", help="keep glibc's default 4 KiB pages for XLA's buffers")
+    ap.add_argument("--only", default=None, help="comma-separated method names to run")
     ap.add_argument("--cli", action="store_true", help="also time python -m merging end to end")
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml to time on the same files")
     args = ap.parse_args()
@@ -57,48 +99,70 @@ def main():
     shapes = [(rows, cols)] * (n_params // per) + ([(max(1, (n_params % per) // cols), cols)] if n_params % per else [])
     n_params = sum(r * c for r, c in shapes)
     dev = jax.devices()[0]
+    thp = THP in os.environ.get("GLIBC_TUNABLES", "")
     print(f"{args.models} checkpoints x {n_params / 1e6:.1f}M float32 params ({len(shapes)} tensors), "
-          f"{jax.device_count()} x {dev.platform} ({dev.device_kind})")
+          f"{jax.device_count()} x {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("allocator: " + ("glibc malloc on transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)" if thp
+                           else "glibc malloc, default 4 KiB pages (--no-thp)"))
 
     rng = np.random.default_rng(0)
     base = {f"t{i}": jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for i, s in enumerate(shapes)}
     models = [{k: v + jnp.asarray(0.01 * rng.standard_normal(v.shape, dtype=np.float32)) for k, v in base.items()}
               for _ in range(args.models)]
     nbytes = n_params * 4
-
-    # roofline: copy a buffer of (models + base + output) x model bytes, on the host with NumPy ...
+    # roofline: copy a buffer of (models + base + output) x model bytes, on the host with NumPy (on an accelerator,
+    # the same copy with XLA on the device, where the merges run)
     total = (args.models + 2) * nbytes
-    src = np.ones(total // 4, np.float32)
-    dst = np.empty_like(src)
-    t_copy = best_of(lambda: np.copyto(dst, src), args.reps)
-    roof = 2 * total / t_copy / 1e9
-    del src, dst
-    # ... and on the device with XLA when it is not the CPU (the merges run there)
     if dev.platform != "cpu":
         x = jnp.ones(total // 4, jnp.float32)
         copy = jax.jit(lambda a: a + 0)
-        t_dcopy = best_of(lambda: copy(x), args.reps)
-        roof = 2 * total / t_dcopy / 1e9
-        del x
-        print(f"roofline: device copy {roof:.1f} GB/s (NumPy host memcpy {2 * total / t_copy / 1e9:.1f} GB/s)")
+
+        def measure_roof():
+            return 2 * total / best_of(lambda: copy(x), args.reps + 1) / 1e9
     else:
-        print(f"roofline: NumPy memcpy {roof:.1f} GB/s")
+        def measure_roof():
+            return roofline(total, args.reps)
 
     key = jax.random.key(0)
-    cases = [
-        ("linear", lambda: linear(None, models), args.models, 0.60),
-        ("task_arithmetic", lambda: task_arithmetic(base, models, lambda_=0.5), args.models + 1, 0.60),
-        ("ties (density 0.2)", lambda: ties(base, models, density=0.2), args.models + 1, 0.25),
-        ("dare_ties (density 0.2)", lambda: dare_ties(base, models, key=key, density=0.2), args.models + 1, None),
+    n = args.models
+    cases = [  # name, fn, arrays read + written, target
+        ("linear", lambda: linear(None, models), n + 1, 0.60),
+        ("task_arithmetic", lambda: task_arithmetic(base, models, lambda_=0.5), n + 2, 0.60),
+        ("ties (density 0.2)", lambda: ties(base, models, density=0.2), n + 2, 0.25),
+        ("  ties trim only", lambda: trim_thresholds(base, models, 0.2), n + 1, None),
+        ("  ties, density 1", lambda: ties(base, models, density=1.0), n + 2, None),
+        ("dare_ties (density 0.2)", lambda: dare_ties(base, models, key=key, density=0.2), n + 2, None),
     ]
-    print(f"{'method':26s} {'seconds':>8s} {'GB/s':>7s} {'of roofline':>12s}  target")
-    for name, fn, n_in, target in cases:
+    if args.only:
+        keep = {s.strip() for s in args.only.split(",")}
+        cases = [c for c in cases if c[0].strip().split(" ")[0] in keep or c[0].strip() in keep]
+    for _, fn, _, _ in cases:
         jax.block_until_ready(fn())  # compile
-        t = best_of(fn, args.reps)
-        gbs = (n_in + 1) * nbytes / t / 1e9
-        frac = gbs / roof
-        tgt = "" if target is None else (f">= {target:.0%} " + ("ok" if frac >= target else "MISSED"))
-        print(f"{name:26s} {t:8.3f} {gbs:7.1f} {frac:11.0%}   {tgt}")
+    ratios = {name: [] for name, *_ in cases}
+    secs = {name: [] for name, *_ in cases}
+    roofs = []
+    for r in range(args.rounds):
+        roof = measure_roof()
+        roofs.append(roof)
+        print(f"round {r + 1}: roofline {roof:.1f} GB/s (load {os.getloadavg()[0]:.1f})")
+        for name, fn, n_io, _ in cases:
+            t = best_of(fn, args.reps)
+            secs[name].append(t)
+            ratios[name].append(n_io * nbytes / t / 1e9 / roof)
+    print(f"\nroofline ({'NumPy memcpy' if dev.platform == 'cpu' else 'device copy'}): median "
+          f"{statistics.median(roofs):.1f} GB/s, range {min(roofs):.1f}-{max(roofs):.1f} over {args.rounds} rounds")
+    print(f"{'method':26s} {'seconds':>8s} {'GB/s':>7s} {'of roofline':>12s} {'(range)':>12s}  target")
+    for name, fn, n_io, target in cases:
+        t, fr = statistics.median(secs[name]), statistics.median(ratios[name])
+        rng_s = f"{min(ratios[name]):.0%}-{max(ratios[name]):.0%}"
+        tgt = "" if target is None else (f">= {target:.0%} " + ("ok" if fr >= target else "MISSED"))
+        print(f"{name:26s} {t:8.3f} {n_io * nbytes / t / 1e9:7.1f} {fr:11.0%}  {rng_s:>12s}  {tgt}")
+    if "ties (density 0.2)" in secs and "  ties trim only" in secs:
+        budget = (n + 2) * nbytes / (0.25 * statistics.median(roofs) * 1e9)
+        trim = statistics.median(secs["  ties trim only"])
+        print(f"TIES at 25% of the roofline has {budget:.3f} s; its exact trim alone takes {trim:.3f} s "
+              f"({trim / (n * n_params) * 1e9:.1f} ns per task-vector entry)")
 
     if args.cli or args.mergekit:
         import yaml
