@@ -48,6 +48,13 @@ Differences of layout and bookkeeping (same arithmetic):
 * The reference weight-normalises every parameter (1-D ones over the whole vector; a zero-initialised bias gives
   0/0). Here ``weight_norm`` and ``project`` choose leaves (default: Flax ``kernel`` leaves); the others get the
   reference's AdamW (``p ← (p − η·Adam(G))(1 − ηλ)``). A weight-normalised column that is exactly zero stays zero.
+
+Relation to ``optax.contrib.galore``: its projection is this module's ``proj_type="reverse_std"`` without weight norm
+(tested equal, with the same base Adam), but it cannot project the smaller side (the reference's default "std") or
+both sides (the paper's equation), its base optimizer never sees the magnitudes, and the weight-norm step is not
+linear in the learning rate, so the projection is written here (SVD, slice, two einsums) with the same
+``base_optimizer`` contract. Projectors are stored in the params' dtype (as GaLore and optax do), the SVD and all
+arithmetic run in float32, updates come back in the params' dtype.
 """
 
 from __future__ import annotations
@@ -263,7 +270,7 @@ def scale_by_gradnorm_lorp(
             return x.astype(f32).reshape(d.batch + (d.m, d.n))
 
         # 1. weight-norm split: v = ρ w, δ, ∇v, ∇δ (matrix views [..., m, n], columns = output channels)
-        v, delta, grad_v, grad_delta, norm_v = {}, {}, {}, {}, {}
+        v, delta, grad_v, grad_delta = {}, {}, {}, {}
         for k, d in desc.items():
             g, w = view(flat_g[k], d), view(flat_p[k], d)
             if not d.wn:
@@ -278,7 +285,7 @@ def scale_by_gradnorm_lorp(
             else:
                 dk = jnp.where(rho != 0, nv / jnp.where(rho != 0, rho, 1.0), 0.0)
                 gv = g * (dk / safe)[..., None, :]
-            v[k], delta[k], grad_v[k], norm_v[k] = vk, dk, gv, nv
+            v[k], delta[k], grad_v[k] = vk, dk, gv
             grad_delta[k] = jnp.sum(g * vk / safe[..., None, :], axis=-2)
 
         # 2. projectors: refreshed from the SVD of ∇v every update_proj_gap steps (one cond for all leaves)
