@@ -104,7 +104,11 @@ def flexround_init(w_oi: jax.Array, bits: int, group_size: int = -1, sym: bool =
     log-factors, all zero (``d1`` absent when ``learn_s1=False``, ``d4`` only with ``s4=True``).
     """
     check_bits(bits, group_size)
-    w = jnp.asarray(w_oi, jnp.float32)
+    return _init(jnp.asarray(w_oi, jnp.float32), bits, group_size, sym, s4, learn_s1)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _init(w, bits, group_size, sym, s4, learn_s1):
     g = group_view(w, group_size)
     o, ng, gs = g.shape
     s1, zero = minmax_params(g.reshape(o * ng, gs), bits, sym)

@@ -111,7 +111,7 @@ def test_zero_steps_is_rtn_exactly(toy):
             np.testing.assert_array_equal(np.asarray(r[k]), np.asarray(ref[k]), err_msg=f"{k} gs={gs} sym={sym}")
         assert r["perm"] is None and r["loss"] == r["loss_rtn"] and r["beyond_nearest"] == 0
     model, params, batch = toy
-    q, rep = flexround(params, model, batch, FlexRoundConfig(3, 16, iters=0), progress=False)
+    q, rep = flexround(params, model, batch, FlexRoundConfig(3, 16, iters=0, s4=True), progress=False)
     q_rtn, rep_rtn = rtn(params, model, batch, bits=3, group_size=16, progress=False)
     for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(q_rtn)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -140,6 +140,9 @@ def test_single_layer_output_error_below_rtn(bits):
     z = np.asarray(r["zero"])[:, r["g_idx"]].T
     np.testing.assert_array_equal(s * (np.asarray(r["codes"], np.float32) - z), np.asarray(r["weight"]))
     assert not np.allclose(np.asarray(r["scale"]), np.asarray(rtn_quantize_weight(w, bits, 16)["scale"]))  # s1 learned
+    # the paper's qualitative claim: unlike AdaRound's up-or-down choice, element-wise division lets some weights move
+    # beyond both neighbouring points of their grid (measured 0.4-0.7% at W3, 1.2-1.4% at W4, seeds 0-3)
+    assert 0.001 < r["beyond_nearest"] < 0.1, r["beyond_nearest"]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +153,7 @@ def toy():
 @pytest.fixture(scope="module")
 def toy_run(toy):
     model, params, batch = toy
-    cfg = FlexRoundConfig(3, 16, iters=100, lr=3e-3, batch_size=4)
+    cfg = FlexRoundConfig(3, 16, iters=100, lr=3e-3, batch_size=4, s4=True)  # s4: the paper's conv form, too
     snapshot = jax.tree_util.tree_map(lambda a: np.array(a, copy=True), params)
     q, rep = flexround(params, model, batch, cfg, progress=False)
     return model, params, batch, snapshot, q, rep
@@ -166,7 +169,8 @@ def test_toy_bert_blockwise_below_rtn(toy_run):
     e_rtn = err(rtn(params, model, None, bits=3, group_size=16, progress=False)[0])
     e_fr = err(q)
     # Calibrated on the batch it is measured on, block reconstruction removes most of RTN's error on the random toy
-    # model (measured 2-4% of RTN's at 100-200 steps, W3/W4): demand at least a 5x reduction.
+    # model (measured 1.5-4.5% of RTN's at 100-200 steps, W3/W4; block objectives 3-9% of RTN's): demand at least a
+    # 5x reduction of the output error and 2x of every block's objective.
     assert e_fr < 0.2 * e_rtn, (e_fr, e_rtn)
     for bp, b in rep["blocks"].items():
         assert b["loss"] < 0.5 * b["loss_rtn"], (bp, b)
@@ -174,10 +178,7 @@ def test_toy_bert_blockwise_below_rtn(toy_run):
         "attention/query", "attention/key", "attention/value", "attention/attention_output", "intermediate", "output")}
     for r in rep["layers"].values():
         assert r["perm"] is None and 0 <= r["error"] < 1
-    # the paper's qualitative claim (its Fig. 3): unlike AdaRound's up-or-down choice, element-wise division moves
-    # some weights beyond both neighbouring grid points (not many: it is still mostly a rounding choice)
-    beyond = [r["beyond_nearest"] for r in rep["layers"].values()]
-    assert max(beyond) > 0 and max(beyond) < 0.5, beyond
+    assert all(0 <= r["beyond_nearest"] < 0.05 for r in rep["layers"].values())
 
 
 def test_export_round_trip(toy_run, tmp_path):
@@ -253,7 +254,7 @@ def test_sharded_equals_single_device(mesh_2d):
     # training: the sharded reductions sum in another order, and the STE dynamics amplify last-bit differences of
     # the gradients into a few different rounding decisions over the steps; demand >= 98% identical codes after 30
     # steps and the same objective within 2%.
-    cfg = FlexRoundConfig(3, 16, iters=30, lr=3e-3, batch_size=512, s4=True)  # also runs the s4 variant's training
+    cfg = FlexRoundConfig(3, 16, iters=30, lr=3e-3, batch_size=512)
     a, b = flexround_quantize_weight(ws, xs, cfg, progress=False), flexround_quantize_weight(w, x, cfg, progress=False)
     same = np.asarray(a["codes"]) == np.asarray(b["codes"])
     assert same.mean() >= 0.98, same.mean()
@@ -273,10 +274,11 @@ def test_minilm_w3_beats_rtn():
     e_float = embed_batches(model, emb.params, ev)
     cos = lambda p: embedding_metrics(e_float, embed_batches(model, p, ev))["cosine"]
     c_rtn = cos(rtn(emb.params, model, None, bits=3, group_size=128, progress=False)[0])
-    q, rep = flexround(emb.params, model, calib, FlexRoundConfig(3, 128, iters=24, lr=3e-3, batch_size=4),
+    q, rep = flexround(emb.params, model, calib, FlexRoundConfig(3, 128, iters=16, lr=3e-3, batch_size=4),
                        progress=False)
     c_fr = cos(q)
-    # 64 held-out sentences. Measured RTN 0.831 -> FlexRound 0.913 (8 calibration sentences, 30 steps / block),
-    # 0.913-0.934 with 16 sentences and 20-100 steps (GPTQ act-order / AWQ: ~0.91 in the colab). Demand +0.04.
+    # 64 held-out sentences. Measured RTN 0.831 -> FlexRound 0.904 (8 calibration sentences, 16 steps / block; 0.909
+    # at 24 steps); in the colab's quick setting (32 sentences) 200 steps reach 0.944 vs GPTQ act-order 0.910 and
+    # AWQ 0.909. Demand +0.04 over RTN.
     assert c_fr > c_rtn + 0.04, (c_fr, c_rtn)
     assert all(b["loss"] < b["loss_rtn"] for b in rep["blocks"].values()), rep["blocks"]
