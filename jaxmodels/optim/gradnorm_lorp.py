@@ -81,7 +81,8 @@ PROJ_TYPES = ("std", "reverse_std", "input", "output", "full")
 
 
 def scale_by_adam_hf(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
-    """The Adam direction of the reference code (HuggingFace ``AdamW(correct_bias=True)``, GaLore's AdamW)::
+    """The Adam direction of the GradNormLoRP reference code (Huang et al. 2025, ``LowRankWeightNormAdamW``; the same as
+    HuggingFace's ``AdamW(correct_bias=True)`` and GaLore's AdamW)::
 
         m_t = b1 m + (1 − b1) g,   s_t = b2 s + (1 − b2) g²,   u_t = m_t/(√s_t + ε) · √(1 − b2ᵗ)/(1 − b1ᵗ)
 
@@ -219,7 +220,9 @@ def scale_by_gradnorm_lorp(
     project: MaskSpec = r"kernel$",
     stacked: str | None = r"(^|/)layers/",
 ) -> optax.GradientTransformation:
-    """GradNormLoRP's full step (module docstring), returning ``w_{t+1} − w_t`` as the update.
+    """GradNormLoRP (Huang et al., AAAI 2025), one step as in the module docstring, returning ``w_{t+1} − w_t``::
+
+        w = δ v/‖v‖_c,   v ← (v − η α P·B(Pᵀ∇v))(1 − ηλ),   δ ← (δ − η B(∇δ))(1 − ηλ)     (B: base_optimizer)
 
     The learning rate (float or schedule of the step count) is applied inside: the weight-norm reconstruction
     ``w = δ v/‖v‖`` is not linear in it. ``base_optimizer`` (default :func:`scale_by_adam_hf`) is a gradient-only
@@ -347,8 +350,11 @@ def gradnorm_lorp(
     project: MaskSpec = r"kernel$",
     stacked: str | None = r"(^|/)layers/",
 ) -> optax.GradientTransformation:
-    """GradNormLoRP with the reference's AdamW (``LowRankWeightNormAdamW``; defaults as its ``__init__`` and
-    ``optax.contrib.galore``): :func:`scale_by_gradnorm_lorp` with ``base_optimizer=scale_by_adam_hf(b1, b2, eps)``.
+    """GradNormLoRP (Huang et al., AAAI 2025) with the reference's AdamW (``LowRankWeightNormAdamW``; defaults as its
+    ``__init__`` and ``optax.contrib.galore``): :func:`scale_by_gradnorm_lorp` with
+    ``base_optimizer=scale_by_adam_hf(b1, b2, eps)``, i.e. for each selected kernel (module docstring)::
+
+        w = δ v/‖v‖_c,   v ← (v − η α P·Adam(Pᵀ∇v))(1 − ηλ),   δ ← (δ − η Adam(∇δ))(1 − ηλ)
 
     With ``project=None`` it is the reference's weight-normalised AdamW (``rank=None``); with
     ``weight_norm=None, project=None`` the reference's AdamW (``p ← (p − η·u)(1 − ηλ)``)."""
