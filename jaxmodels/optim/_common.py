@@ -11,6 +11,10 @@ from jaxmodels.tree import select
 
 PyTree = Any
 
+#: Raised by transforms that need ``params`` when ``update`` is called without them (optax >= 0.2.5 has no
+#: public constant for it).
+NO_PARAMS_MSG = "this transform needs the current params: call update(updates, state, params)"
+
 
 def check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
     """Reject an invalid (Python scalar) hyper-parameter before any work. Arrays / schedules are not checked."""

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmodels.optim._common import check_range
+from jaxmodels.optim._common import NO_PARAMS_MSG, check_range
 
 PyTree = Any
 
@@ -93,7 +93,7 @@ def scale_by_radial_projection(
     def update_fn(updates, state, params=None, grads=None, **extra):
         del extra
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(NO_PARAMS_MSG)
         grads = updates if grads is None else grads
         sel = jax.tree.map(lambda _: True, updates) if mask is None else (mask(updates) if callable(mask) else mask)
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmodels.optim._common import check_range, norm, path_mask
+from jaxmodels.optim._common import NO_PARAMS_MSG, check_range, norm, path_mask
 
 PyTree = Any
 
@@ -60,7 +60,7 @@ def scale_by_layerwise_trust_ratio(
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(NO_PARAMS_MSG)
 
         def one(u, w):
             w_norm = norm(w)

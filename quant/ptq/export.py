@@ -105,7 +105,7 @@ def quantized_tree(params, report: dict):
     gs = cfg.get("group_size") or cfg.get("gptq", {}).get("group_size")
     flat = dict(flatten(params))
     for p, rec in report["layers"].items():
-        flat[p] = pack_layer(rec, bits, gs)
+        flat[p] = pack_layer(rec, rec.get("bits", bits), gs)  # mixed precision: bits per layer
     return unflatten(flat)  # nested dicts with QuantizedLinear leaves
 
 

@@ -99,6 +99,15 @@ def test_lamb_rejects_bad_hyperparameters():
         lars(0.1, momentum=1.5)
 
 
+def test_update_without_params_is_a_clear_error():
+    from jaxmodels.optim import adamp
+
+    p = {"w": jnp.ones((3, 2))}
+    for tx in (lamb(0.1), lars(0.1), adamp(0.1)):
+        with pytest.raises(ValueError, match="params"):
+            tx.update(p, tx.init(p))
+
+
 def lars_numpy(params, grads, lr, momentum=0.9, wd=0.0, tc=0.001, exclude=None, nesterov=False):
     """LARS Algorithm 1 of You et al. 2017 (local LR with ||g|| + beta ||w||), leaf by leaf."""
     p = {k: x.astype(np.float64) for k, x in flatten(params).items()}
