@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,3 +84,37 @@ def check_sharded_equals_unsharded(tx, mesh, params=None, steps=3, rtol=1e-5, at
                     checked += 1
         return checked
     return 0
+
+
+def text_ids():
+    """Character ids of the scikit-learn dataset descriptions (offline text) and the vocabulary size."""
+    import sklearn.datasets
+
+    d = os.path.join(os.path.dirname(sklearn.datasets.__file__), "descr")
+    text = "".join(open(p, encoding="utf-8").read() for p in sorted(glob.glob(os.path.join(d, "*.rst"))))
+    text = "".join(c for c in text if 32 <= ord(c) < 127 or c == "\n")
+    vocab = sorted(set(text))
+    return np.asarray([vocab.index(c) for c in text], np.int32), len(vocab)
+
+
+def tiny_decoder(V, C=8, E=16, D=64, H=128, L=8, seed=0):
+    """A char-level decoder over a context window of C characters: embed -> proj -> L stacked pre-norm residual MLP
+    blocks (``lax.scan`` over ``layers/*``, leading axis L) -> head."""
+    k = jax.random.split(jax.random.key(seed), 5)
+    n = jax.random.normal
+    params = {"embed": {"embedding": 0.5 * n(k[0], (V, E)), "proj": n(k[1], (C * E, D)) / np.sqrt(C * E)},
+              "layers": {"scale": jnp.ones((L, D)), "w1": n(k[2], (L, D, H)) / np.sqrt(D), "b1": jnp.zeros((L, H)),
+                         "w2": n(k[3], (L, H, D)) / np.sqrt(H) / np.sqrt(L)},
+              "head": {"kernel": n(k[4], (D, V)) / np.sqrt(D), "bias": jnp.zeros((V,))}}
+
+    def apply(p, ctx):
+        x = p["embed"]["embedding"][ctx].reshape(ctx.shape[0], -1) @ p["embed"]["proj"]
+
+        def block(h, lp):
+            z = h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6) * lp["scale"]
+            return h + jax.nn.gelu(z @ lp["w1"] + lp["b1"]) @ lp["w2"], None
+
+        x, _ = jax.lax.scan(block, x, p["layers"])
+        return x @ p["head"]["kernel"] + p["head"]["bias"]
+
+    return params, apply

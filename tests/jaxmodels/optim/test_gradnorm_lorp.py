@@ -315,9 +315,9 @@ def test_rejects_bad_input():
 def _decoder_runner(C=8, batch=128, seed=0):
     """The LISA test's decoder and data (tests/jaxmodels/optim/test_lisa.py); returns ``train(tx, steps) -> (held-out
     loss, optimizer-state bytes)``. Init and evaluation are jitted, the evaluation compiled once for all runs."""
-    from tests.jaxmodels.optim.test_lisa import _text_ids, tiny_decoder
+    from tests.jaxmodels.optim.helpers import text_ids, tiny_decoder
 
-    ids, V = _text_ids()
+    ids, V = text_ids()
     params0, apply = tiny_decoder(V, C=C)
     n_train = int(0.9 * len(ids))
 

@@ -1,5 +1,3 @@
-import glob
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmodels.optim import LisaState, lisa, lisa_layers, scale_by_lisa
 from jaxmodels.tree import flatten, tree_bytes
-from tests.jaxmodels.optim.helpers import assert_tree_close, check_sharded_equals_unsharded
+from tests.jaxmodels.optim.helpers import assert_tree_close, check_sharded_equals_unsharded, text_ids, tiny_decoder
 
 
 def stacked_tree(L=6, d=8, h=12, V=10, seed=0, scale=1.0):
@@ -155,41 +153,8 @@ def test_lisa_sharded_equals_unsharded(mesh_2d):
 
 
 # ---- paper claim: LISA reaches a loss close to full AdamW on a small decoder --------------------------------------
-def _text_ids():
-    import sklearn.datasets
-
-    d = os.path.join(os.path.dirname(sklearn.datasets.__file__), "descr")
-    text = "".join(open(p, encoding="utf-8").read() for p in sorted(glob.glob(os.path.join(d, "*.rst"))))
-    text = "".join(c for c in text if 32 <= ord(c) < 127 or c == "\n")
-    vocab = sorted(set(text))
-    return np.asarray([vocab.index(c) for c in text], np.int32), len(vocab)
-
-
-def tiny_decoder(V, C=8, E=16, D=64, H=128, L=8, seed=0):
-    """A char-level decoder over a context window of C characters: embed -> proj -> L stacked pre-norm residual MLP
-    blocks (``lax.scan`` over ``layers/*``, leading axis L) -> head."""
-    k = jax.random.split(jax.random.key(seed), 5)
-    n = jax.random.normal
-    params = {"embed": {"embedding": 0.5 * n(k[0], (V, E)), "proj": n(k[1], (C * E, D)) / np.sqrt(C * E)},
-              "layers": {"scale": jnp.ones((L, D)), "w1": n(k[2], (L, D, H)) / np.sqrt(D), "b1": jnp.zeros((L, H)),
-                         "w2": n(k[3], (L, H, D)) / np.sqrt(H) / np.sqrt(L)},
-              "head": {"kernel": n(k[4], (D, V)) / np.sqrt(D), "bias": jnp.zeros((V,))}}
-
-    def apply(p, ctx):
-        x = p["embed"]["embedding"][ctx].reshape(ctx.shape[0], -1) @ p["embed"]["proj"]
-
-        def block(h, lp):
-            z = h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6) * lp["scale"]
-            return h + jax.nn.gelu(z @ lp["w1"] + lp["b1"]) @ lp["w2"], None
-
-        x, _ = jax.lax.scan(block, x, p["layers"])
-        return x @ p["head"]["kernel"] + p["head"]["bias"]
-
-    return params, apply
-
-
 def train_decoder(tx, steps=300, batch=256, C=8, seed=0):
-    ids, V = _text_ids()
+    ids, V = text_ids()
     params, apply = tiny_decoder(V, C=C)
     n_train = int(0.9 * len(ids))
 
