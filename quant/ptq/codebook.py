@@ -61,6 +61,9 @@ the high bits), the codebooks in float16; the stored size gives the measured bit
     bpw = 8 · (packed bytes + codebook bytes) / #weights  =  b + 16·k·d / (group_rows · group_cols)
 
 (the formula when each row holds a multiple of 8 vectors; rows are padded to 8 codes otherwise).
+
+Not implemented: GPTVQ's integer quantization of the codebooks, its block-wise weight scaling and SVD codebook
+compression; AQLM's sum of several codebooks per vector (M > 1) and beam search with beam width > 1.
 """
 
 from __future__ import annotations
@@ -112,6 +115,18 @@ class CodebookConfig:
     lr: float = 1e-2
     remap: bool = True
     seed: int = 0
+
+    @classmethod
+    def at_budget(cls, bits: float, dim: int = 2, group_cols: int = 128, overhead: float = 0.125, **kw):
+        """The config whose float16 codebooks cost ``overhead`` bits per weight on top of the b index bits:
+        group_rows = 16·k·d / (overhead · group_cols) (e.g. b = 3, d = 2, 128 columns: 128 rows, 3.125 bpw)."""
+        nb = bits * dim
+        if abs(nb - round(nb)) > 1e-9 or not 1 <= round(nb) <= 16 or overhead <= 0:
+            raise ValueError(f"no codebook config for bits={bits}, dim={dim}, overhead={overhead}")
+        rows = 16 * 2 ** int(round(nb)) * dim / (overhead * group_cols)
+        if rows != int(rows) or rows < 1:
+            raise ValueError(f"overhead {overhead} with {group_cols} columns needs {rows} rows per group")
+        return cls(bits=bits, dim=dim, group_rows=int(rows), group_cols=group_cols, **kw)
 
     @property
     def index_bits(self) -> int:
@@ -218,9 +233,12 @@ def kmeans_step(x, h, c):
     Any leading batch axes (one codebook each). Returns ``(new centroids, assignments)``."""
     x, h, c = (jnp.asarray(a, jnp.float32) for a in (x, h, c))
     a = assign(x, h, c)
-    onehot = jax.nn.one_hot(a, c.shape[-2], dtype=jnp.float32)
-    num = jnp.einsum("...nk,...nd->...kd", onehot, h * x, precision=_HI)
-    den = jnp.einsum("...nk,...nd->...kd", onehot, h, precision=_HI)
+    k, d = c.shape[-2:]
+    lead = a.shape[:-1]
+    G = int(np.prod(lead))
+    ids = (a.reshape(G, -1) + k * jnp.arange(G, dtype=jnp.int32)[:, None]).reshape(-1)  # cluster id per point
+    num = jax.ops.segment_sum((h * x).reshape(-1, d), ids, num_segments=G * k).reshape(*lead, k, d)
+    den = jax.ops.segment_sum(h.reshape(-1, d), ids, num_segments=G * k).reshape(*lead, k, d)
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), c), a
 
 
@@ -233,8 +251,9 @@ def _kpp_one(x, h, k, u):
 
     def draw(p, ui):
         cdf = jnp.cumsum(p)
-        idx = jnp.sum(cdf <= ui * cdf[-1])  # first i with cdf_i > u·total
-        return jnp.where(cdf[-1] > 0, jnp.minimum(idx, N - 1), 0)
+        idx = jnp.sum(cdf <= ui * cdf[-1])  # first i with cdf_i > u·total: p_i > 0
+        last = N - 1 - jnp.argmax(p[::-1] > 0)  # u·total rounded up to the total: the last point with p > 0
+        return jnp.where(cdf[-1] > 0, jnp.where(idx < N, idx, last), 0)
 
     i0 = draw(h.sum(-1), u[0])
     c = jnp.zeros((k, d), jnp.float32).at[0].set(x[i0])
@@ -312,6 +331,15 @@ def _f16(c):
     return c.astype(jnp.float16).astype(jnp.float32)
 
 
+def _argmin_quadratic(cb, v, A, gr: int):
+    """argmin_c c A cᵀ − 2 c·v_r for every row r, over the entries ``cb[r // gr]`` of its row group
+    (``cb[n_rg, k, d]``, ``v[R, d]``, ``A[d, d]`` symmetric)."""
+    n_rg = cb.shape[0]
+    quad = jnp.einsum("gkd,de,gke->gk", cb, A, cb, precision=_HI)
+    lin = jnp.einsum("gkd,grd->grk", cb, v.reshape(n_rg, gr, -1), precision=_HI)
+    return jnp.argmin(quad[:, None, :] - 2.0 * lin, axis=-1).reshape(-1).astype(jnp.int32)
+
+
 # ------------------------------------------------------------------------------------------ initial quantization
 
 @functools.partial(jax.jit, static_argnames=("lay", "iters", "init"))
@@ -343,16 +371,16 @@ def _gptvq_group(W, U, i1, u, lay: Layout, iters: int, init: str):
     x = _to_points(W1, lay1)[:, 0]
     h = _to_points(jnp.broadcast_to(hcol[None, :], W1.shape), lay1)[:, 0]
     cb = _f16(_kmeans(x, h, u, iters, init))
-    crow = cb[jnp.arange(R) // lay.gr]  # [R, k, d]
+    rg = jnp.arange(R) // lay.gr
 
     def body(s, carry):
         W1, A1, E1 = carry
         w = jax.lax.dynamic_slice(W1, (0, s * d), (R, d))
         Ms = M[s]
-        wt = jnp.matmul(w, Ms, precision=_HI)
-        ct = jnp.einsum("rkd,de->rke", crow, Ms, precision=_HI)
-        a = jnp.argmin(((wt[:, None, :] - ct) ** 2).sum(-1), axis=-1).astype(jnp.int32)
-        q = jnp.take_along_axis(crow, a[:, None, None], axis=1)[:, 0]
+        As = jnp.matmul(Ms, Ms.T, precision=_HI)
+        # ‖(w − c) M‖² = w A wᵀ − 2 c·(A w) + c A cᵀ, A = M Mᵀ (the first term is the same for every c)
+        a = _argmin_quadratic(cb, jnp.matmul(w, As, precision=_HI), As, lay.gr)
+        q = cb[rg, a]
         E = jnp.matmul(w - q, Ms, precision=_HI)
         urow = jax.lax.dynamic_slice(U1, (s * d, 0), (d, gc))
         W1 = W1 - jnp.matmul(E, urow, precision=_HI)
@@ -367,14 +395,41 @@ def _gptvq_group(W, U, i1, u, lay: Layout, iters: int, init: str):
 
 
 def _prepare(W, H):
-    """GPTQ's dead-input rule: H_jj = 0 -> H_jj = 1 and W[:, j] = 0. Returns (W, H float64 NumPy)."""
-    W = jnp.asarray(np.asarray(W, np.float32))  # a sequential per-layer algorithm: gathered onto one device
-    H = np.array(H, np.float64)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    if dead.any():
-        W = W.at[:, jnp.asarray(dead)].set(0.0)
-    return W, H
+    """GPTQ's dead-input rule: H_jj = 0 -> H_jj = 1 and W[:, j] = 0. Both gathered onto one device as float32 (a
+    sequential per-layer algorithm)."""
+    W = jnp.asarray(np.asarray(W, np.float32))
+    H = jnp.asarray(np.asarray(H, np.float32))
+    return _dead_fix(W, H)
+
+
+@jax.jit
+def _dead_fix(W, H):
+    dead = jnp.diag(H) == 0
+    return jnp.where(dead[None, :], 0.0, W), H + jnp.diag(dead.astype(H.dtype))
+
+
+@jax.jit
+def _inverse_cholesky(H, lam):
+    """U = chol((H + λI)⁻¹)ᵀ (upper; UᵀU = (H + λI)⁻¹) in float32, as the GPTQ/GPTVQ references compute it, with one
+    Cholesky factorization: for the reversal permutation P and L = chol(P (H + λI) P), (H + λI)⁻¹ = (P L⁻ᵀ P)(P L⁻¹ P)
+    with P L⁻ᵀ P lower triangular, so U = P L⁻¹ P. NaN when H + λI is not positive definite."""
+    eye = jnp.eye(H.shape[0], dtype=jnp.float32)
+    L = jnp.linalg.cholesky((H + lam * eye)[::-1, ::-1])
+    return jax.lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)[::-1, ::-1]
+
+
+def _damped_inverse_cholesky(H, percdamp: float):
+    """:func:`quant.ptq.gptq.damped_inverse_cholesky` on the device in float32: λ = percdamp·mean(diag H), ×10 until
+    the factorization is finite. Returns ``(U, percdamp_used)``."""
+    H = jnp.asarray(H, jnp.float32)
+    mean_diag = jnp.mean(jnp.diag(H))
+    pd = percdamp
+    for _ in range(8):
+        U = _inverse_cholesky(H, pd * mean_diag)
+        if bool(jnp.all(jnp.isfinite(U))):
+            return U, pd
+        pd *= 10.0
+    raise np.linalg.LinAlgError("Hessian is not positive definite even after raising the dampening 10^8x")
 
 
 def _initial(W, Hn, lay: Layout, cfg: CodebookConfig, rng: np.random.Generator):
@@ -384,12 +439,9 @@ def _initial(W, Hn, lay: Layout, cfg: CodebookConfig, rng: np.random.Generator):
         # the same uniforms per group as the feedback path draws column group by column group
         u = rng.random((lay.n_cg, lay.n_rg, lay.k)).transpose(1, 0, 2).reshape(lay.n_rg * lay.n_cg, lay.k)
         u = jnp.asarray(u, jnp.float32)
-        cb, codes = _init_no_feedback(W, jnp.asarray(np.diag(Hn), jnp.float32), u, lay, cfg.kmeans_iters, cfg.init)
+        cb, codes = _init_no_feedback(W, jnp.diag(Hn), u, lay, cfg.kmeans_iters, cfg.init)
         return cb, codes, None
-    from .gptq import damped_inverse_cholesky
-
-    U, pd = damped_inverse_cholesky(Hn, cfg.percdamp)
-    U = jnp.asarray(U)
+    U, pd = _damped_inverse_cholesky(Hn, cfg.percdamp)
     cbs, codes = [], []
     for i1 in range(0, lay.C, lay.gc):
         u = jnp.asarray(rng.random((lay.n_rg, lay.k)), jnp.float32)
@@ -444,34 +496,52 @@ def _layer_adam(W, H, codebooks, codes, lr, lay: Layout, steps: int):
     return cb, _rel_layer_loss(W, H, cb, codes, lay)
 
 
+def _remap_block(lay: Layout) -> int:
+    """Columns per lazy block of the remap sweep: the largest multiple of d dividing C that is <= max(128, d)."""
+    return max(b for b in range(lay.d, max(128, lay.d) + 1, lay.d) if lay.C % b == 0)
+
+
 @functools.partial(jax.jit, static_argnames=("lay",))
 def _remap(W, H, codebooks, codes, lay: Layout):
     """Greedy coordinate descent on tr(R H Rᵀ), R = W − Ŵ, over the code slots left to right (AQLM's code search
     with beam 1): slot S of row r takes argmin_c e_c H_SS e_cᵀ + 2 e_c·g_r, e_c = W[r, S] − C_c,
     g_r = Σ_{j∉S} R[r, j] H[j, S]; keeping the current code is a candidate, so the loss never increases.
-    Returns the new codes and their relative layer error."""
-    d, R = lay.d, lay.R
+    G = R H is kept exact inside a lazy block of columns and updated for the rest once per block (as GPTQ's lazy
+    batches). Returns the new codes and their relative layer error."""
+    d, R, C = lay.d, lay.R, lay.C
+    B = _remap_block(lay)
+    nb = B // d
     rg, cg = _group_index(lay)
     Rm = W - dequantize_codes(codebooks, codes, lay)
     G = jnp.matmul(Rm, H, precision=_HI)
 
-    def body(v, carry):
+    def block(bi, carry):
         Rm, G, A = carry
-        c0 = v * d
-        cand = codebooks[rg, cg[v]]  # [R, k, d]
-        e0 = jax.lax.dynamic_slice(Rm, (0, c0), (R, d))
-        hss = jax.lax.dynamic_slice(H, (c0, c0), (d, d))
-        g = jax.lax.dynamic_slice(G, (0, c0), (R, d)) - jnp.matmul(e0, hss, precision=_HI)
-        ec = jax.lax.dynamic_slice(W, (0, c0), (R, d))[:, None, :] - cand
-        lc = (jnp.einsum("rkd,de,rke->rk", ec, hss, ec, precision=_HI)
-              + 2.0 * jnp.einsum("rkd,rd->rk", ec, g, precision=_HI))
-        a = jnp.argmin(lc, axis=-1).astype(jnp.int32)
-        enew = jnp.take_along_axis(ec, a[:, None, None], axis=1)[:, 0]
-        hrow = jax.lax.dynamic_slice(H, (c0, 0), (d, lay.C))
-        G = G + jnp.matmul(enew - e0, hrow, precision=_HI)
-        return jax.lax.dynamic_update_slice(Rm, enew, (0, c0)), G, A.at[:, v].set(a)
+        c1 = bi * B
+        R0 = jax.lax.dynamic_slice(Rm, (0, c1), (R, B))
+        W1 = jax.lax.dynamic_slice(W, (0, c1), (R, B))
+        H1 = jax.lax.dynamic_slice(H, (c1, c1), (B, B))
 
-    _, _, A = jax.lax.fori_loop(0, lay.n, body, (Rm, G, codes))
+        def slot(s, carry):
+            R1, G1, A = carry
+            c0 = s * d
+            cb = codebooks[:, cg[bi * nb + s]]  # [n_rg, k, d]
+            e0 = jax.lax.dynamic_slice(R1, (0, c0), (R, d))
+            hss = jax.lax.dynamic_slice(H1, (c0, c0), (d, d))
+            g = jax.lax.dynamic_slice(G1, (0, c0), (R, d)) - jnp.matmul(e0, hss, precision=_HI)
+            w = jax.lax.dynamic_slice(W1, (0, c0), (R, d))
+            # e H eᵀ + 2 e·g with e = w − c equals c H cᵀ − 2 c·(H w + g) + terms without c
+            a = _argmin_quadratic(cb, jnp.matmul(w, hss, precision=_HI) + g, hss, lay.gr)
+            enew = w - cb[rg, a]
+            G1 = G1 + jnp.matmul(enew - e0, jax.lax.dynamic_slice(H1, (c0, 0), (d, B)), precision=_HI)
+            return jax.lax.dynamic_update_slice(R1, enew, (0, c0)), G1, A.at[:, bi * nb + s].set(a)
+
+        G1 = jax.lax.dynamic_slice(G, (0, c1), (R, B))
+        R1, _, A = jax.lax.fori_loop(0, nb, slot, (R0, G1, A))
+        G = G + jnp.matmul(R1 - R0, jax.lax.dynamic_slice(H, (c1, 0), (B, C)), precision=_HI)
+        return jax.lax.dynamic_update_slice(Rm, R1, (0, c1)), G, A
+
+    _, _, A = jax.lax.fori_loop(0, C // B, block, (Rm, G, codes))
     return A, _rel_layer_loss(W, H, codebooks, A, lay)
 
 
@@ -593,10 +663,10 @@ def codebook_quantize_weight(w: Any, H: Any, config: CodebookConfig = CodebookCo
     if np.shape(H) != (C, C):
         raise ValueError(f"Hessian shape {np.shape(H)} does not match the layer's {C} input features")
     lay = config.layout(R, C)
-    W = jnp.asarray(w_in, jnp.float32)
+    W = np.asarray(w_in, np.float32)
     W, Hn = _prepare(W.T if kernel_layout else W, H)
     cb, codes, pd = _initial(W, Hn, lay, config, np.random.default_rng(config.seed))
-    cb, codes, history = _layer_finetune(W, jnp.asarray(Hn, jnp.float32), cb, codes, lay, config)
+    cb, codes, history = _layer_finetune(W, Hn, cb, codes, lay, config)
     return _result(w_in, cb, codes, lay, config, kernel_layout, history, pd)
 
 
@@ -717,12 +787,12 @@ def codebook_quantize(params, model, calib_batch, config: CodebookConfig = Codeb
         y_float, rec = capture_dense(model, block, h, ctx)
         state, Ws, Hs, hist, pds = {}, {}, {}, {}, {}
         for li, name in enumerate(dense_names(block)):
-            W = jnp.asarray(get_sub(block, name)["kernel"], jnp.float32).T
+            W = np.asarray(get_sub(block, name)["kernel"], np.float32).T
             lay = config.layout(*W.shape)
             W, Hn = _prepare(W, hessian_from_inputs(rec[name][0], tok))
-            Ws[name], Hs[name] = W, jnp.asarray(Hn, jnp.float32)
+            Ws[name], Hs[name] = W, Hn
             cb, codes, pds[name] = _initial(W, Hn, lay, config, np.random.default_rng([config.seed, bi, li]))
-            cb, codes, hist[name] = _layer_finetune(W, Hs[name], cb, codes, lay, config)
+            cb, codes, hist[name] = _layer_finetune(W, Hn, cb, codes, lay, config)
             state[name] = (cb, codes, lay)
         state, bhist = _block_finetune(model, block, state, Ws, Hs, h, ctx, y_float, tok, config)
         new_k = {}

@@ -14,12 +14,12 @@ from quant.ptq.gptq import hessian_from_inputs
 
 from .toy import toy_bert
 
-# One layer shape and group layout for the single-layer tests (W[32, 64], 2-D vectors, 16×32 groups, k = 16), the
-# same layout the toy BERT's ``output`` linear gets, so jit compiles are shared.
+# One layer shape and group layout for all k-means tests (W[32, 32], 2-D vectors, 16×32 groups, k = 16): the toy
+# BERT below has only 32×32 linears, so the jit compiles are shared.
 BASE = CodebookConfig(bits=2, dim=2, group_rows=16, group_cols=32, kmeans_iters=8, layer_rounds=0, block_rounds=0)
 
 
-def _layer(rng, n=512, d_in=64, d_out=32):
+def _layer(rng, n=512, d_in=32, d_out=32):
     # correlated inputs with a few large channels, as real activations (tests/quant/ptq/test_gptq_rtn.py)
     mix = rng.standard_normal((d_in, d_in)).astype(np.float32) / np.sqrt(d_in)
     x = rng.standard_normal((n, d_in)).astype(np.float32) @ (np.eye(d_in, dtype=np.float32) + mix)
@@ -71,9 +71,9 @@ def test_exact_when_codebook_covers_all_distinct_vectors(dim, feedback):
     H = hessian_from_inputs(x)
     cfg = dataclasses.replace(BASE, bits=2 / dim, dim=dim, error_feedback=feedback)  # k = 4 entries per group
     # every 16×32 group uses only 4 distinct vectors (float16-exact values), so k = 4 can represent it exactly
-    W = np.zeros((32, 64), np.float32)
+    W = np.zeros((32, 32), np.float32)
     for r0 in range(0, 32, 16):
-        for c0 in range(0, 64, 32):
+        for c0 in range(0, 32, 32):
             vocab = rng.integers(-8, 9, (4, dim)) / 16.0
             pick = rng.integers(0, 4, (16, 32 // dim))
             W[r0:r0 + 16, c0:c0 + 32] = vocab[pick].reshape(16, 32)
@@ -85,7 +85,7 @@ def test_exact_when_codebook_covers_all_distinct_vectors(dim, feedback):
 def test_identity_hessian_feedback_reduces_to_weighted_kmeans():
     rng = np.random.default_rng(2)
     _, w = _layer(rng)
-    eye = np.eye(64, dtype=np.float32)
+    eye = np.eye(32, dtype=np.float32)
     # H = I: U = (1+λ)^(-1/2) I has no off-diagonal terms, so GPTVQ's error feedback vanishes and its OBS metric is a
     # constant multiple of the Euclidean one: it must return plain k-means + nearest codes (same seeds per group)
     fb = codebook_quantize_weight(w, eye, BASE)
@@ -94,6 +94,21 @@ def test_identity_hessian_feedback_reduces_to_weighted_kmeans():
     # rounding of an entry (2^-11 relative) in rare cases
     np.testing.assert_allclose(np.asarray(fb["weight"]), np.asarray(nofb["weight"]), rtol=1e-3, atol=1e-6)
     assert (np.asarray(fb["codes"]) == np.asarray(nofb["codes"])).mean() > 0.99
+
+
+def test_inverse_cholesky_matches_gptq_reference():
+    import quant.ptq.codebook as cbm
+    from quant.ptq.gptq import damped_inverse_cholesky
+
+    rng = np.random.default_rng(6)
+    x, _ = _layer(rng)
+    H = np.asarray(hessian_from_inputs(x))
+    U_ref, pd_ref = damped_inverse_cholesky(H, 0.01)  # float64 NumPy: chol, inverse, chol
+    U, pd = cbm._damped_inverse_cholesky(H, 0.01)  # float32, one Cholesky of the reversed matrix
+    assert pd == pd_ref
+    # float32 factorization of a 32×32 matrix with condition ~1e3: ~1e-6 relative
+    np.testing.assert_allclose(np.asarray(U), U_ref, rtol=0, atol=1e-5 * np.abs(U_ref).max())
+    np.testing.assert_array_equal(np.tril(np.asarray(U), -1), 0.0)
 
 
 def test_gptvq_feedback_and_layer_finetuning_lower_the_layer_error():
@@ -140,9 +155,20 @@ def test_packing_round_trip_and_measured_bits_per_weight(out_f, in_f, bits, dim,
         assert qw.bits_per_weight > bits + 16 * lay.k * dim / (gr * gc)
 
 
+def test_budget_helper_sets_codebook_overhead():
+    # group_rows = 16·k·d / (overhead · group_cols): the codebooks cost 1/8 bit per weight on MiniLM-sized layers
+    cfg = CodebookConfig.at_budget(3, 2, 128)
+    assert (cfg.group_rows, cfg.group_cols, cfg.k) == (128, 128, 64)
+    assert bits_per_weight_formula(cfg, 384, 384) == 3.125
+    assert bits_per_weight_formula(CodebookConfig.at_budget(2, 2, 64), 384, 1536) == 2.125  # 64 rows
+    assert bits_per_weight_formula(CodebookConfig.at_budget(4, 1, 128), 1536, 384) == 4.125  # 16 rows
+    with pytest.raises(ValueError):
+        CodebookConfig.at_budget(3, 2, 96)  # 170.67 rows
+
+
 @pytest.fixture(scope="module")
 def toy_runs():
-    model, params, batch = toy_bert()
+    model, params, batch = toy_bert(inter=32)  # every linear 32×32: one layout, one compile per function
     before = jax.tree_util.tree_map(np.array, params)
     # layer stage: re-mapping only (its Adam is tested on a single layer); block stage: 2 × (20 Adam steps + remap)
     cfg = dataclasses.replace(BASE, layer_rounds=1, layer_steps=0, block_rounds=2, block_steps=20)
@@ -194,12 +220,12 @@ def test_bad_config_rejected_before_work():
     for kw in bad:
         with pytest.raises(ValueError):
             CodebookConfig(**kw).validate()
-    w = np.zeros((64, 32), np.float32)
+    w = np.zeros((32, 32), np.float32)
     with pytest.raises(ValueError, match="Hessian"):
-        codebook_quantize_weight(w, np.eye(32), BASE)
+        codebook_quantize_weight(w, np.eye(64), BASE)
     with pytest.raises(ValueError, match="divisible"):
-        codebook_quantize_weight(w, np.eye(64), dataclasses.replace(BASE, group_rows=24))
-    model, params, batch = toy_bert()
+        codebook_quantize_weight(w, np.eye(32), dataclasses.replace(BASE, group_rows=24))
+    model, params, batch = toy_bert(inter=32)
 
     def no_embed(*a):
         raise AssertionError("work started before the config was checked")
@@ -240,8 +266,8 @@ def test_minilm_codebook_3bpw_beats_rtn_w3():
                                                                   progress=False)[0], evb))["cosine"]
     # 2-D vectors at 3 bits (k = 64) per 128×128 group: 3 + 16·64·2/16384 = 3.125 bits per weight, below RTN W3
     # g128's 3.1875 as stored (3 + 16-bit scale and 8-bit zero per 128)
-    cfg = CodebookConfig(bits=3, dim=2, group_rows=128, group_cols=128, layer_rounds=1, layer_steps=0,
-                         block_rounds=1, block_steps=10)
+    cfg = CodebookConfig(bits=3, dim=2, group_rows=128, group_cols=128, kmeans_iters=5, layer_rounds=1,
+                         layer_steps=0, block_rounds=1, block_steps=5)
     q, rep = codebook_quantize(params, model, calib, cfg, progress=False)
     cos = embedding_metrics(e_float, embed_batches(model, q, evb))["cosine"]
     print(f"MiniLM 48 held-out sentences: RTN W3 g128 cos {cos_rtn:.4f}; codebook d2 b3 128x128 cos {cos:.4f} "
