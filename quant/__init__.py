@@ -44,13 +44,14 @@ Training-time::
     quant.qkr: qk_product, qkr_logits, qkr_attention                                         (OFQ QKR)
     quant.oscillation: oscillation_init / oscillation_update / oscillation_summary           (Nagel et al.)
     quant.activation: dynamic_act_quant (per token / tensor), static_act_quant, calibrate_amax
+    quant.gaussws: gaussws_fake_quant(w, key, step) = cast_bf16(w + R step), R = round(N(0,1)/2)      (GaussWS)
     quant.qat: QATConfig(weights=((regex, FakeQuantW | LSQW | StatsQW | None), ...),
                          activations=((regex, DynamicActQ | StaticActQ | LSQActQ | None), ...), qkr=QKRConfig(...))
                qat_init(cfg, model, params, *sample) -> {"params", "quant"}; qat_apply(cfg, model, calib) -> apply;
                qat_calibrate; quantize_weights; weight_levels
 """
 
-from quant import activation, formats, lsq, oscillation, packing, qarray, qat, qkr, statsq
+from quant import activation, formats, gaussws, lsq, oscillation, packing, qarray, qat, qkr, statsq
 from quant.fake_quant import STE_MODES, fake_quant, ste_round
 from quant.formats import (
     BINARY, FLOAT_SPECS, FP4_E2M1, FP6_E2M3, FP6_E3M2, FP8_E4M3, FP8_E5M2, GRANULARITIES, INT2, INT3, INT4, INT8,
@@ -64,7 +65,7 @@ from quant.qarray import (
 )
 
 __all__ = [
-    "formats", "packing", "qarray", "activation", "lsq", "oscillation", "qat", "qkr", "statsq",
+    "formats", "packing", "qarray", "activation", "gaussws", "lsq", "oscillation", "qat", "qkr", "statsq",
     "IntFormat", "FloatFormat", "NF4Format", "TernaryFormat", "BinaryFormat", "Format", "QParams", "GRANULARITIES",
     "FLOAT_SPECS", "NF4_LEVELS", "INT2", "INT3", "INT4", "INT8", "FP8_E4M3", "FP8_E5M2", "FP6_E3M2", "FP6_E2M3",
     "FP4_E2M1", "NF4", "TERNARY", "BINARY",

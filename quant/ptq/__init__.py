@@ -1,20 +1,43 @@
-"""Post-training quantization with calibration: RTN, GPTQ (act-order, static groups), AWQ (scale + clip search),
-RSQ (rotate, scale tokens, GPTQ), the block-wise engine, MiniLM evaluation and packed export.
+"""Post-training quantization with calibration: RTN, GPTQ (act-order, static groups, format-generic quantizer),
+AWQ (scale + clip search), RSQ (rotate, scale tokens, GPTQ), FlexRound (learnable element-wise division rounding,
+block-wise reconstruction), ZeroQuant-FP (FP4 weights by GPTQ, FP8 activations, power-of-two scales) with LoRC
+(low-rank compensation on top of any method), layer-wise mixed precision under an average-bit budget (LIM / ZD /
+HAWQ-V2 Hessian trace), the block-wise engine, MiniLM evaluation and packed export; and ZeroQ (data-free calibration
+from BatchNorm statistics) for BatchNorm models such as the ResNet.
 
-Each method is ``(params, model: BlockModel, calibration batch, config) -> (quantized params, report)``.
+Each transformer method is ``(params, model: BlockModel, calibration batch, config) -> (quantized params, report)``;
+ZeroQ works on a linen model with ``batch_stats`` instead (``distill_data`` -> ``calibrate_ranges`` ->
+``quantized_apply``).
 """
 
+from . import zeroq
 from .awq import AWQConfig, awq
 from .blocks import AWQGroup, BlockModel, capture_dense
-from .evaluate import embedding_metrics, format_table, ptq_table, run_method
+from .evaluate import embed_quantized, embedding_metrics, format_table, ptq_table, run_method
 from .export import QuantizedLinear, load_quantized, materialize, quantized_tree, save_quantized
-from .gptq import GPTQConfig, gptq, gptq_quantize_weight, hessian_from_inputs
+from .flexround import FlexRoundConfig, flexround, flexround_quantize_weight
+from .gptq import GPTQConfig, MinMaxQuantizer, gptq, gptq_quantize_weight, hessian_from_inputs
+from .lorc import lorc, lorc_bits_per_weight, lorc_factors, lorc_weight
+from .mixed_precision import (
+    MixedPrecisionConfig, allocate_knapsack, allocate_ranked, hessian_traces, hutchinson_trace, importance_scores,
+    lim_scores, mixed_precision, zd_scores,
+)
 from .rsq import RSQConfig, attention_concentration, random_hadamard, rsq
 from .rtn import rtn, rtn_format, rtn_quantize_weight
+from .zeroq import DistillConfig, calibrate_ranges, distill_data, quantized_apply
+from .zeroquant_fp import (
+    FPQuantizer, ZeroQuantFPConfig, embed_a8, forward_a8, fp_act_quant, pow2_scales, zeroquant_fp,
+    zeroquant_fp_weight,
+)
 
 __all__ = [
-    "AWQConfig", "awq", "AWQGroup", "BlockModel", "capture_dense", "embedding_metrics", "format_table", "ptq_table",
-    "run_method", "QuantizedLinear", "load_quantized", "materialize", "quantized_tree", "save_quantized",
-    "GPTQConfig", "gptq", "gptq_quantize_weight", "hessian_from_inputs", "RSQConfig", "attention_concentration",
-    "random_hadamard", "rsq", "rtn", "rtn_format", "rtn_quantize_weight",
+    "AWQConfig", "awq", "AWQGroup", "BlockModel", "capture_dense", "embed_quantized", "embedding_metrics",
+    "format_table", "ptq_table", "run_method", "QuantizedLinear", "load_quantized", "materialize", "quantized_tree",
+    "save_quantized", "FlexRoundConfig", "flexround", "flexround_quantize_weight", "GPTQConfig", "MinMaxQuantizer",
+    "gptq", "gptq_quantize_weight", "hessian_from_inputs", "lorc", "lorc_bits_per_weight", "lorc_factors",
+    "lorc_weight", "MixedPrecisionConfig", "allocate_knapsack", "allocate_ranked", "hessian_traces",
+    "hutchinson_trace", "importance_scores", "lim_scores", "mixed_precision", "zd_scores", "RSQConfig",
+    "attention_concentration", "random_hadamard", "rsq", "rtn", "rtn_format", "rtn_quantize_weight", "zeroq",
+    "DistillConfig", "calibrate_ranges", "distill_data", "quantized_apply", "FPQuantizer", "ZeroQuantFPConfig",
+    "embed_a8", "forward_a8", "fp_act_quant", "pow2_scales", "zeroquant_fp", "zeroquant_fp_weight",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import spearmanr
 
-__all__ = ["embedding_metrics", "embed_batches"]
+__all__ = ["embedding_metrics", "embed_batches", "embed_quantized", "run_method", "ptq_table", "format_table"]
 
 
 def embed_batches(model, params, batches) -> np.ndarray:
@@ -39,7 +39,14 @@ SETTINGS = {"W4 g128": (4, 128), "W3 g128": (3, 128), "W2 g64": (2, 64)}
 
 
 def run_method(method: str, params, model, calib, bits: int, group_size: int, progress=None):
-    """Quantize all linears of ``model`` with ``method`` in {"rtn", "gptq", "gptq-ao", "awq", "rsq"}."""
+    """Quantize all linears of ``model`` with ``method``:
+
+    ``"rtn"``, ``"gptq"``, ``"gptq-ao"`` (act-order), ``"awq"``, ``"rsq"``, ``"flexround"``, ``"rtn+lorc"`` (RTN then
+    rank-8 LoRC), ``"zeroquant-fp"`` (FP4 E2M1 weights by GPTQ, M2 power-of-two scales, FP8 E4M3 per-token
+    activations; ``bits`` must be 4), ``"gptq-fp4"`` (the same weights, activations left in float),
+    ``"mp-lim"`` / ``"mp-zd"`` / ``"mp-hessian"`` (layer-wise mixed precision, GPTQ per layer, budget ``bits + 0.5``
+    average bits per weight), ``"codebook"`` (GPTVQ/AQLM-style vector quantization at about ``bits`` bits per weight).
+    """
     from .awq import AWQConfig, awq
     from .gptq import GPTQConfig, gptq
     from .rsq import RSQConfig, rsq
@@ -52,11 +59,44 @@ def run_method(method: str, params, model, calib, bits: int, group_size: int, pr
     if method == "gptq-ao":
         return gptq(params, model, calib, GPTQConfig(bits, group_size, act_order=True), progress=progress)
     if method == "awq":
-        q, rep = awq(params, model, calib, AWQConfig(bits, group_size), progress=progress)
-        return q, rep
+        return awq(params, model, calib, AWQConfig(bits, group_size), progress=progress)
     if method == "rsq":
         return rsq(params, model, calib, RSQConfig(GPTQConfig(bits, group_size, act_order=True)), progress=progress)
+    if method == "flexround":
+        from .flexround import FlexRoundConfig, flexround
+
+        return flexround(params, model, calib, FlexRoundConfig(bits, group_size, iters=200, batch_size=4),
+                         progress=progress)
+    if method == "rtn+lorc":
+        from .lorc import lorc
+
+        q, rep = rtn(params, model, calib, bits=bits, group_size=group_size, progress=progress)
+        q, lrep = lorc(params, q, 8, progress=progress)
+        return q, {**lrep, "rtn": rep}  # layers: LoRC's weight errors (no calibration output error)
+    if method in ("zeroquant-fp", "gptq-fp4"):
+        if bits != 4:
+            raise ValueError(f"{method} quantizes weights to FP4 (E2M1): bits must be 4, got {bits}")
+        from .zeroquant_fp import ZeroQuantFPConfig, zeroquant_fp
+
+        cfg = ZeroQuantFPConfig(group_size=group_size, act_format="e4m3" if method == "zeroquant-fp" else None)
+        return zeroquant_fp(params, model, calib, cfg, progress=progress)
+    if method.startswith("mp-"):
+        from .mixed_precision import MixedPrecisionConfig, mixed_precision
+
+        cfg = MixedPrecisionConfig(budget=bits + 0.5, score=method[3:], group_size=group_size)
+        return mixed_precision(params, model, calib, cfg, progress=progress)
     raise ValueError(f"unknown PTQ method {method!r}")
+
+
+def embed_quantized(model, q, report: dict, batches) -> np.ndarray:
+    """Embeddings of the quantized model: activations fake-quantized too when the method quantizes them
+    (ZeroQuant-FP's FP8 inputs), weights only otherwise."""
+    act = report.get("config", {}).get("act_format") if report.get("method") == "zeroquant_fp" else None
+    if act:
+        from .zeroquant_fp import embed_a8
+
+        return embed_a8(model, q, batches, act)
+    return embed_batches(model, q, batches)
 
 
 def ptq_table(params, model, calib, eval_batches, methods=("rtn", "gptq", "gptq-ao", "awq", "rsq"),
@@ -72,14 +112,14 @@ def ptq_table(params, model, calib, eval_batches, methods=("rtn", "gptq", "gptq-
             t = time.perf_counter()
             q, rep = run_method(m, params, model, calib, bits, gs, progress)
             sec = time.perf_counter() - t
-            met = embedding_metrics(e_float, embed_batches(model, q, eval_batches))
+            met = embedding_metrics(e_float, embed_quantized(model, q, rep, eval_batches))
             rows.append({"setting": st, "method": m, **met, "seconds": sec,
-                         "layer_errors": {p: r.get("error") for p, r in rep["layers"].items()}})
+                         "layer_errors": {p: r["error"] for p, r in rep["layers"].items() if "error" in r}})
     return rows
 
 
 def format_table(rows) -> str:
-    lines = [f"{'setting':8s} {'method':8s} {'cosine':>8s} {'spearman':>9s} {'time s':>7s}"]
+    lines = [f"{'setting':8s} {'method':12s} {'cosine':>8s} {'spearman':>9s} {'time s':>7s}"]
     for r in rows:
-        lines.append(f"{r['setting']:8s} {r['method']:8s} {r['cosine']:8.4f} {r['spearman']:9.4f} {r['seconds']:7.1f}")
+        lines.append(f"{r['setting']:8s} {r['method']:12s} {r['cosine']:8.4f} {r['spearman']:9.4f} {r['seconds']:7.1f}")
     return "\n".join(lines)
