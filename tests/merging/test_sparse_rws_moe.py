@@ -455,3 +455,77 @@ def test_mc_smoe_bad_inputs():
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="finite"):
         mc_smoe_merge(experts, bad, 2)
+
+
+from merging.moe_expert_merge import align_experts, merge_expert_groups  # noqa: E402
+from merging.permutation import permutation_spec_from_axes_to_perm  # noqa: E402
+
+# one expert of moe_experts(): x -> relu(x wi + b) wo, hidden units on wi's columns, b, wo's rows
+EXPERT_SPEC = permutation_spec_from_axes_to_perm({"wi": (None, "h"), "b": ("h",), "wo": ("h", None)})
+
+
+def _expert_fn(experts, e, x):
+    return np.maximum(x @ np.asarray(experts["wi"][e], np.float32) + np.asarray(experts["b"][e], np.float32), 0) \
+        @ np.asarray(experts["wo"][e], np.float32)
+
+
+def test_align_experts_recovers_a_hidden_permutation_and_preserves_every_expert():
+    experts = moe_experts(4)
+    rng = np.random.default_rng(0)
+    # expert 3 is expert 1 with its hidden units shuffled: alignment to dominant 1 must undo the shuffle exactly
+    perm = rng.permutation(6)
+    experts["wi"][3], experts["b"][3], experts["wo"][3] = experts["wi"][1][:, perm], experts["b"][1][perm], \
+        experts["wo"][1][perm]
+    group = np.array([0, 0, 1, 0, 1, 1, 0, 1])
+    dominant = np.array([1, 4])
+    got = align_experts(experts, group, dominant, EXPERT_SPEC)
+    for k in experts:
+        np.testing.assert_array_equal(np.asarray(got[k][3]), experts[k][1])
+        for d in dominant:
+            np.testing.assert_array_equal(np.asarray(got[k][d]), experts[k][d])
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    for e in range(E):  # a re-indexing of hidden units: the same function (same sums in another order)
+        np.testing.assert_allclose(_expert_fn(got, e, x), _expert_fn(experts, e, x), rtol=1e-5, atol=1e-5)
+    # the pieces compose to mc_smoe_merge(align_spec=...)
+    logits = planted_logits()
+    mc = mc_smoe_merge(experts, logits, 2, top_k=2, align_spec=EXPERT_SPEC)
+    aligned = align_experts(experts, mc.group_of_expert, mc.dominant, EXPERT_SPEC)
+    assert_trees_equal(mc.experts, merge_expert_groups(aligned, mc.group_of_expert, mc.frequency))
+
+
+def test_merge_expert_groups_matches_numpy_and_handles_zero_weight_groups():
+    experts = moe_experts(5)
+    group = np.array([2, 0, 1, 0, 2, 1, 1, 0])
+    w = np.array([0.5, 0.0, 0.0, 2.0, 1.5, 0.0, 0.0, 1.0], np.float32)  # group 1 has only zero weights -> uniform
+    got = merge_expert_groups(experts, group, w)
+    for k, v in experts.items():
+        want = []
+        for g in range(3):
+            m = np.flatnonzero(group == g)
+            ww = w[m] if w[m].sum() > 0 else np.ones(len(m), np.float32)
+            want.append(np.tensordot(ww / ww.sum(), v[m], axes=1))
+        np.testing.assert_allclose(np.asarray(got[k]), np.stack(want), **TOL)
+    uniform = merge_expert_groups(experts, group, np.ones(E))
+    np.testing.assert_allclose(np.asarray(uniform["b"][0]), experts["b"][[1, 3, 7]].mean(0), **TOL)
+    with pytest.raises(ValueError, match="non-negative"):
+        merge_expert_groups(experts, group, -w)
+    with pytest.raises(ValueError, match="no empty group"):
+        merge_expert_groups(experts, np.array([0, 0, 2, 2, 0, 2, 0, 2]), w)
+    with pytest.raises(ValueError, match="8 integers"):
+        merge_expert_groups(experts, group[:7], w)
+
+
+def test_mc_smoe_alignment_sharded_and_bad_specs(mesh):
+    experts, logits = moe_experts(), planted_logits()
+    want = mc_smoe_merge(experts, logits, 3, top_k=2, align_spec=EXPERT_SPEC)
+    got = mc_smoe_merge(shard_tree(experts, mesh), shard_tree(logits, mesh), 3, top_k=2, align_spec=EXPERT_SPEC)
+    assert_trees_close(got.experts, want.experts, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="without the expert axis"):
+        mc_smoe_merge(experts, logits, 2, align_spec=permutation_spec_from_axes_to_perm(
+            {"wi": (None, None, "h"), "b": (None, "h"), "wo": (None, "h", None)}))
+    with pytest.raises(ValueError, match="not a leaf"):
+        mc_smoe_merge(experts, logits, 2, align_spec=permutation_spec_from_axes_to_perm({"w_in": (None, "h")}))
+    with pytest.raises(TypeError, match="PermutationSpec"):
+        mc_smoe_merge(experts, logits, 2, align_spec={"wi": (None, "h")})
+    with pytest.raises(ValueError, match="dominant"):
+        align_experts(experts, np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.array([5, 1]), EXPERT_SPEC)
