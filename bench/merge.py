@@ -18,9 +18,12 @@ itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` so that XLA's buffers get 
 faulted and zeroed, just 512x fewer faults); ``--no-thp`` measures the default allocator. The same variable speeds
 up any large CPU merge (e.g. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m merging ...``).
 
-Two extra rows bound TIES: "ties trim only" is the exact top-k threshold of every task vector (the radix select of
-``merging.sparsify.kth_largest``, what TIES needs before it can write anything) and "ties, density 1" the
-election + disjoint-merge pass alone. ``--cli`` also times the streaming CLI end to end (safetensors on disk,
+Bound rows: "xla copy" is ``jnp.copy`` of one checkpoint (the least work that writes a fresh XLA output: its ratio
+bounds what any XLA merge can reach under the current allocator); "ties trim only" is the exact top-k threshold of
+every task vector (the radix select of ``merging.sparsify.kth_largest``, what TIES needs before it can write
+anything) and "ties, density 1" the election + disjoint-merge pass alone. ``--primitives`` times, per entry of one
+tensor, the XLA:CPU operations an exact selection could be built from (scatter-add histogram, sort, top_k, cumsum,
+a counting reduction). ``--cli`` also times the streaming CLI end to end (safetensors on disk,
 includes I/O), and ``--mergekit`` mergekit-yaml on the same files.
 """
 
@@ -74,6 +77,31 @@ def trim_thresholds(base, models, density):
     return [_thresholds(b, *(m[p] for m in models), k=num_kept(density, b.size)) for p, b in base.items()]
 
 
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+def primitives(shape, reps):
+    """Per-entry cost of the XLA:CPU building blocks of an exact selection, on |x - b| of one tensor."""
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(np.abs(0.01 * rng.standard_normal(shape, dtype=np.float32)).reshape(-1))
+    n = a.size
+    bits = jax.lax.bitcast_convert_type(a, jnp.int32)
+    k = num_kept(0.2, n)
+    ops = {
+        "radix select (kth_largest)": (jax.jit(lambda a: kth_largest(a, k)), a),
+        "scatter-add 2^16-bin histogram": (jax.jit(lambda b: jnp.zeros(65536, jnp.int32).at[b >> 16].add(1)), bits),
+        "counting reduction sum(a >= t)": (jax.jit(lambda a: (a >= 0.0126).sum()), a),
+        "lax.top_k (k = n/100)": (jax.jit(lambda a: jax.lax.top_k(a, n // 100)[0]), a),
+        "cumsum": (jax.jit(jnp.cumsum), bits),
+        "sort": (jax.jit(jnp.sort), a),
+        "sum (read once)": (jax.jit(jnp.sum), a),
+    }
+    print(f"XLA:CPU primitives on {n / 1e6:.1f}M entries (ns per entry, best of {reps}):")
+    for name, (f, x) in ops.items():
+        jax.block_until_ready(f(x))
+        print(f"  {name:34s} {best_of(lambda: f(x), reps) / n * 1e9:8.2f}")
+
+
 def roofline(total, reps):
     src = np.ones(total // 4, np.float32)
     dst = np.empty_like(src)
@@ -90,6 +118,7 @@ def main():
     ap.add_argument("--reps", type=int, default=2, help="best of this many runs per method and round")
     ap.add_argument("--no-thp", action="store_true", help="keep glibc's default 4 KiB pages for XLA's buffers")
     ap.add_argument("--only", default=None, help="comma-separated method names to run")
+    ap.add_argument("--primitives", action="store_true", help="time XLA:CPU selection building blocks per entry")
     ap.add_argument("--cli", action="store_true", help="also time python -m merging end to end")
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml to time on the same files")
     args = ap.parse_args()
@@ -127,6 +156,7 @@ def main():
     key = jax.random.key(0)
     n = args.models
     cases = [  # name, fn, arrays read + written, target
+        ("  xla copy (bound)", lambda: _copy(models[0]), 2, None),
         ("linear", lambda: linear(None, models), n + 1, 0.60),
         ("task_arithmetic", lambda: task_arithmetic(base, models, lambda_=0.5), n + 2, 0.60),
         ("ties (density 0.2)", lambda: ties(base, models, density=0.2), n + 2, 0.25),
@@ -158,8 +188,15 @@ def main():
         rng_s = f"{min(ratios[name]):.0%}-{max(ratios[name]):.0%}"
         tgt = "" if target is None else (f">= {target:.0%} " + ("ok" if fr >= target else "MISSED"))
         print(f"{name:26s} {t:8.3f} {n_io * nbytes / t / 1e9:7.1f} {fr:11.0%}  {rng_s:>12s}  {tgt}")
+    roof = statistics.median(roofs)
+    if "  xla copy (bound)" in secs and "linear" in secs:
+        extra = statistics.median(secs["  xla copy (bound)"]) - 2 * nbytes / (roof * 1e9)
+        print(f"a fresh {nbytes / 1e9:.1f} GB XLA output costs {extra:.3f} s beyond the bandwidth (allocation + page "
+              f"faults); linear at 60% of the roofline has {(n + 1) * nbytes / (0.6 * roof * 1e9):.3f} s in all")
+    if args.primitives:
+        primitives((rows, cols), args.reps)
     if "ties (density 0.2)" in secs and "  ties trim only" in secs:
-        budget = (n + 2) * nbytes / (0.25 * statistics.median(roofs) * 1e9)
+        budget = (n + 2) * nbytes / (0.25 * roof * 1e9)
         trim = statistics.median(secs["  ties trim only"])
         print(f"TIES at 25% of the roofline has {budget:.3f} s; its exact trim alone takes {trim:.3f} s "
               f"({trim / (n * n_params) * 1e9:.1f} ns per task-vector entry)")
