@@ -119,20 +119,22 @@ def damped_inverse_cholesky(H: np.ndarray, percdamp: float) -> tuple[np.ndarray,
     Computed in float64 NumPy on the host (a one-off d×d factorization; the reference uses torch float32). Returns
     ``(U, percdamp_used)``.
     """
+    from scipy.linalg import lapack
+
     H = np.asarray(H, np.float64)
     d = H.shape[0]
     mean_diag = float(np.mean(np.diag(H)))
     pd = percdamp
     for _ in range(8):
-        try:
-            L = np.linalg.cholesky(H + pd * mean_diag * np.eye(d))
-            Linv = np.linalg.solve(L, np.eye(d))  # cholesky_inverse: H⁻¹ = L⁻ᵀ L⁻¹
-            Hinv = Linv.T @ Linv
-            U = np.linalg.cholesky(Hinv).T
-            if np.all(np.isfinite(U)):
+        # LAPACK potrf/potri (torch.linalg.cholesky + cholesky_inverse in the reference): H⁻¹ = L⁻ᵀ L⁻¹
+        L, info = lapack.dpotrf(H + pd * mean_diag * np.eye(d), lower=True, clean=True)
+        if info == 0:
+            Hinv, info = lapack.dpotri(L, lower=True)  # lower triangle of H⁻¹
+        if info == 0:
+            Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
+            U, info = lapack.dpotrf(Hinv, lower=False, clean=True)
+            if info == 0 and np.all(np.isfinite(U)):
                 return U.astype(np.float32), pd
-        except np.linalg.LinAlgError:
-            pass
         pd *= 10.0
     raise np.linalg.LinAlgError("GPTQ: Hessian is not positive definite even after raising the dampening 10^8x")
 
