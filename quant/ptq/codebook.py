@@ -62,6 +62,11 @@ the high bits), the codebooks in float16; the stored size gives the measured bit
 
 (the formula when each row holds a multiple of 8 vectors; rows are padded to 8 codes otherwise).
 
+All array work runs in jitted functions (one compile per layer layout); like GPTQ, :func:`codebook_quantize_weight`
+and :func:`codebook_quantize` loop over column groups and blocks on the host, while :func:`kmeans_step`,
+:func:`assign`, :func:`dequantize_codes`, :meth:`CodebookWeight.dequantize` and :func:`materialize_codebooks` are
+jit-able. Everything computes in float32 (matmuls at HIGHEST precision); dequantized kernels take the input dtype.
+
 Not implemented: GPTVQ's integer quantization of the codebooks, its block-wise weight scaling and SVD codebook
 compression; AQLM's sum of several codebooks per vector (M > 1) and beam search with beam width > 1.
 """
