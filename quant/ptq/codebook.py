@@ -89,7 +89,7 @@ from ._common import pbar
 
 __all__ = ["CodebookConfig", "CodebookWeight", "codebook_quantize", "codebook_quantize_weight", "kmeans",
            "kmeans_step", "assign", "weighted_distances", "dequantize_codes", "pack_codebook", "codebook_tree",
-           "materialize_codebooks", "bits_per_weight_formula"]
+           "materialize_codebooks", "bits_per_weight_formula", "check_model", "Layout"]
 
 _HI = jax.lax.Precision.HIGHEST  # exact float32 products also on GPUs that would use TF32 by default
 

@@ -151,6 +151,10 @@ def test_gptvq_feedback_and_layer_finetuning_lower_the_layer_error():
     hist = ft["history"]
     assert all(b <= a for a, b in zip(hist, hist[1:])), hist
     assert hist[-1] < 0.95 * hist[0], hist
+    # computed in float32, returned (and dequantized from storage) in the input dtype
+    r16 = codebook_quantize_weight(jnp.asarray(w, jnp.bfloat16), H, BASE)
+    assert r16["weight"].dtype == jnp.bfloat16 and r16["packed"].dequantize().dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(r16["packed"].dequantize()), np.asarray(r16["weight"]))
 
 
 @pytest.mark.parametrize("out_f,in_f,bits,dim,gr,gc,nbytes", [
