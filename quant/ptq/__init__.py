@@ -2,7 +2,8 @@
 AWQ (scale + clip search), RSQ (rotate, scale tokens, GPTQ), FlexRound (learnable element-wise division rounding,
 block-wise reconstruction), ZeroQuant-FP (FP4 weights by GPTQ, FP8 activations, power-of-two scales) with LoRC
 (low-rank compensation on top of any method), layer-wise mixed precision under an average-bit budget (LIM / ZD /
-HAWQ-V2 Hessian trace), the block-wise engine, MiniLM evaluation and packed export; and ZeroQ (data-free calibration
+HAWQ-V2 Hessian trace), codebook / vector quantization (Hessian-weighted k-means per group with GPTVQ error feedback,
+AQLM-style codebook + code fine-tuning, bit-packed codes + fp16 codebooks), the block-wise engine, MiniLM evaluation and packed export; and ZeroQ (data-free calibration
 from BatchNorm statistics) for BatchNorm models such as the ResNet.
 
 Each transformer method is ``(params, model: BlockModel, calibration batch, config) -> (quantized params, report)``;
@@ -13,6 +14,9 @@ ZeroQ works on a linen model with ``batch_stats`` instead (``distill_data`` -> `
 from . import zeroq
 from .awq import AWQConfig, awq
 from .blocks import AWQGroup, BlockModel, capture_dense
+from .codebook import (
+    CodebookConfig, CodebookWeight, codebook_quantize, codebook_quantize_weight, codebook_tree, materialize_codebooks,
+)
 from .evaluate import embed_quantized, embedding_metrics, format_table, ptq_table, run_method
 from .export import QuantizedLinear, load_quantized, materialize, quantized_tree, save_quantized
 from .flexround import FlexRoundConfig, flexround, flexround_quantize_weight
@@ -40,4 +44,6 @@ __all__ = [
     "attention_concentration", "random_hadamard", "rsq", "rtn", "rtn_format", "rtn_quantize_weight", "zeroq",
     "DistillConfig", "calibrate_ranges", "distill_data", "quantized_apply", "FPQuantizer", "ZeroQuantFPConfig",
     "embed_a8", "forward_a8", "fp_act_quant", "pow2_scales", "zeroquant_fp", "zeroquant_fp_weight",
+    "CodebookConfig", "CodebookWeight", "codebook_quantize", "codebook_quantize_weight", "codebook_tree",
+    "materialize_codebooks",
 ]

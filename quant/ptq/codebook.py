@@ -86,6 +86,7 @@ import optax
 from quant.packing import pack_bits, packed_last_dim, unpack_bits
 
 from ._common import pbar
+from .gptq import damped_inverse_cholesky
 
 __all__ = ["CodebookConfig", "CodebookWeight", "codebook_quantize", "codebook_quantize_weight", "kmeans",
            "kmeans_step", "assign", "weighted_distances", "dequantize_codes", "pack_codebook", "codebook_tree",
@@ -413,30 +414,6 @@ def _dead_fix(W, H):
     return jnp.where(dead[None, :], 0.0, W), H + jnp.diag(dead.astype(H.dtype))
 
 
-@jax.jit
-def _inverse_cholesky(H, lam):
-    """U = chol((H + λI)⁻¹)ᵀ (upper; UᵀU = (H + λI)⁻¹) in float32, as the GPTQ/GPTVQ references compute it, with one
-    Cholesky factorization: for the reversal permutation P and L = chol(P (H + λI) P), (H + λI)⁻¹ = (P L⁻ᵀ P)(P L⁻¹ P)
-    with P L⁻ᵀ P lower triangular, so U = P L⁻¹ P. NaN when H + λI is not positive definite."""
-    eye = jnp.eye(H.shape[0], dtype=jnp.float32)
-    L = jnp.linalg.cholesky((H + lam * eye)[::-1, ::-1])
-    return jax.lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)[::-1, ::-1]
-
-
-def _damped_inverse_cholesky(H, percdamp: float):
-    """:func:`quant.ptq.gptq.damped_inverse_cholesky` on the device in float32: λ = percdamp·mean(diag H), ×10 until
-    the factorization is finite. Returns ``(U, percdamp_used)``."""
-    H = jnp.asarray(H, jnp.float32)
-    mean_diag = jnp.mean(jnp.diag(H))
-    pd = percdamp
-    for _ in range(8):
-        U = _inverse_cholesky(H, pd * mean_diag)
-        if bool(jnp.all(jnp.isfinite(U))):
-            return U, pd
-        pd *= 10.0
-    raise np.linalg.LinAlgError("Hessian is not positive definite even after raising the dampening 10^8x")
-
-
 def _initial(W, Hn, lay: Layout, cfg: CodebookConfig, rng: np.random.Generator):
     """Steps (1)–(2) on a prepared ``W``/``Hn``: returns codebooks [n_rg, n_cg, k, d] (float16 values), codes
     [R, C/d] and the dampening used (None without feedback)."""
@@ -446,7 +423,7 @@ def _initial(W, Hn, lay: Layout, cfg: CodebookConfig, rng: np.random.Generator):
         u = jnp.asarray(u, jnp.float32)
         cb, codes = _init_no_feedback(W, jnp.diag(Hn), u, lay, cfg.kmeans_iters, cfg.init)
         return cb, codes, None
-    U, pd = _damped_inverse_cholesky(Hn, cfg.percdamp)
+    U, pd = damped_inverse_cholesky(Hn, cfg.percdamp)
     cbs, codes = [], []
     for i1 in range(0, lay.C, lay.gc):
         u = jnp.asarray(rng.random((lay.n_rg, lay.k)), jnp.float32)

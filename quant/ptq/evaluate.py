@@ -85,6 +85,11 @@ def run_method(method: str, params, model, calib, bits: int, group_size: int, pr
 
         cfg = MixedPrecisionConfig(budget=bits + 0.5, score=method[3:], group_size=group_size)
         return mixed_precision(params, model, calib, cfg, progress=progress)
+    if method == "codebook":  # index bits + fp16 codebooks at 1/8 bit per weight (W3 g128: d=2, 128x128, 3.125 bpw)
+        from .codebook import CodebookConfig, codebook_quantize
+
+        cfg = CodebookConfig.at_budget(bits, dim=2 if bits <= 3 else 1, group_cols=group_size)
+        return codebook_quantize(params, model, calib, cfg, progress=progress)
     raise ValueError(f"unknown PTQ method {method!r}")
 
 

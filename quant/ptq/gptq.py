@@ -113,28 +113,29 @@ class HessianAccumulator:
         return 2.0 * self.sum / self.n
 
 
-def damped_inverse_cholesky(H: np.ndarray, percdamp: float) -> tuple[np.ndarray, float]:
-    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = percdamp·mean(diag H), ×10 until the factorization succeeds.
+@jax.jit
+def _inverse_cholesky(H, lam):
+    """U = chol((H + λI)⁻¹)ᵀ (upper; UᵀU = (H + λI)⁻¹) in float32 with one Cholesky factorization: for the reversal
+    permutation P and L = chol(P (H + λI) P), (H + λI)⁻¹ = (P L⁻ᵀ P)(P L⁻¹ P) with P L⁻ᵀ P lower triangular, so
+    U = P L⁻¹ P. NaN when H + λI is not positive definite."""
+    eye = jnp.eye(H.shape[0], dtype=jnp.float32)
+    L = jnp.linalg.cholesky((H + lam * eye)[::-1, ::-1])
+    return jax.lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)[::-1, ::-1]
 
-    Computed in float64 NumPy on the host (a one-off d×d factorization; the reference uses torch float32). Returns
-    ``(U, percdamp_used)``.
+
+def damped_inverse_cholesky(H: Any, percdamp: float) -> tuple[jax.Array, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = percdamp·mean(diag H), ×10 until the factorization is finite.
+
+    float32 on the device, as the reference (torch ``cholesky`` -> ``cholesky_inverse`` -> ``cholesky(upper=True)``
+    in float32; here one factorization of the reversed matrix gives the same U). Returns ``(U, percdamp_used)``.
     """
-    from scipy.linalg import lapack
-
-    H = np.asarray(H, np.float64)
-    d = H.shape[0]
-    mean_diag = float(np.mean(np.diag(H)))
+    H = jnp.asarray(H, jnp.float32)
+    mean_diag = jnp.mean(jnp.diag(H))
     pd = percdamp
     for _ in range(8):
-        # LAPACK potrf/potri (torch.linalg.cholesky + cholesky_inverse in the reference): H⁻¹ = L⁻ᵀ L⁻¹
-        L, info = lapack.dpotrf(H + pd * mean_diag * np.eye(d), lower=True, clean=True)
-        if info == 0:
-            Hinv, info = lapack.dpotri(L, lower=True)  # lower triangle of H⁻¹
-        if info == 0:
-            Hinv = np.tril(Hinv) + np.tril(Hinv, -1).T
-            U, info = lapack.dpotrf(Hinv, lower=False, clean=True)
-            if info == 0 and np.all(np.isfinite(U)):
-                return U.astype(np.float32), pd
+        U = _inverse_cholesky(H, pd * mean_diag)
+        if bool(jnp.all(jnp.isfinite(U))):
+            return U, pd
         pd *= 10.0
     raise np.linalg.LinAlgError("GPTQ: Hessian is not positive definite even after raising the dampening 10^8x")
 

@@ -118,21 +118,6 @@ def test_identity_hessian_feedback_reduces_to_weighted_kmeans():
     assert (np.asarray(fb["codes"]) == np.asarray(nofb["codes"])).mean() > 0.99
 
 
-def test_inverse_cholesky_matches_gptq_reference():
-    import quant.ptq.codebook as cbm
-    from quant.ptq.gptq import damped_inverse_cholesky
-
-    rng = np.random.default_rng(6)
-    x, _ = _layer(rng)
-    H = np.asarray(hessian_from_inputs(x))
-    U_ref, pd_ref = damped_inverse_cholesky(H, 0.01)  # float64 NumPy: chol, inverse, chol
-    U, pd = cbm._damped_inverse_cholesky(H, 0.01)  # float32, one Cholesky of the reversed matrix
-    assert pd == pd_ref
-    # float32 factorization of a 32×32 matrix with condition ~1e3: ~1e-6 relative
-    np.testing.assert_allclose(np.asarray(U), U_ref, rtol=0, atol=1e-5 * np.abs(U_ref).max())
-    np.testing.assert_array_equal(np.tril(np.asarray(U), -1), 0.0)
-
-
 def test_gptvq_feedback_and_layer_finetuning_lower_the_layer_error():
     rng = np.random.default_rng(3)
     x, w = _layer(rng)

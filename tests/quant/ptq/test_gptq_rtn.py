@@ -144,6 +144,19 @@ def test_dead_columns_and_damping():
     assert pd > 0.01 and np.all(np.isfinite(U))
 
 
+def test_damped_inverse_cholesky_matches_float64_reference():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((256, 32)).astype(np.float32) * rng.uniform(0.1, 3.0, 32).astype(np.float32)
+    H = np.asarray(hessian_from_inputs(x), np.float64)
+    lam = 0.01 * np.mean(np.diag(H))
+    U_ref = np.linalg.cholesky(np.linalg.inv(H + lam * np.eye(32))).T  # float64: chol(H⁻¹)ᵀ, upper
+    U, pd = damped_inverse_cholesky(H, 0.01)  # float32, one Cholesky of the reversed matrix
+    assert pd == 0.01
+    # float32 factorization of a 32×32 matrix with condition ~1e3: ~1e-6 relative
+    np.testing.assert_allclose(np.asarray(U), U_ref, rtol=0, atol=1e-5 * np.abs(U_ref).max())
+    np.testing.assert_array_equal(np.tril(np.asarray(U), -1), 0.0)
+
+
 def test_bad_config_rejected():
     w = np.zeros((32, 4), np.float32)
     with pytest.raises(ValueError, match="bits"):
