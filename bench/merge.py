@@ -2,21 +2,23 @@
 against a NumPy memcpy of the same bytes in the same run (the memory-bandwidth roofline).
 
     python bench/merge.py [--size 100e6] [--tensor 4096x4096] [--models 4] [--rounds 3] [--reps 2] [--no-thp]
-                          [--cli] [--mergekit /path/mergekit-yaml]
+                          [--only linear,ties,...] [--primitives] [--cli] [--mergekit /path/mergekit-yaml]
 
 Effective GB/s = (bytes read + bytes written) / seconds, where a merge reads every input once and writes the
 result once. The roofline is a NumPy copy of one buffer as large as all those bytes (it reads and writes, so it
 moves 2x its size; we report 2 x size / time). Targets: linear and task arithmetic >= 60% of the roofline,
 TIES >= 25%. Each round measures the roofline and then every method (best of ``--reps``); the ratio of a round
 uses that round's roofline, and the summary gives the median and the range over rounds (the machine may be
-shared: absolute times drift, ratios measured minutes apart less so).
+shared: absolute times drift, ratios measured minutes apart less so). XLA:CPU runs a large fusion on all cores while
+the roofline copy is single-threaded, so a merge can exceed 100% on an idle multi-core machine.
 
 Allocator: XLA:CPU allocates every output with glibc malloc, i.e. a fresh mmap per tensor, so writing the result
 first-touches its pages; on 4 KiB pages that costs ~0.5 ms per MB here (a KVM guest), as much as the merge itself.
 NumPy madvises its own large buffers to transparent huge pages (2 MiB). By default the script therefore re-runs
 itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` so that XLA's buffers get huge pages too (the pages are still
-faulted and zeroed, just 512x fewer faults); ``--no-thp`` measures the default allocator. The same variable speeds
-up any large CPU merge (e.g. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m merging ...``).
+faulted and zeroed, just 512x fewer faults; it needs /sys/kernel/mm/transparent_hugepage/enabled = madvise or
+always); ``--no-thp`` measures the default allocator. The same variable speeds up any large CPU merge (e.g.
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m merging ...``).
 
 Bound rows: "xla copy" is ``jnp.copy`` of one checkpoint (the least work that writes a fresh XLA output: its ratio
 bounds what any XLA merge can reach under the current allocator); "ties trim only" is the exact top-k threshold of
