@@ -15,11 +15,14 @@
 # # Post-training quantization of a real sentence encoder
 #
 # all-MiniLM-L6-v2 (real weights, `jaxmodels.models.bert`): every linear layer quantized with RTN, GPTQ (with and
-# without act-order), AWQ and RSQ at W4 g128, W3 g128 and W2 g64, calibrated on sentences from Python's stdlib
-# docstrings and evaluated on held-out sentences from other modules: mean cosine similarity of the embeddings to the
-# float model, and Spearman rank retention of all pairwise similarities. Then export: a packed checkpoint, its size,
-# and a model that runs from it with dequantize-on-the-fly.
-# `python colabs/ptq.py --quick` runs a reduced version (fewer sentences, W4 and W3 only, no plain GPTQ).
+# without act-order), AWQ, RSQ, FlexRound, codebook (vector) quantization, RTN + LoRC and layer-wise mixed precision
+# (LIM / ZD ranking, half a bit above the setting) at W4 g128, W3 g128 and W2 g64, calibrated on sentences from
+# Python's stdlib docstrings and evaluated on held-out sentences from other modules: mean cosine similarity of the
+# embeddings to the float model, and Spearman rank retention of all pairwise similarities. Then ZeroQuant-FP (FP4
+# weights, FP8 activations), and export: a packed checkpoint, its size, and a model that runs from it with
+# dequantize-on-the-fly.
+# `python colabs/ptq.py --quick` runs a reduced version (fewer sentences, W4 and W3 only, the calibration-heavy
+# FlexRound / codebook / plain GPTQ / ZD rows and ZeroQuant-FP left out: their own tests check them on MiniLM).
 
 # %%
 import os
@@ -37,14 +40,15 @@ import matplotlib.pyplot as plt
 
 from jaxmodels.io import save_safetensors
 from jaxmodels.models.bert import load_minilm
-from quant.ptq.evaluate import embed_batches, embedding_metrics, format_table, ptq_table, run_method
+from quant.ptq.evaluate import embed_batches, embed_quantized, embedding_metrics, format_table, ptq_table, run_method
 from quant.ptq.export import load_quantized, materialize, quantized_tree, save_quantized
 from quant.ptq.minilm import bert_block_model, calibration_sentences, evaluation_sentences
 
 QUICK = "--quick" in sys.argv
 N_CAL, N_EVAL, MAX_LEN = (32, 48, 32) if QUICK else (128, 256, 128)
 SETTINGS = ("W4 g128", "W3 g128") if QUICK else ("W4 g128", "W3 g128", "W2 g64")
-METHODS = ("rtn", "gptq-ao", "awq", "rsq") if QUICK else ("rtn", "gptq", "gptq-ao", "awq", "rsq")
+METHODS = (("rtn", "gptq-ao", "awq", "rsq", "rtn+lorc", "mp-lim") if QUICK else
+           ("rtn", "gptq", "gptq-ao", "awq", "rsq", "flexround", "codebook", "rtn+lorc", "mp-lim", "mp-zd"))
 print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, quick={QUICK}")
 
 # %%
@@ -72,7 +76,7 @@ print(f"(total {time.perf_counter() - t0:.0f} s)")
 low = SETTINGS[-1]
 fig, ax = plt.subplots(figsize=(10, 3.5))
 for r in rows:
-    if r["setting"] == low:
+    if r["setting"] == low and r["layer_errors"]:  # (RTN + LoRC reports weight errors only)
         errs = r["layer_errors"]
         ax.semilogy(range(len(errs)), list(errs.values()), marker="o", ms=3, label=r["method"])
 names = list(next(r for r in rows if r["setting"] == low)["layer_errors"])
@@ -84,6 +88,19 @@ ax.legend()
 fig.tight_layout()
 out_dir = tempfile.mkdtemp()
 fig.savefig(os.path.join(out_dir, "ptq_layer_errors.png"), dpi=100)
+
+# %% [markdown]
+# ## ZeroQuant-FP: W4A8 in floating point
+# FP4 E2M1 weights (g128, GPTQ on the FP4 grid, M2 power-of-two scales so every FP4 weight casts exactly to FP8) and
+# FP8 E4M3 per-token activations, against the same FP4 weights with float activations and INT4 RTN.
+
+# %%
+if not QUICK:
+    e_float = embed_batches(model, params, eval_batches)
+    for m in ("zeroquant-fp", "gptq-fp4"):
+        q, rep = run_method(m, params, model, calib, 4, 128)
+        print(f"{m:13s}", embedding_metrics(e_float, embed_quantized(model, q, rep, eval_batches)),
+              "FP4->FP8 cast exact:", rep["cast_exact"])
 
 # %% [markdown]
 # ## Export: packed checkpoint, size on disk, and dequantize-on-the-fly inference

@@ -44,7 +44,7 @@ def run_method(method: str, params, model, calib, bits: int, group_size: int, pr
     ``"rtn"``, ``"gptq"``, ``"gptq-ao"`` (act-order), ``"awq"``, ``"rsq"``, ``"flexround"``, ``"rtn+lorc"`` (RTN then
     rank-8 LoRC), ``"zeroquant-fp"`` (FP4 E2M1 weights by GPTQ, M2 power-of-two scales, FP8 E4M3 per-token
     activations; ``bits`` must be 4), ``"gptq-fp4"`` (the same weights, activations left in float),
-    ``"mp-lim"`` / ``"mp-zd"`` / ``"mp-hessian"`` (layer-wise mixed precision, GPTQ per layer, budget ``bits + 0.5``
+    ``"mp-lim"`` / ``"mp-zd"`` / ``"mp-hessian"`` (layer-wise mixed precision, RTN per layer, budget ``bits + 0.5``
     average bits per weight), ``"codebook"`` (GPTVQ/AQLM-style vector quantization at about ``bits`` bits per weight).
     """
     from .awq import AWQConfig, awq
