@@ -117,3 +117,21 @@ def awq_pseudo_quantize(w: jax.Array, bits: int, group_size: int = 128, zero_poi
         scale = mx / qmax
         out = jnp.clip(jnp.round(g / scale), -qmax - 1, qmax) * scale
     return out.reshape(w.shape)
+
+
+def grid_record(w_in, w_hat, codes, scale, zero, group_size: int, kernel_layout: bool = True, **extra) -> dict:
+    """The per-layer record of a PTQ method whose weights lie on a uniform grid with contiguous input groups:
+    ``weight`` (in ``w_in``'s layout and dtype), ``codes``, ``scale``/``zero`` ``[out, G]``, ``g_idx``, ``perm=None``
+    and any ``extra`` entries. ``w_hat``/``codes`` are in the GPTQ layout ``[out, in]``; ``kernel_layout``: return
+    them as Flax kernels ``[in, out]``. :func:`quant.ptq.export.pack_layer` packs it."""
+    C = w_hat.shape[1]
+    gs = C if group_size == -1 else group_size
+    return {
+        "weight": (w_hat.T if kernel_layout else w_hat).astype(jnp.asarray(w_in).dtype),
+        "codes": codes.T if kernel_layout else codes,
+        "scale": scale,
+        "zero": zero,
+        "g_idx": (jnp.arange(C) // gs).astype(jnp.int32),
+        "perm": None,
+        **extra,
+    }

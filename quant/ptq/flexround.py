@@ -53,7 +53,7 @@ import optax
 from jaxmodels.tree import flatten, unflatten
 from quant.fake_quant import ste_round
 
-from ._common import check_bits, group_view, minmax_params, pbar
+from ._common import check_bits, grid_record, group_view, minmax_params, pbar
 
 __all__ = ["FlexRoundConfig", "flexround", "flexround_quantize_weight", "flexround_init", "flexround_weight"]
 
@@ -269,17 +269,7 @@ def _reconstruct(fn, frozen, weights: dict, h, ctx: dict, y, tok, cfg: FlexRound
 
 
 def _record(w_in, w_hat, codes, s1, zero, beyond, group_size: int, kernel_layout: bool = True) -> dict:
-    C = w_hat.shape[1]
-    gs = C if group_size == -1 else group_size
-    return {
-        "weight": (w_hat.T if kernel_layout else w_hat).astype(w_in.dtype),
-        "codes": codes.T if kernel_layout else codes,
-        "scale": s1,
-        "zero": zero,
-        "g_idx": (jnp.arange(C) // gs).astype(jnp.int32),
-        "perm": None,
-        "beyond_nearest": beyond,
-    }
+    return grid_record(w_in, w_hat, codes, s1, zero, group_size, kernel_layout, beyond_nearest=beyond)
 
 
 def _check_group(in_features: int, group_size: int, what: str) -> None:

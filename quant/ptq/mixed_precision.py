@@ -69,7 +69,7 @@ import numpy as np
 
 from jaxmodels.tree import flatten, unflatten
 
-from ._common import check_bits, pbar, rtn_minmax
+from ._common import check_bits, grid_record, pbar, rtn_minmax
 from .blocks import capture_dense, dense_names, get_sub, set_kernels, set_sub
 from .gptq import GPTQConfig, gptq_quantize_weight, hessian_from_inputs, layer_error
 
@@ -292,10 +292,7 @@ def _rtn_record(w, bits: int, group_size: int, sym: bool) -> dict:
     """The record of :func:`quant.ptq.rtn.rtn_quantize_weight` (``weight`` in ``w``'s dtype, ``codes``, ``scale``,
     ``zero``, ``g_idx``, ``perm``), computed by the traced-bits :func:`_rtn`."""
     w_hat, codes, scale, zero = _rtn(w, jnp.int32(bits), group_size, sym)
-    n_in = w.shape[0]
-    gs = n_in if group_size == -1 else group_size
-    return {"weight": w_hat.astype(jnp.asarray(w).dtype), "codes": codes, "scale": scale, "zero": zero,
-            "g_idx": (np.arange(n_in) // gs).astype(np.int32), "perm": None}
+    return grid_record(w, w_hat.T, codes.T, scale, zero, group_size)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "sym"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ._common import check_bits, rtn_minmax
+from ._common import check_bits, grid_record, rtn_minmax
 
 __all__ = ["rtn_quantize_weight"]
 
@@ -26,16 +26,7 @@ def rtn_quantize_weight(w, bits: int = 4, group_size: int = 128, sym: bool = Fal
     W = jnp.asarray(w_in, jnp.float32)
     W = W.T if kernel_layout else W
     w_hat, codes, scale, zero = rtn_minmax(W, bits, group_size, sym)
-    C = W.shape[1]
-    gs = C if group_size == -1 else group_size
-    return {
-        "weight": (w_hat.T if kernel_layout else w_hat).astype(w_in.dtype),
-        "codes": codes.T if kernel_layout else codes,
-        "scale": scale,
-        "zero": zero,
-        "g_idx": (jnp.arange(C) // gs).astype(jnp.int32),
-        "perm": None,
-    }
+    return grid_record(w_in, w_hat, codes, scale, zero, group_size, kernel_layout)
 
 
 def rtn(params, model=None, calib_batch=None, *, bits: int = 4, group_size: int = 128, sym: bool = False,
