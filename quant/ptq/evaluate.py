@@ -83,7 +83,9 @@ def run_method(method: str, params, model, calib, bits: int, group_size: int, pr
     if method.startswith("mp-"):
         from .mixed_precision import MixedPrecisionConfig, mixed_precision
 
-        cfg = MixedPrecisionConfig(budget=bits + 0.5, score=method[3:], group_size=group_size)
+        # every width 2..6 and 8 may be used, so that the bracketing levels are one bit apart (b and b + 1)
+        cfg = MixedPrecisionConfig(budget=bits + 0.5, candidates=(2, 3, 4, 5, 6, 8), score=method[3:],
+                                   group_size=group_size)
         return mixed_precision(params, model, calib, cfg, progress=progress)
     if method == "codebook":  # index bits + fp16 codebooks at 1/8 bit per weight (W3 g128: d=2, 128x128, 3.125 bpw)
         from .codebook import CodebookConfig, codebook_quantize
