@@ -31,9 +31,7 @@
 # [--quick]`) and as a notebook.
 
 # %%
-import os
 import sys
-
 import time
 
 import jax

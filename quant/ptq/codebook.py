@@ -365,7 +365,7 @@ def _gptvq_group(W, U, i1, u, lay: Layout, iters: int, init: str):
     importances, then the slot loop with error feedback inside the group, then the lazy update of the later columns
     W[:, ≥i2] −= E U[i1:i2, ≥i2]. Returns ``(W, codebooks[n_rg, k, d], codes[R, gc/d])``."""
     R, C = W.shape
-    d, gc, k = lay.d, lay.gc, lay.k
+    d, gc = lay.d, lay.gc
     ns = gc // d
     W1 = jax.lax.dynamic_slice(W, (0, i1), (R, gc))
     U1 = jax.lax.dynamic_slice(U, (i1, i1), (gc, gc))

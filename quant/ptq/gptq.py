@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import check_bits, minmax_params, qdq, quantize_codes
+from ._common import check_bits, minmax_params, quantize_codes
 
 __all__ = ["GPTQConfig", "MinMaxQuantizer", "gptq_quantize_weight", "hessian_from_inputs", "HessianAccumulator",
            "damped_inverse_cholesky"]
