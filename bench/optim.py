@@ -16,36 +16,20 @@ separately.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxmodels.optim import adamp, gradnorm_lorp, lamb, lars, lisa, sgd_ef21, sgdp
-from jaxmodels.tree import flatten, tree_bytes
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
-
-def decoder(V=96, C=16, E=32, D=256, H=1024, L=8, seed=0):
-    k = jax.random.split(jax.random.key(seed), 5)
-    n = jax.random.normal
-    params = {"embed": {"embedding": 0.5 * n(k[0], (V, E)), "proj": n(k[1], (C * E, D)) / np.sqrt(C * E)},
-              "layers": {"scale": jnp.ones((L, D)), "w1": n(k[2], (L, D, H)) / np.sqrt(D), "b1": jnp.zeros((L, H)),
-                         "w2": n(k[3], (L, H, D)) / np.sqrt(H) / np.sqrt(L)},
-              "head": {"kernel": n(k[4], (D, V)) / np.sqrt(D), "bias": jnp.zeros((V,))}}
-
-    def apply(p, ctx):
-        x = p["embed"]["embedding"][ctx].reshape(ctx.shape[0], -1) @ p["embed"]["proj"]
-
-        def block(h, lp):
-            z = h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6) * lp["scale"]
-            return h + jax.nn.gelu(z @ lp["w1"] + lp["b1"]) @ lp["w2"], None
-
-        x, _ = jax.lax.scan(block, x, p["layers"])
-        return x @ p["head"]["kernel"] + p["head"]["bias"]
-
-    return params, apply
+from jaxmodels.optim import adamp, gradnorm_lorp, lamb, lars, lisa, sgd_ef21, sgdp  # noqa: E402
+from jaxmodels.tree import flatten, tree_bytes  # noqa: E402
+from tests.jaxmodels.optim.helpers import tiny_decoder  # noqa: E402  (the decoder of the LISA/GradNormLoRP tests)
 
 
 def time_round_robin(fns: dict, repeats: int) -> dict:
@@ -70,7 +54,7 @@ def main():
     repeats = 5 if args.quick else 20
     L, gamma = 8, 2
     lowrank = r"(layers/w[12]|embed/proj)$"
-    params, apply = decoder(L=L)
+    params, apply = tiny_decoder(96, C=16, E=32, D=256, H=1024, L=L)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     f = flatten(params)
     per_layer = sum(v[0].size for k, v in f.items() if k.startswith("layers/"))
