@@ -13,7 +13,6 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxmodels.tree import flatten, unflatten
 
@@ -115,23 +114,27 @@ def set_kernels(block_params: PyTree, kernels: dict[str, jax.Array], biases: dic
     return unflatten(flat, like=block_params)
 
 
-def _capture_impl(block, block_params, h, ctx_items):
+def _capture_impl(block, block_params, h, ctx_items, input_fn=None):
     records = {}
 
     def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
         if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            records["/".join(context.module.path)] = (args[0], out)
-        return out
+            x = args[0] if input_fn is None else input_fn(args[0])
+            out = next_fun(x, *args[1:], **kwargs)
+            records["/".join(context.module.path)] = (x, out)
+            return out
+        return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
         y = block.apply({"params": block_params}, h, **ctx_items)
     return y, records
 
 
-_capture = jax.jit(_capture_impl, static_argnums=0)
+_capture = jax.jit(_capture_impl, static_argnums=(0, 4))
 
 
-def capture_dense(model: BlockModel, block_params: PyTree, h: jax.Array, ctx: dict):
-    """Run one block; return ``(output, {dense_name: (input, output)})``."""
-    return _capture(model.block, block_params, h, dict(ctx))
+def capture_dense(model: BlockModel, block_params: PyTree, h: jax.Array, ctx: dict, input_fn=None):
+    """Run one block; return ``(output, {dense_name: (input, output)})``. ``input_fn`` (hashable: it is a static
+    jit argument), if given, transforms the input of every ``nn.Dense`` first (e.g. activation fake-quant); the
+    recorded input is the transformed one."""
+    return _capture(model.block, block_params, h, dict(ctx), input_fn)

@@ -44,7 +44,6 @@ import dataclasses
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,24 +229,23 @@ def fp_act_quant(x: jax.Array, name: str = "e4m3", granularity: str = "token") -
     return fake_quant(x, FloatFormat(name, granularity="tensor"), QParams(s, None))
 
 
-def _a8_impl(block, block_params, h, ctx_items, act, record):
-    records = {}
+@dataclasses.dataclass(frozen=True)
+class _FPAct:
+    """Hashable :func:`fp_act_quant` (a static argument of the jitted block capture)."""
 
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            xq = fp_act_quant(args[0], *act) if act is not None else args[0]
-            out = next_fun(xq, *args[1:], **kwargs)
-            if record:
-                records["/".join(context.module.path)] = (xq, out)
-            return out
-        return next_fun(*args, **kwargs)
+    name: str
+    granularity: str
 
-    with nn.intercept_methods(interceptor):
-        y = block.apply({"params": block_params}, h, **ctx_items)
-    return y, records
+    def __call__(self, x):
+        return fp_act_quant(x, self.name, self.granularity)
 
 
-_a8 = jax.jit(_a8_impl, static_argnums=(0, 4, 5))
+def _a8(model, block_params, h, ctx, act):
+    """One block with every Dense input FP-fake-quantized (``act = (format, granularity)``; ``None``: float):
+    ``(output, {dense_name: (quantized input, output)})``."""
+    from .blocks import capture_dense
+
+    return capture_dense(model, block_params, h, ctx, None if act is None else _FPAct(*act))
 
 
 def forward_a8(model, params, batch, act_format: str | None = "e4m3", granularity: str = "token"):
@@ -260,7 +258,7 @@ def forward_a8(model, params, batch, act_format: str | None = "e4m3", granularit
     from .blocks import get_sub
 
     for p in model.block_paths:
-        h = _a8(model.block, get_sub(params, p), h, dict(ctx), act, False)[0]
+        h = _a8(model, get_sub(params, p), h, ctx, act)[0]
     return model.head(params, h, ctx)
 
 
@@ -373,7 +371,7 @@ def zeroquant_fp(params, model, calib_batch, config: ZeroQuantFPConfig = ZeroQua
     out, layers = params, {}
     for bp in pbar(model.block_paths, progress, desc=f"ZeroQuant-FP {config.weight_format}"):
         block = get_sub(params, bp)
-        rec = _a8(model.block, block, h, dict(ctx), act, True)[1] if h is not None else None
+        rec = _a8(model, block, h, ctx, act)[1] if h is not None else None
         new_k = {}
         for name in dense_names(block):
             k = get_sub(block, name)["kernel"]
@@ -387,7 +385,7 @@ def zeroquant_fp(params, model, calib_batch, config: ZeroQuantFPConfig = ZeroQua
         qblock = set_kernels(block, new_k)
         out = set_sub(out, bp, qblock)
         if h is not None:
-            h = _a8(model.block, qblock, h, dict(ctx), act, False)[0]
+            h = _a8(model, qblock, h, ctx, act)[0]
     exact = [r["cast_exact"] for r in layers.values() if r["cast_exact"] is not None]
     return out, {"method": "zeroquant_fp", "config": dataclasses.asdict(config), "layers": layers,
                  "cast_exact": all(exact) if exact else None}
