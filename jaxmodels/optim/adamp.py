@@ -86,7 +86,9 @@ def scale_by_radial_projection(
     """``p -> Π(p) + λ·wd_ratio·w`` where the weight is scale-invariant, ``p + λ w`` elsewhere.
 
     ``update(updates, state, params, grads=None)``: the cosine test uses ``grads`` if given (reference behaviour),
-    else ``updates``. ``mask`` (tree/callable) restricts projection *and* decay to the selected leaves.
+    else ``updates``. ``mask`` restricts projection *and* decay to the selected leaves: a tree of static bools with
+    the structure of (or a prefix of) ``params``, or a callable that is called on ``params`` and returns one (the
+    optax convention for weight-decay masks: the mask describes the parameters, not the updates).
     """
     check_range("delta", delta, 0.0)
     check_range("wd_ratio", wd_ratio, 0.0)
@@ -98,7 +100,7 @@ def scale_by_radial_projection(
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
         grads = updates if grads is None else grads
-        sel = jax.tree.map(lambda _: True, updates) if mask is None else (mask(updates) if callable(mask) else mask)
+        sel = _mask_tree(mask, params)
 
         def one(p, g, w, on):
             if not on:
@@ -112,6 +114,27 @@ def scale_by_radial_projection(
         return jax.tree.map(one, updates, grads, params, sel), state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def _mask_tree(mask, params):
+    """The mask as a full tree of Python bools shaped like ``params`` (``mask`` may be a prefix tree or a callable
+    of ``params``). Leaves must be static: a traced bool cannot choose which leaves are projected."""
+    if mask is None:
+        return jax.tree.map(lambda _: True, params)
+    tree = mask(params) if callable(mask) else mask
+
+    def static(m):
+        if isinstance(m, jax.core.Tracer):
+            raise ValueError("mask leaves must be static Python bools (as for optax.masked), got a traced value; "
+                             "compute the mask from shapes/paths, or outside jax.jit")
+        return bool(m)
+
+    try:
+        return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: static(m), sub), tree, params)
+    except ValueError as e:
+        if "static" in str(e):
+            raise
+        raise ValueError(f"mask must have the structure of params (or a prefix of it): {e}") from None
 
 
 class ProjectedState(NamedTuple):

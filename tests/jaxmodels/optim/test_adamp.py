@@ -6,7 +6,8 @@ import pytest
 
 from jaxmodels.optim import adamp, radial_projection, sgdp
 from jaxmodels.tree import flatten, unflatten
-from tests.jaxmodels.optim.helpers import assert_tree_close, check_sharded_equals_unsharded, random_tree, run
+from tests.jaxmodels.optim.helpers import (assert_tree_close, check_sharded_equals_unsharded, grad_seq, random_tree,
+                                         run)
 
 # float32 against a float64 NumPy reference over 5 steps: ~1e-6 relative; formula errors (wrong view, missing
 # wd_ratio, wrong Nesterov) are >= 1e-3.
@@ -215,3 +216,44 @@ def test_rejects_bad_hyperparameters():
         adamp(1e-3, delta=-1.0)
     with pytest.raises(ValueError, match="momentum"):
         sgdp(1e-3, momentum=1.0)
+
+
+def test_callable_mask_is_called_on_params():
+    """optax convention (issue 13 item 12): a callable ``mask`` describes the *params*. Here it selects by weight
+    value (max |w| > 5: only the x10-scaled Dense_0 kernel); the Adam updates are O(1), so the old code, which called
+    it on the updates, selected nothing and reduced to plain Adam. Reference: the NumPy AdamP on the selected leaf,
+    AdamP with delta=0 (nothing triggers, i.e. Adam) elsewhere; Conv_0's kernel would be projected if selected."""
+    params = random_tree(0)
+    params["Dense_0"]["kernel"] = 10.0 * params["Dense_0"]["kernel"]
+    grads = _scale_invariant_grads(params, 5)
+    seen = []
+
+    def mask(tree):
+        seen.append(tree)
+        return jax.tree.map(lambda w: bool(np.abs(np.asarray(w)).max() > 5.0), tree)
+
+    out, _ = run(adamp(1e-3, mask=mask), params, grads, jit=False)
+    assert len(seen) == 5
+    np.testing.assert_array_equal(flatten(seen[0])["Dense_0/kernel"], flatten(params)["Dense_0/kernel"])
+    proj, plain = adamp_numpy(params, grads, 1e-3), adamp_numpy(params, grads, 1e-3, delta=0.0)
+    want = {k: (proj[k] if k == "Dense_0/kernel" else plain[k]) for k in proj}
+    assert_tree_close(out, unflatten(want, like=params), RTOL, ATOL)
+    assert not np.allclose(proj["Conv_0/kernel"], plain["Conv_0/kernel"], rtol=1e-4)  # the mask matters there
+    # the same mask as a static tree (and as a prefix tree) gives the same result under jit
+    static = jax.tree.map(lambda w: bool(np.abs(w).max() > 5.0), params)
+    out_t, _ = run(adamp(1e-3, mask=static), params, grads)
+    prefix = {k: (v if k == "Dense_0" else False) for k, v in static.items()}
+    out_p, _ = run(sgdp(1e-2, mask=prefix), params, grads)
+    assert_tree_close(out_t, out, RTOL, ATOL)
+    assert_tree_close(out_p, unflatten(dict(sgdp_numpy(params, grads, 1e-2, delta=0.0),
+                                            **{"Dense_0/kernel": sgdp_numpy(params, grads, 1e-2)["Dense_0/kernel"]}),
+                                       like=params), RTOL, ATOL)
+
+
+def test_traced_or_misshaped_mask_is_a_clear_error():
+    params = random_tree(0)
+    traced = adamp(1e-3, mask=lambda p: jax.tree.map(lambda w: jnp.max(w) > 0, p))
+    with pytest.raises(ValueError, match="static"):
+        run(traced, params, grad_seq(1))
+    with pytest.raises(ValueError, match="structure of params"):
+        run(adamp(1e-3, mask={"Dense_0": True}), params, grad_seq(1))
