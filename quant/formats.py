@@ -21,9 +21,22 @@ back to the tensor's shape; any array that already broadcasts against the tensor
 
 Codes: :func:`encode` maps a tensor to *unsigned* integer codes in ``[0, 2**bits)`` (``uint8``), the form that
 :mod:`quant.packing` packs; :func:`decode` maps codes back to values. For integer formats the code is the integer
-level (asymmetric) or the level plus ``2**(bits-1)`` (symmetric, offset binary); for float formats it is the IEEE-like
-bit pattern ``sign | exponent | mantissa`` (identical to ``ml_dtypes``' bit patterns); for NF4 the index of the
-level; for ternary ``q + 1``; for binary ``(q + 1) / 2``.
+level (asymmetric) or the level plus ``2**(bits-1)`` (symmetric, offset binary); for float and MX formats it is the IEEE-like
+bit pattern ``sign | exponent | mantissa`` of the element (identical to ``ml_dtypes``' bit patterns, NaN and inf
+included, see :mod:`quant.floats`); for NF4 the index of the level; for ternary ``q + 1``; for binary ``(q + 1) / 2``.
+MX scales are E8M0 bytes (:mod:`quant.mx`).
+
+Non-finite input (NaN, +-inf):
+
+* FP8 (``FloatFormat`` e4m3 / e5m2): scales come from the finite elements only; NaN and inf are encoded to
+  ``ml_dtypes``' special codes and decoded back (e4m3fn has no inf: inf becomes NaN, as ``ml_dtypes``' cast does);
+  ``dequantize(quantize(x))`` and ``round_trip(x)`` agree on them.
+* MX (:class:`quant.mx.MXFormat`): the block gets the E8M0 NaN scale and dequantizes to NaN.
+* Every other format (integer, FP6, FP4, NF4, ternary, binary) has no code for NaN or inf:
+  :func:`compute_qparams` and :func:`encode` raise ``ValueError`` on concrete input before any work. Under
+  ``jax.jit`` (values cannot raise) :func:`compute_qparams` gives every block that holds a non-finite value a NaN
+  scale, so the block dequantizes to NaN -- never to a silent finite value. (:func:`encode` with caller-supplied
+  parameters cannot do that: under ``jit`` such elements get arbitrary codes.)
 """
 
 from __future__ import annotations
@@ -35,11 +48,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quant.floats import (
+    FLOAT_SPECS, float_decode, float_emax, float_encode, float_max, has_nan, round_to_float, round_to_float_generic,
+)
+from quant.intgrid import absmax_scale, int_range, minmax_grid, pow2_ceil, safe_scale
+from quant.mx import MXFormat, e8m0_from_amax, mx_elements, mx_scale_mul
+
 __all__ = [
     "GRANULARITIES", "IntFormat", "FloatFormat", "NF4Format", "TernaryFormat", "BinaryFormat", "Format",
     "QParams", "FLOAT_SPECS", "NF4_LEVELS", "int_range", "reduce_stats", "expand", "compute_qparams",
     "quantize_levels", "dequantize_levels", "encode", "decode", "round_trip", "round_to_float", "float_max",
-    "representable_range", "round_to_float_generic",
+    "representable_range", "round_to_float_generic", "float_encode", "float_decode", "float_emax", "has_nan",
+    "MXFormat", "minmax_grid", "absmax_scale", "safe_scale", "pow2_ceil", "has_special_codes",
     "INT2", "INT3", "INT4", "INT8", "FP8_E4M3", "FP8_E5M2", "FP6_E3M2", "FP6_E2M3", "FP4_E2M1", "NF4", "TERNARY",
     "BINARY",
 ]
@@ -68,7 +88,8 @@ class IntFormat:
     representable, as in GPTQ), ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)``,
     ``q = clip(round(x / s) + z, 0, 2^b - 1)``, ``x_hat = s (q - z)``.
     ``pow2_scale`` rounds ``s`` up to a power of two, ``s = 2^ceil(log2 s)`` (ZeroQuant-FP: shifts instead of
-    multiplies; rounding up keeps the range unclipped).
+    multiplies; rounding up keeps the range unclipped). Both grids are :mod:`quant.intgrid`'s (the *absmax grid*
+    and the *min/max grid*); GPTQ/RTN ``sym=True`` is a third, the *GPTQ offset grid* (see there).
     """
 
     bits: int = 8
@@ -86,37 +107,18 @@ class IntFormat:
         _check_granularity(self)
 
 
-# name: (exponent bits, mantissa bits, ml_dtypes dtype name)
-FLOAT_SPECS = {
-    "e4m3": (4, 3, "float8_e4m3fn"),
-    "e5m2": (5, 2, "float8_e5m2"),
-    "e3m2": (3, 2, "float6_e3m2fn"),
-    "e2m3": (2, 3, "float6_e2m3fn"),
-    "e2m1": (2, 1, "float4_e2m1fn"),
-}
-
-
-def float_max(name: str) -> float:
-    """Largest finite value of a float format: e5m2 reserves its top exponent for inf/NaN (IEEE style); e4m3fn
-    reserves only mantissa 111 at the top exponent for NaN; the fp6/fp4 "fn" formats have no specials."""
-    e, m, _ = FLOAT_SPECS[name]
-    bias = 2 ** (e - 1) - 1
-    if name == "e5m2":
-        return (2 - 2.0 ** -m) * 2.0 ** (2 ** e - 2 - bias)
-    if name == "e4m3":
-        return (2 - 2.0 ** (1 - m)) * 2.0 ** (2 ** e - 1 - bias)
-    return (2 - 2.0 ** -m) * 2.0 ** (2 ** e - 1 - bias)
-
-
 @dataclasses.dataclass(frozen=True)
 class FloatFormat:
     """Low-precision float (FP8 E4M3/E5M2, FP6 E3M2/E2M3, FP4 E2M1) with an optional scale.
 
     ``x_hat = s * RNE_fmt(clip(x / s, -max, max))`` where ``RNE_fmt`` rounds to the nearest value with ``m``
     mantissa bits and exponent ``>= 1 - bias`` (subnormals below), ties to even -- bit-exact with the ``ml_dtypes``
-    cast of the clipped value. ``scaled=True``: ``s = clip_ratio * max|x| / max_fmt`` per granularity block
-    (``pow2_scale`` rounds it up to a power of two, as MX formats do); ``scaled=False``: ``s = 1`` (a plain cast,
-    saturating instead of overflowing).
+    cast of the clipped value (NaN/inf: see the module docstring and :mod:`quant.floats`).
+    ``scaled=True``: ``s = clip_ratio * max|x| / max_fmt`` per granularity block, over the finite elements;
+    ``scaled=False``: ``s = 1`` (a plain cast, saturating instead of overflowing).
+    ``pow2_scale=True`` rounds ``s`` *up* to a power of two, ``s = 2^ceil(log2(amax / max_fmt))``, so nothing
+    clips. This is **not** the OCP MX rule (which rounds the exponent of ``amax`` *down* and saturates, giving half
+    this scale in the top of each binade): use :class:`quant.mx.MXFormat` for MXFP8/MXFP6/MXFP4.
     """
 
     name: str = "e4m3"
@@ -143,7 +145,9 @@ class FloatFormat:
         return True
 
 
-# QLoRA (Dettmers et al. 2023) NormalFloat-4 levels, as in bitsandbytes' create_normal_map (exact float32 table).
+# QLoRA (Dettmers et al. 2023) NormalFloat-4 levels: bitsandbytes' table (``functional.get_4bit_type("nf4")``, the
+# values of ``create_normal_map(0.9677083)``), exact float32. Pinned by tests/quant/test_reference_formats.py to
+# the table bitsandbytes 0.50.2 returns (tests/data/quant_reference.npz, scripts/make_quant_reference.py).
 NF4_LEVELS = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -205,7 +209,7 @@ class BinaryFormat:
         _check_granularity(self)
 
 
-Format = Union[IntFormat, FloatFormat, NF4Format, TernaryFormat, BinaryFormat]
+Format = Union[IntFormat, FloatFormat, MXFormat, NF4Format, TernaryFormat, BinaryFormat]
 
 INT2 = IntFormat(2)
 INT3 = IntFormat(3)
@@ -227,13 +231,6 @@ class QParams(NamedTuple):
 
     scale: jax.Array
     zero: jax.Array | None = None
-
-
-def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer levels: ``[-2^(b-1), 2^(b-1) - 1]`` symmetric, ``[0, 2^b - 1]`` asymmetric."""
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2 ** bits - 1
 
 
 # ----------------------------------------------------------------------------------------------------- granularity
@@ -294,122 +291,70 @@ def expand(p: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
     return p
 
 
-# ----------------------------------------------------------------------------------------------------- float grid
+# ----------------------------------------------------------------------------------------------------- non-finite
 
-# Formats whose XLA convert is supported on every backend (fp6/fp4 converts fail to compile on XLA:CPU).
-_NATIVE_CAST = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
-
-
-def round_to_float(x: jax.Array, name: str) -> jax.Array:
-    """Round to the nearest value of float format ``name`` (ties to even, subnormals, saturating at +-max).
-
-    FP8 uses XLA's native convert of the clipped value (fast; tested bit-exact against ``ml_dtypes``); the other
-    formats use :func:`round_to_float_generic`.
-    """
-    if name in _NATIVE_CAST:
-        fmax = float_max(name)
-        xc = jnp.clip(jnp.asarray(x, jnp.float32), -fmax, fmax)
-        return xc.astype(_NATIVE_CAST[name]).astype(jnp.float32)
-    return round_to_float_generic(x, name)
+def has_special_codes(fmt: Format) -> bool:
+    """Whether the format can store NaN/inf (FP8 codes, the MX NaN scale); see the module docstring."""
+    return isinstance(fmt, MXFormat) or (isinstance(fmt, FloatFormat) and has_nan(fmt.name))
 
 
-def round_to_float_generic(x: jax.Array, name: str) -> jax.Array:
-    """Round to the nearest value of float format ``name`` in float32 arithmetic (no low-precision dtype needed).
-
-    With ``e`` the unbiased exponent of ``|x|`` (``x = m 2^e``, ``1 <= m < 2``) clamped below at ``1 - bias``, the
-    spacing of the grid around ``x`` is ``q = 2^(e - mantissa_bits)`` and the result is ``q * rne(x / q)``. All
-    divisions are by powers of two, hence exact in float32.
-    """
-    ebits, mbits, _ = FLOAT_SPECS[name]
-    bias = 2 ** (ebits - 1) - 1
-    fmax = float_max(name)
-    x = jnp.asarray(x, jnp.float32)
-    x = jnp.clip(x, -fmax, fmax)
-    _, e = jnp.frexp(x)  # x = f * 2^e, 0.5 <= |f| < 1, so floor(log2|x|) = e - 1
-    e = jnp.maximum(e - 1, 1 - bias)
-    quantum = jnp.ldexp(jnp.ones_like(x), e - mbits)
-    return jnp.clip(jnp.round(x / quantum) * quantum, -fmax, fmax)
-
-
-def _float_encode(v: jax.Array, name: str) -> jax.Array:
-    """Bit pattern of an already-rounded value ``v`` (uint8): ``sign << (E+M) | exp_field << M | mantissa``."""
-    ebits, mbits, _ = FLOAT_SPECS[name]
-    bias = 2 ** (ebits - 1) - 1
-    sign = (jnp.signbit(v)).astype(jnp.int32)
-    a = jnp.abs(v)
-    _, e = jnp.frexp(a)
-    e = e - 1
-    normal = a >= 2.0 ** (1 - bias)  # (frexp(0) has exponent 0, so test the magnitude, not e)
-    e = jnp.where(normal, e, 1 - bias)
-    mant = jnp.ldexp(a, mbits - e)  # a / 2^(e - M): in [2^M, 2^(M+1)) for normals, [0, 2^M) for subnormals
-    mant = mant.astype(jnp.int32) - jnp.where(normal, 2 ** mbits, 0)
-    efield = jnp.where(normal, e + bias, 0)
-    code = (sign << (ebits + mbits)) | (efield << mbits) | mant
-    return code.astype(jnp.uint8)
-
-
-def _float_decode(code: jax.Array, name: str) -> jax.Array:
-    ebits, mbits, _ = FLOAT_SPECS[name]
-    bias = 2 ** (ebits - 1) - 1
-    code = code.astype(jnp.int32)
-    sign = (code >> (ebits + mbits)) & 1
-    efield = (code >> mbits) & (2 ** ebits - 1)
-    mant = code & (2 ** mbits - 1)
-    normal = efield > 0
-    sig = jnp.where(normal, mant + 2 ** mbits, mant).astype(jnp.float32)
-    e = jnp.where(normal, efield - bias, 1 - bias)
-    mag = jnp.ldexp(sig, e - mbits)
-    return jnp.where(sign == 1, -mag, mag)
+def _refuse_non_finite(x, fmt: Format, what: str) -> None:
+    """Eager inputs only (a traced value cannot raise): ``ValueError`` on NaN/inf for formats without codes."""
+    if has_special_codes(fmt) or isinstance(x, jax.core.Tracer):
+        return
+    if not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
+        raise ValueError(f"{what}: input has NaN or inf values, which {type(fmt).__name__}"
+                         f"{'(' + fmt.name + ')' if isinstance(fmt, FloatFormat) else ''} cannot represent")
 
 
 # ----------------------------------------------------------------------------------------------------- qparams
 
-def _safe(scale: jax.Array) -> jax.Array:
-    tiny = jnp.finfo(jnp.float32).tiny
-    return jnp.where(scale > tiny, scale, 1.0)
-
-
-def _pow2(scale: jax.Array) -> jax.Array:
-    return jnp.exp2(jnp.ceil(jnp.log2(scale)))
-
-
 def compute_qparams(x: jax.Array, fmt: Format) -> QParams:
     """Scale (and zero point) per block from the tensor's statistics, in compact shape, float32.
 
-    Int symmetric ``s = c max|x| / (2^(b-1)-1)``; asymmetric see :class:`IntFormat`; float ``s = c max|x| / max_fmt``
-    (``1`` unscaled); NF4 ``s = c max|x|``; ternary/binary ``s = c mean|x|``. All-zero blocks get ``s = 1``.
+    Int symmetric ``s = c max|x| / (2^(b-1)-1)``, asymmetric ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)``
+    (:mod:`quant.intgrid`, see :class:`IntFormat`); float ``s = c max|x| / max_fmt`` over finite elements (``1``
+    unscaled); MX the E8M0 bytes of :mod:`quant.mx` (uint8); NF4 ``s = c max|x|``; ternary/binary
+    ``s = c mean|x|``. All-zero blocks get ``s = 1``. Non-finite input: see the module docstring.
     """
+    _refuse_non_finite(x, fmt, "compute_qparams")
     x = jnp.asarray(x).astype(jnp.float32)
+    if isinstance(fmt, MXFormat):
+        return QParams(e8m0_from_amax(reduce_stats(jnp.abs(x), fmt, jnp.max), fmt.elem), None)
     c = fmt.clip_ratio
     if isinstance(fmt, IntFormat):
         if fmt.symmetric:
-            amax = reduce_stats(jnp.abs(x), fmt, jnp.max)
-            s = c * amax / (2 ** (fmt.bits - 1) - 1)
-            s = _safe(s)
-            return QParams(_pow2(s) if fmt.pow2_scale else s, None)
-        lo = jnp.minimum(c * reduce_stats(x, fmt, jnp.min), 0.0)
-        hi = jnp.maximum(c * reduce_stats(x, fmt, jnp.max), 0.0)
-        s = _safe((hi - lo) / (2 ** fmt.bits - 1))
-        if fmt.pow2_scale:
-            s = _pow2(s)
-        z = jnp.clip(jnp.round(-lo / s), 0, 2 ** fmt.bits - 1)
-        return QParams(s, z)
-    if isinstance(fmt, FloatFormat):
+            s, z = absmax_scale(c * reduce_stats(jnp.abs(x), fmt, jnp.max), fmt.bits, pow2=fmt.pow2_scale), None
+        else:
+            lo = jnp.minimum(c * reduce_stats(x, fmt, jnp.min), 0.0)
+            hi = jnp.maximum(c * reduce_stats(x, fmt, jnp.max), 0.0)
+            s, z = minmax_grid(lo, hi, fmt.bits, pow2=fmt.pow2_scale)
+    elif isinstance(fmt, FloatFormat):
         if not fmt.scaled:
-            return QParams(jnp.ones((1,) * x.ndim, jnp.float32), None)
-        s = _safe(c * reduce_stats(jnp.abs(x), fmt, jnp.max) / float_max(fmt.name))
-        return QParams(_pow2(s) if fmt.pow2_scale else s, None)
-    if isinstance(fmt, NF4Format):
-        return QParams(_safe(c * reduce_stats(jnp.abs(x), fmt, jnp.max)), None)
-    if isinstance(fmt, (TernaryFormat, BinaryFormat)):
-        return QParams(_safe(c * reduce_stats(jnp.abs(x), fmt, jnp.mean)), None)
-    raise TypeError(f"unknown format {fmt!r}")
+            s, z = jnp.ones((1,) * x.ndim, jnp.float32), None
+        else:
+            amax = reduce_stats(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), fmt, jnp.max)
+            s, z = safe_scale(c * amax / float_max(fmt.name)), None
+            s = pow2_ceil(s) if fmt.pow2_scale else s
+    elif isinstance(fmt, NF4Format):
+        s, z = safe_scale(c * reduce_stats(jnp.abs(x), fmt, jnp.max)), None
+    elif isinstance(fmt, (TernaryFormat, BinaryFormat)):
+        s, z = safe_scale(c * reduce_stats(jnp.abs(x), fmt, jnp.mean)), None
+    else:
+        raise TypeError(f"unknown format {fmt!r}")
+    if not has_special_codes(fmt):  # traced non-finite input: NaN scale for its block (see module docstring)
+        bad = reduce_stats(~jnp.isfinite(x), fmt, jnp.any)
+        s = jnp.where(bad, jnp.nan, jnp.broadcast_to(s, bad.shape))
+    return QParams(s, z)
 
 
 def representable_range(fmt: Format, qparams: QParams, shape) -> tuple[jax.Array, jax.Array]:
     """``(lo, hi)`` of the values the format can represent with these parameters (expanded to ``shape``); used by
     the clipped straight-through estimator."""
     s = expand(qparams.scale, shape)
+    if isinstance(fmt, MXFormat):
+        hi = mx_scale_mul(float_max(fmt.elem), s)
+        return -hi, hi
     if isinstance(fmt, IntFormat):
         qmin, qmax = int_range(fmt.bits, fmt.symmetric)
         z = 0.0 if qparams.zero is None else expand(qparams.zero, shape)
@@ -424,10 +369,12 @@ def representable_range(fmt: Format, qparams: QParams, shape) -> tuple[jax.Array
 
 def quantize_levels(x: jax.Array, fmt: Format, qparams: QParams) -> jax.Array:
     """The quantized *level* of each element, float32: the integer ``q`` for int formats (with zero point added for
-    asymmetric), the rounded value ``RNE(x / s)`` for float formats, the level index for NF4, ``{-1,0,1}`` /
-    ``{-1,1}`` for ternary / binary. ``dequantize_levels`` inverts it."""
+    asymmetric), the rounded value ``RNE(x / s)`` for float formats (the element ``P`` for MX), the level index for
+    NF4, ``{-1,0,1}`` / ``{-1,1}`` for ternary / binary. ``dequantize_levels`` inverts it."""
     x = jnp.asarray(x).astype(jnp.float32)
     s = expand(qparams.scale, x.shape)
+    if isinstance(fmt, MXFormat):
+        return mx_elements(x, s, fmt.elem)
     if isinstance(fmt, IntFormat):
         qmin, qmax = int_range(fmt.bits, fmt.symmetric)
         if fmt.symmetric:
@@ -449,7 +396,9 @@ def quantize_levels(x: jax.Array, fmt: Format, qparams: QParams) -> jax.Array:
 
 def dequantize_levels(q: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.float32) -> jax.Array:
     s = expand(qparams.scale, q.shape)
-    if isinstance(fmt, IntFormat) and not fmt.symmetric:
+    if isinstance(fmt, MXFormat):
+        out = mx_scale_mul(q, s)
+    elif isinstance(fmt, IntFormat) and not fmt.symmetric:
         out = (q - expand(qparams.zero, q.shape)) * s
     elif isinstance(fmt, NF4Format):
         out = jnp.asarray(NF4_LEVELS)[q.astype(jnp.int32)] * s
@@ -468,12 +417,13 @@ def round_trip(x: jax.Array, fmt: Format, qparams: QParams | None = None) -> jax
 
 def encode(x: jax.Array, fmt: Format, qparams: QParams) -> jax.Array:
     """Unsigned ``uint8`` codes in ``[0, 2^bits)`` (see module docstring)."""
+    _refuse_non_finite(x, fmt, "encode")
     q = quantize_levels(x, fmt, qparams)
     if isinstance(fmt, IntFormat):
         off = 2 ** (fmt.bits - 1) if fmt.symmetric else 0
         return (q + off).astype(jnp.uint8)
-    if isinstance(fmt, FloatFormat):
-        return _float_encode(q, fmt.name)
+    if isinstance(fmt, (FloatFormat, MXFormat)):
+        return float_encode(q, fmt.elem if isinstance(fmt, MXFormat) else fmt.name)
     if isinstance(fmt, NF4Format):
         return q.astype(jnp.uint8)
     if isinstance(fmt, TernaryFormat):
@@ -489,8 +439,8 @@ def decode(codes: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.float32) -
     if isinstance(fmt, IntFormat):
         off = 2 ** (fmt.bits - 1) if fmt.symmetric else 0
         q = (c - off).astype(jnp.float32)
-    elif isinstance(fmt, FloatFormat):
-        q = _float_decode(c, fmt.name)
+    elif isinstance(fmt, (FloatFormat, MXFormat)):
+        q = float_decode(c, fmt.elem if isinstance(fmt, MXFormat) else fmt.name)
     elif isinstance(fmt, NF4Format):
         q = c
     elif isinstance(fmt, TernaryFormat):
@@ -500,4 +450,3 @@ def decode(codes: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.float32) -
     else:
         raise TypeError(f"unknown format {fmt!r}")
     return dequantize_levels(q, fmt, qparams, dtype)
-

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels.tree import map_with_path
-from quant.formats import Format, QParams, compute_qparams, decode, encode
+from quant.formats import Format, MXFormat, QParams, compute_qparams, decode, encode
 from quant.packing import pack_bits, unpack_bits
 
 __all__ = ["QuantizedArray", "quantize", "dequantize", "quantize_tree", "dequantize_tree", "match_rule",
@@ -80,14 +80,16 @@ def is_quantized(x: Any) -> bool:
 
 
 def quantize(x: jax.Array, fmt: Format, qparams: QParams | None = None, scale_dtype=jnp.float32) -> QuantizedArray:
-    """Quantize ``x`` to a :class:`QuantizedArray` (``qparams`` default: :func:`compute_qparams` of ``x``)."""
+    """Quantize ``x`` to a :class:`QuantizedArray` (``qparams`` default: :func:`compute_qparams` of ``x``); scales
+    are stored in ``scale_dtype`` (MX formats: their E8M0 bytes)."""
     x = jnp.asarray(x)
     if x.ndim == 0:
         raise ValueError("quantize needs an array with at least one dimension")
     qp = compute_qparams(x, fmt) if qparams is None else qparams
     codes = encode(x, fmt, qp)
     packed = pack_bits(codes, int(fmt.bits))
-    scale = jnp.asarray(qp.scale).astype(scale_dtype)
+    # MX scales are E8M0 bytes (uint8) whatever ``scale_dtype`` says: elem bits + 8 / group_size bits per element
+    scale = jnp.asarray(qp.scale).astype(jnp.uint8 if isinstance(fmt, MXFormat) else scale_dtype)
     zero = None if qp.zero is None else jnp.asarray(qp.zero).astype(jnp.uint8 if fmt.bits <= 8 else jnp.int32)
     return QuantizedArray(packed, scale, zero, fmt, x.shape, x.dtype)
 
