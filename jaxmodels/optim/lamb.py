@@ -7,8 +7,12 @@ You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 min
     u_t = r_t + λ x_t                                                (decoupled weight decay)
     x_{t+1} = x_t - η_t · φ(‖x_t‖) / ‖u_t‖ · u_t                      (layer-wise trust ratio, per leaf)
 
-with φ(z) = z by default or φ(z) = min(max(z, γ_l), γ_u) (``phi_bounds``), and the usual zero-norm convention: the
-ratio is 1 when ‖x_t‖ = 0 or ‖u_t‖ = 0 (a freshly zero-initialised bias still moves).
+with φ(z) = z by default or φ(z) = min(max(z, γ_l), γ_u) (``phi_bounds``, the paper's Section 3 choice). Zero norms:
+
+* φ = identity (no ``phi_bounds``): optax's convention, the ratio is 1 when ‖x_t‖ = 0 or ‖u_t‖ = 0 (the paper's
+  ratio would be 0/‖u‖ = 0 and a freshly zero-initialised bias would never move).
+* ``phi_bounds=(γ_l, γ_u)``: the paper as written, φ(0) = γ_l, so a zero leaf gets the ratio γ_l / ‖u_t‖ (and 0 if
+  γ_l = 0). Only ‖u_t‖ = 0 (a zero update, which stays zero whatever the ratio) uses ratio 1.
 
 Differences from ``optax.lamb`` (with defaults this module *equals* ``optax.lamb``; tested):
 
@@ -44,7 +48,8 @@ def scale_by_layerwise_trust_ratio(
     eps: float = 0.0,
     mask: PyTree | Callable | None = None,
 ) -> optax.GradientTransformation:
-    """Scale each leaf's update by ``c · φ(‖w‖) / (‖u‖ + eps)`` (1 if either norm is 0), capped at ``trust_clip``.
+    """Scale each leaf's update by ``c · φ(‖w‖) / (‖u‖ + eps)``, capped at ``trust_clip``. Zero norms (module
+    docstring): ratio 1 if ‖u‖ = 0, and if ‖w‖ = 0 without ``phi_bounds``; with ``phi_bounds`` φ(0) = γ_l.
 
     ``mask`` (tree of bools or callable, as in ``optax.masked``) selects the leaves that get the ratio; others pass
     through unchanged. Norms are per leaf and computed in float32.
@@ -67,7 +72,9 @@ def scale_by_layerwise_trust_ratio(
             u_norm = norm(u)
             phi = w_norm if phi_bounds is None else jnp.clip(w_norm, phi_bounds[0], phi_bounds[1])
             ratio = trust_coefficient * phi / (u_norm + eps)
-            ratio = jnp.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, ratio)
+            # φ = identity: optax's ratio 1 at ‖w‖ = 0; clipped φ: the paper's φ(0) = γ_l (see module docstring).
+            zero = (u_norm == 0.0) if phi_bounds is not None else (w_norm == 0.0) | (u_norm == 0.0)
+            ratio = jnp.where(zero, 1.0, ratio)
             if trust_clip is not None:
                 ratio = jnp.minimum(ratio, trust_clip)
             return (u * ratio.astype(u.dtype)) if u is not None else None

@@ -15,7 +15,9 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def lamb_numpy(params, grads, lr, b1=0.9, b2=0.999, eps=1e-6, wd=0.0, decay=None, trust_on_undecayed=True,
                clip=None, phi=None):
-    """LAMB Algorithm 2 of You et al., leaf by leaf."""
+    """LAMB Algorithm 2 of You et al., leaf by leaf: x <- x - lr φ(‖x‖)/‖u‖ u, u = r + λx. With ``phi`` the paper's
+    φ(z) = min(max(z, γ_l), γ_u), so φ(0) = γ_l; without, φ = identity with optax's ratio 1 at ‖x‖ = 0 (the
+    documented choice; the paper's 0/‖u‖ would freeze a zero leaf). A zero update stays zero either way."""
     p = {k: v.astype(np.float64) for k, v in flatten(params).items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
@@ -30,8 +32,10 @@ def lamb_numpy(params, grads, lr, b1=0.9, b2=0.999, eps=1e-6, wd=0.0, decay=None
             ratio = 1.0
             if decay[k] or trust_on_undecayed:
                 wn, un = np.linalg.norm(p[k]), np.linalg.norm(u)
-                phi_w = wn if phi is None else min(max(wn, phi[0]), phi[1])
-                ratio = phi_w / un if wn > 0 and un > 0 else 1.0
+                if phi is None:
+                    ratio = wn / un if wn > 0 and un > 0 else 1.0
+                else:
+                    ratio = min(max(wn, phi[0]), phi[1]) / un if un > 0 else 1.0
                 if clip is not None:
                     ratio = min(ratio, clip)
             p[k] = p[k] - lr * ratio * u
@@ -44,9 +48,15 @@ def lamb_numpy(params, grads, lr, b1=0.9, b2=0.999, eps=1e-6, wd=0.0, decay=None
     dict(wd=0.01, exclude=True, trust_on_undecayed=False),
     dict(wd=0.01, clip=1.0),
     dict(wd=0.01, phi=(0.5, 2.0)),
+    dict(wd=0.01, zeros=True),
+    dict(wd=0.01, phi=(0.5, 2.0), zeros=True),
+    dict(wd=0.01, phi=(0.0, 2.0), zeros=True, clip=1.0),
 ])
 def test_lamb_matches_numpy_reference(kw):
     params, grads = random_tree(0), grad_seq(5)
+    if kw.pop("zeros", False):  # zero-initialised leaves: the ‖w‖ = 0 branch of the trust ratio at step 1
+        params["Dense_1"]["kernel"] = np.zeros_like(params["Dense_1"]["kernel"])
+        params["Dense_0"]["bias"] = np.zeros_like(params["Dense_0"]["bias"])
     exclude = r"(bias|scale)$" if kw.pop("exclude", False) else None
     decay = {k: bool(m) for k, m in flatten(select(params, exclude=exclude)).items()} if exclude else None
     tx = lamb(0.01, weight_decay=kw.get("wd", 0.0), exclude=exclude,
@@ -86,6 +96,17 @@ def test_lamb_trust_ratio_zero_norm_convention():
     # ||w|| = 0 -> ratio 1: first Adam step is lr * sign(g) (eps negligible)
     np.testing.assert_allclose(out["w"], -0.1 * np.ones((4, 3)), rtol=1e-5)
     np.testing.assert_array_equal(out["b"], np.ones(3))  # zero update stays zero
+
+
+@pytest.mark.parametrize("lo", [0.5, 0.0])
+def test_lamb_phi_bounds_zero_norm_is_the_papers_phi_of_zero(lo):
+    """You et al. 2020 Alg. 2 with φ(z) = min(max(z, γ_l), γ_u): at ‖w‖ = 0, φ(0) = γ_l and the ratio is γ_l/‖u‖.
+    Step 1 of Adam is u = sign(g) (eps negligible), ‖u‖ = √12, so the step is -lr γ_l/√12 sign(g) (0 if γ_l = 0)."""
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.ones((3,))}
+    g = np.where(np.arange(12).reshape(4, 3) % 2 == 0, 1.0, -2.0).astype(np.float32)
+    out, _ = run(lamb(0.1, phi_bounds=(lo, 2.0)), params, [{"w": jnp.asarray(g), "b": jnp.zeros((3,))}])
+    np.testing.assert_allclose(out["w"], -0.1 * lo / np.sqrt(12) * np.sign(g), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(out["b"], np.ones(3))  # ‖u‖ = 0: zero update, no NaN
 
 
 def test_lamb_rejects_bad_hyperparameters():
