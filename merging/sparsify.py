@@ -1,18 +1,31 @@
 """Task-vector sparsification used by TIES, DARE, Model Breadcrumbs and DELLA (jit-able, float32 in/out).
 
-- :func:`magnitude` (TIES, Yadav et al. 2023, "TIES-Merging"): keep the ``k = floor(density * n)`` entries of
-  largest ``|x|``: ``x * 1[|x| >= |x|_(k)]`` where ``|x|_(k)`` is the k-th largest magnitude.
+- :func:`magnitude` (TIES, Yadav et al. 2023, "TIES-Merging"): keep EXACTLY the ``k = max(1, floor(density * n))``
+  entries of largest ``|x|`` (mergekit 0.1.5's ``argsort(|x|, descending=True)[:k]``).
 - :func:`bernoulli` (DARE, Yu et al. 2024, "Language Models are Super Mario"): ``m ~ Bernoulli(density)``,
-  ``x * m / density`` (rescale) so that ``E[out] = x``.
-- :func:`magnitude_outliers` (Model Breadcrumbs, Davari & Belilovsky 2024): drop the ``floor(gamma * n)``
-  largest and then the smallest magnitudes so that ``floor(density * n)`` entries remain (mergekit's rule:
-  if that is impossible, fewer large ones are dropped).
+  ``x ⊙ m`` then rescaled (``rescale_norm``, below).
+- :func:`magnitude_outliers` (Model Breadcrumbs, Davari & Belilovsky 2024): in ascending ``|x|`` order drop the
+  ``n_bot`` smallest, keep the next ``floor(density * n)`` and drop the ``n_top`` largest, with
+  ``n_top = floor(gamma * n)`` reduced when needed (mergekit's ``indices[n_bot : n_bot + target]``).
 - :func:`della_magprune` (DELLA, Deep et al. 2024): per row (last axis for 2-D; the whole tensor for 1-D) keep
-  probability ``p_i = density - eps + 2 eps (r_i - 1) / (m - 1)`` with ``r_i`` the ascending magnitude rank,
-  ``x_i * m_i / p_i`` (rescale).
+  probability ``p_i = density - eps + 2 eps (r_i - 1) / (m - 1)`` with ``r_i`` the ascending magnitude rank, then
+  rescaled (``rescale_norm``).
 
-Ties in magnitude at the threshold keep all tied entries (mergekit's argsort keeps an arbitrary subset); with
-real-valued weights ties only occur among exact zeros, which contribute nothing either way.
+Ties: exactly the requested number of entries is kept (bf16/fp16 deltas tie constantly). Entries tied in ``|x|``
+are ordered by flat index as a STABLE sort does: TIES keeps the lowest-index ties (stable descending sort),
+Breadcrumbs keeps ascending-stable ranks ``[n_bot, n_bot + target)`` (at the low cut the highest-index ties stay,
+at the high cut the lowest-index ones) and DELLA ranks ties by index (stable ascending ``argsort``). mergekit
+uses torch's default unstable sort, whose order among ties is an implementation detail of torch (on CPU it is not
+index order); the parity fixtures are generated with torch's ``stable=True`` sort (see
+``scripts/make_mergekit_reference.py``). Selection: :mod:`jaxmodels.selection` (exact, sharding-safe).
+
+Rescale (``rescale_norm``; ``None`` = no rescale):
+
+- ``"l1"`` / ``"l2"`` / ``"linf"``: mergekit's norm matching, ``x̂ = (x ⊙ m) · ‖x‖ / ‖x ⊙ m‖`` (unchanged if either
+  norm is below 1e-7). mergekit >= 0.1.5 uses ``"l1"`` whenever ``rescale: true``; it is the default of every
+  method here.
+- ``"inverse_p"`` (random sparsifiers only): the DARE / DELLA papers' ``x̂_i = x_i m_i / p_i`` (``p_i = density``
+  for DARE), so that ``E[x̂] = x``.
 """
 
 from __future__ import annotations
@@ -20,10 +33,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["num_kept", "kth_largest", "kth_largest_radix", "magnitude_mask", "magnitude", "bernoulli", "magnitude_outliers",
-           "della_magprune", "rescale_to_norm", "RESCALE_NORMS"]
+from jaxmodels.selection import TOPK_MAX_N as _TOPK_MAX_N
+from jaxmodels.selection import kth_largest, top_k_mask
 
-RESCALE_NORMS = (None, "l1", "l2", "linf")
+__all__ = ["num_kept", "kth_largest", "kth_largest_radix", "magnitude_mask", "magnitude", "bernoulli",
+           "magnitude_outliers", "della_magprune", "rescale_to_norm", "random_uniform", "RESCALE_NORMS",
+           "NORM_RESCALES"]
+
+NORM_RESCALES = ("l1", "l2", "linf")
+RESCALE_NORMS = NORM_RESCALES + ("inverse_p",)
 
 
 def rescale_to_norm(x: jax.Array, masked: jax.Array, norm: str | None, eps: float = 1e-7) -> jax.Array:
@@ -38,141 +56,100 @@ def rescale_to_norm(x: jax.Array, masked: jax.Array, norm: str | None, eps: floa
     elif norm == "linf":
         before, after = jnp.abs(x).max(), jnp.abs(masked).max()
     else:
-        raise ValueError(f"rescale norm must be one of {RESCALE_NORMS}, got {norm!r}")
+        raise ValueError(f"rescale norm must be one of {NORM_RESCALES}, got {norm!r}")
     ok = (before >= eps) & (after >= eps)
     return jnp.where(ok, masked * (before / jnp.where(ok, after, 1.0)), masked)
 
 
 def num_kept(density: float, n: int) -> int:
-    """``floor(density * n)``, at least 1 (mergekit refuses k=0; a tiny tensor keeps its largest entry)."""
+    """``floor(density * n)``, at least 1 (mergekit: ``max(1, int(density * n))``)."""
     return max(1, min(n, int(density * n)))
 
 
-# exact selection: up to _TOPK_MAX_N entries lax.top_k (cheap at that size, no 2^16-bin histograms), beyond that the
-# radix select
-_TOPK_MAX_N = 1 << 14
+def kth_largest_radix(a: jax.Array, k) -> jax.Array:
+    """:func:`jaxmodels.selection.kth_largest` forced onto its radix-select path."""
+    return kth_largest(a, k, radix=True)
 
 
-def kth_largest(a: jax.Array, k: int) -> jax.Array:
-    """The exact k-th largest value (1-based, duplicates counted: ``np.sort(a)[::-1][k - 1]``) of a flat
-    non-negative float32 array (e.g. ``|τ|``; NaN counts as the largest, as in the bit order).
-
-    Up to ``2^14`` entries ``lax.top_k``; larger arrays the radix select of :func:`kth_largest_radix` (two
-    histogram passes). Why not a sample-bracketed selection: on XLA:CPU a scatter costs ~6 ns per update whatever
-    the indices (even all out of bounds), and compaction (``nonzero``, ``cumsum``, ``top_k``, ``sort``) is slower
-    still, so restricting a pass to a bracket saves nothing; see ``bench/merge.py``.
-    """
-    n = a.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"kth_largest: k must be in [1, {n}], got {k}")
-    if k == n:
-        return jnp.min(a)
-    if n <= _TOPK_MAX_N:
-        return jax.lax.top_k(a, k)[0][k - 1]
-    return kth_largest_radix(a, k)
-
-
-def _suffix_locate(hist: jax.Array, k: jax.Array, above: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """For a histogram ``hist`` (bins in increasing value order) with ``above`` entries beyond its last bin, the
-    bin ``j`` holding the k-th largest entry and the number of entries above that bin. Two levels of suffix sums
-    (rows of 512 bins) instead of one long cumsum."""
-    nb = hist.shape[0]
-    cols = min(512, nb)
-    rows = -(-nb // cols)
-    h = jnp.pad(hist, (0, rows * cols - nb)).reshape(rows, cols)
-    row_tot = h.sum(1)
-    row_suffix = jnp.cumsum(row_tot[::-1])[::-1] + above  # entries >= start of row r
-    r = jnp.max(jnp.where(row_suffix >= k, jnp.arange(rows), 0))
-    above_row = row_suffix[r] - row_tot[r]
-    col_suffix = jnp.cumsum(h[r][::-1])[::-1] + above_row
-    c = jnp.max(jnp.where(col_suffix >= k, jnp.arange(cols), 0))
-    j = r * cols + c
-    return j, col_suffix[c] - h[r, c]
-
-
-def kth_largest_radix(a: jax.Array, k: int) -> jax.Array:
-    """Exact k-th largest by radix select on the IEEE bits (non-negative floats order like their bits): 2^16-bin
-    histograms of the high then the low 16 bits, two passes over ``a``."""
-    n = a.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"kth_largest_radix: k must be in [1, {n}], got {k}")
-    bits = jax.lax.bitcast_convert_type(a, jnp.int32)
-    hi = jax.lax.shift_right_logical(bits, 16)
-    kk = jnp.int32(k)
-    b, above_b = _suffix_locate(jnp.zeros(65536, jnp.int32).at[hi].add(1), kk, jnp.int32(0))
-    lo = jnp.where(hi == b, bits & 0xFFFF, 65536)
-    c, _ = _suffix_locate(jnp.zeros(65537, jnp.int32).at[lo].add(1)[:65536], kk, above_b)
-    return jax.lax.bitcast_convert_type(jax.lax.shift_left(b, 16) | c, jnp.float32)
+def random_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The float32 uniforms ``u`` of the random sparsifiers (kept where ``u < p``; ``jax.random.bernoulli`` is
+    exactly this). One function so that a test can feed a given drop mask (e.g. mergekit's)."""
+    return jax.random.uniform(key, shape, jnp.float32)
 
 
 def magnitude_mask(x: jax.Array, density: float) -> jax.Array:
-    """Boolean mask of the top-``density`` fraction of ``|x|`` (see module docstring)."""
+    """Boolean mask of exactly ``num_kept(density, n)`` largest ``|x|``, lowest-index ties first."""
     if density >= 1.0:
         return jnp.ones(x.shape, bool)
-    a = jnp.abs(x.astype(jnp.float32))
-    thr = kth_largest(a.reshape(-1), num_kept(density, x.size))
-    return a >= thr
+    return top_k_mask(jnp.abs(x.astype(jnp.float32)), num_kept(density, x.size), ties="first")
+
+
+def _check_norm(norm, random: bool):
+    allowed = RESCALE_NORMS if random else NORM_RESCALES
+    if norm is not None and norm not in allowed:
+        raise ValueError(f"rescale_norm must be None or one of {allowed}, got {norm!r}")
 
 
 def magnitude(x: jax.Array, density: float, rescale_norm: str | None = None) -> jax.Array:
+    _check_norm(rescale_norm, False)
     if density >= 1.0:
         return x
     return rescale_to_norm(x, jnp.where(magnitude_mask(x, density), x, 0.0), rescale_norm).astype(x.dtype)
 
 
-def bernoulli(x: jax.Array, density: float, key: jax.Array, rescale: bool = True,
-              rescale_norm: str | None = None) -> jax.Array:
-    """DARE drop: with ``rescale`` and no ``rescale_norm`` the paper's ``1/density``; with ``rescale_norm`` (e.g.
-    "l1", what mergekit >= 0.1.5 does) the kept entries are scaled to restore that norm of ``x``."""
+def _rescale_random(x, out, p, norm):
+    if norm == "inverse_p":
+        return out / p
+    return rescale_to_norm(x, out, norm)
+
+
+def bernoulli(x: jax.Array, density: float, key: jax.Array, rescale_norm: str | None = "l1") -> jax.Array:
+    """DARE drop ``m = 1[u < density]`` (``u`` from :func:`random_uniform`) and rescale (module docstring)."""
+    _check_norm(rescale_norm, True)
     if density >= 1.0:
         return x
-    keep = jax.random.bernoulli(key, density, x.shape)
-    out = jnp.where(keep, x, 0.0)
-    if rescale and rescale_norm is None:
-        out = out / density
-    elif rescale:
-        out = rescale_to_norm(x, out, rescale_norm)
-    return out.astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    keep = random_uniform(key, x.shape) < density
+    out = jnp.where(keep, x32, 0.0)
+    return _rescale_random(x32, out, density, rescale_norm).astype(x.dtype)
 
 
 def magnitude_outliers(x: jax.Array, density: float, gamma: float = 0.01, rescale_norm: str | None = None) -> jax.Array:
+    _check_norm(rescale_norm, False)
     if density >= 1.0:
         return x
     n = x.size
     target = int(density * n)
     n_top = int(gamma * n)
-    n_bot = n - target - n_top
-    if n_bot < 0:
-        n_top += n_bot
-        n_bot = 0
+    n_bot = max(0, n - target - n_top)
     if target == 0:
         return jnp.zeros_like(x)
-    a = jnp.abs(x.astype(jnp.float32)).reshape(-1)
-    keep = jnp.ones(a.shape, bool)
-    if n_bot > 0:  # drop the n_bot smallest: keep |x| >= the (n - n_bot)-th largest
-        keep &= a >= kth_largest(a, n - n_bot)
-    if n_top > 0:  # drop the n_top largest: keep |x| < the n_top-th largest
-        keep &= a < kth_largest(a, n_top)
-    return rescale_to_norm(x, jnp.where(keep.reshape(x.shape), x, 0.0), rescale_norm).astype(x.dtype)
+    n_top = n - n_bot - target  # reduced when n_bot would be negative
+    a = jnp.abs(x.astype(jnp.float32))
+    # ascending stable ranks [n_bot, n_bot + target) = the (n - n_bot) largest minus the n_top largest, in the
+    # reverse order (|x| descending, index descending): ties="last"
+    keep = top_k_mask(a, n - n_bot, ties="last") if n_bot > 0 else jnp.ones(x.shape, bool)
+    if n_top > 0:
+        keep &= ~top_k_mask(a, n_top, ties="last")
+    return rescale_to_norm(x, jnp.where(keep, x, 0.0), rescale_norm).astype(x.dtype)
 
 
-def della_magprune(x: jax.Array, density: float, epsilon: float, key: jax.Array, rescale: bool = True,
-                   rescale_norm: str | None = None) -> jax.Array:
+def della_magprune(x: jax.Array, density: float, epsilon: float, key: jax.Array,
+                   rescale_norm: str | None = "l1") -> jax.Array:
+    """DELLA MagPrune (module docstring): ``m_i = 1[u_i < p_i]`` with ``u`` from :func:`random_uniform`."""
+    _check_norm(rescale_norm, True)
     if density >= 1.0:
         return x
     shape = x.shape
     x2 = x.reshape(1, -1) if x.ndim < 2 else x
     a = jnp.abs(x2.astype(jnp.float32))
-    # DELLA ranks along axis 1 (mergekit's convention for any rank >= 2)
-    order = jnp.argsort(a, axis=1)
-    ranks = jnp.argsort(order, axis=1).astype(jnp.float32)  # 0-based ascending rank = r - 1
+    # DELLA ranks along axis 1 (mergekit's convention for any rank >= 2); stable: ties ranked by index
+    order = jnp.argsort(a, axis=1, stable=True)
+    ranks = jnp.argsort(order, axis=1, stable=True).astype(jnp.float32)  # 0-based ascending rank = r - 1
     m = a.shape[1]
     rank_norm = ranks / (m - 1) if m > 1 else jnp.zeros_like(ranks)
     probs = (density - epsilon) + rank_norm * (2.0 * epsilon)
-    keep = jax.random.uniform(key, probs.shape) < probs
-    out = jnp.where(keep, x2.astype(jnp.float32), 0.0)
-    if rescale and rescale_norm is None:
-        out = out / probs
-    elif rescale:
-        out = rescale_to_norm(x2.astype(jnp.float32), out, rescale_norm)
-    return out.reshape(shape).astype(x.dtype)
+    keep = random_uniform(key, probs.shape) < probs
+    x32 = x2.astype(jnp.float32)
+    out = jnp.where(keep, x32, 0.0)
+    return _rescale_random(x32, out, probs, rescale_norm).reshape(shape).astype(x.dtype)

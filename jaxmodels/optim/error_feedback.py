@@ -22,7 +22,7 @@ uniform ratio::
     min_{r_l ∈ candidates}  Σ_l ‖x_l - topk(x_l, ⌈r_l n_l⌉)‖²    s.t.  Σ_l ⌈r_l n_l⌉ ≤ ⌈ratio · Σ_l n_l⌉
 
 solved exactly by dynamic programming (a knapsack over ``budget_bins`` budget units, sizes rounded up so the budget
-always holds) on the current input to the compressor. Everything is jit-safe: k is data, top-k is a sort + threshold.
+always holds) on the current input to the compressor. Everything is jit-safe: k is data, top-k an exact selection.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from jaxmodels.optim._common import check_range
+from jaxmodels.selection import top_k_mask
 
 PyTree = Any
 
@@ -48,23 +49,11 @@ class ErrorFeedbackState(NamedTuple):
 
 
 def top_k(x: jax.Array, k) -> jax.Array:
-    """Keep the ``k`` largest-magnitude entries of ``x`` (``k`` may be traced; ties at the threshold are all kept).
-
-    The exact k-th largest magnitude is found by a 32-step binary search over the float32 bit patterns of |x|
-    (monotone as integers for non-negative floats), each step one counting pass: O(32 n), no sort."""
-    mag = jnp.abs(x.astype(jnp.float32)).reshape(-1)
-    bits = jax.lax.bitcast_convert_type(mag, jnp.int32)
-    k = jnp.clip(jnp.asarray(k, jnp.int32), 1, mag.size)
-
-    def body(_, lo_hi):
-        lo, hi = lo_hi
-        mid = lo + (hi - lo) // 2
-        ok = jnp.sum(bits >= mid) >= k
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    # invariant: count(bits >= lo) >= k > count(bits >= hi)
-    lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.max(bits) + 1))
-    keep = (bits >= lo).reshape(x.shape)
+    """Keep exactly the ``k`` largest-magnitude entries of ``x`` (``k`` may be traced; clipped to [1, size]); ties
+    at the threshold go to the lowest flat indices. The exact selection of :func:`jaxmodels.selection.top_k_mask`
+    (radix select on the float32 bits, no sort on large leaves), so that ``‖x - top_k(x, k)‖²`` is the tail sum
+    that L-GreCo's errors assume."""
+    keep = top_k_mask(jnp.abs(x.astype(jnp.float32)), k, ties="first")
     return jnp.where(keep, x, jnp.zeros_like(x))
 
 
