@@ -162,7 +162,7 @@ rows.append(("experts (each on its own task)", [task_accs(e)[k] for k, e in enum
 # %% [markdown]
 # ## 3. Data-free methods from the registry
 #
-# Every registered method runs with its mergekit default hyper-parameters, `weight=1` per model, `density=0.5`
+# Every registered method runs with its mergekit default hyper-parameters, `weights=1` per model, `density=0.5`
 # where the method sparsifies, and a fixed `jax.random` key when it is stochastic. Task arithmetic and TIES also get
 # their scaling `λ` chosen on the validation split (as in both papers). Two-model methods (SLERP, WiSE-FT, ...)
 # interpolate halfway between the base and the uniform soup of the experts (labelled as such).
@@ -179,7 +179,7 @@ for name in registry.available():
     m = registry.get(name)
     kw = {}
     if "weight" in m.per_model:
-        kw["weight"] = 1.0
+        kw["weights"] = 1.0
     if "density" in m.per_model:
         kw["density"] = 0.5
     if m.stochastic:
@@ -202,14 +202,14 @@ for name in registry.available():
 lambdas = [0.3, 0.5, 0.7, 1.0]
 if "task_arithmetic" in registry.available():
     ta = registry.get("task_arithmetic")
-    best_l = max(lambdas, key=lambda l: val_avg(ta(base, experts, weight=l)))
-    rows.append((f"task_arithmetic (λ={best_l} on val)", task_accs(ta(base, experts, weight=best_l))))
+    best_l = max(lambdas, key=lambda l: val_avg(ta(base, experts, weights=l)))
+    rows.append((f"task_arithmetic (λ={best_l} on val)", task_accs(ta(base, experts, weights=best_l))))
 if "ties" in registry.available():
     ties = registry.get("ties")
     cands = [(d, l) for d in (0.2, 0.5) for l in lambdas + [1.5, 2.0]]
-    best_dl = max(cands, key=lambda c: val_avg(ties(base, experts, density=c[0], weight=1.0, lambda_=c[1])))
+    best_dl = max(cands, key=lambda c: val_avg(ties(base, experts, density=c[0], weights=1.0, lambda_=c[1])))
     rows.append((f"ties (density={best_dl[0]}, λ={best_dl[1]} on val)",
-                 task_accs(ties(base, experts, density=best_dl[0], weight=1.0, lambda_=best_dl[1]))))
+                 task_accs(ties(base, experts, density=best_dl[0], weights=1.0, lambda_=best_dl[1]))))
 lap("data-free methods")
 
 # %% [markdown]

@@ -235,40 +235,69 @@ def to_compute_dtype(x: Any) -> Any:
     return x
 
 
+def _float_dtype(leaf: Any) -> Any:
+    d = getattr(leaf, "dtype", None)
+    return d if d is not None and jnp.issubdtype(d, jnp.floating) else None
+
+
+def _dtype_template(result: PyTree, candidates: Sequence[Any]) -> dict[str, Any] | None:
+    """``{path: dtype}`` of the first candidate tree whose leaf paths are exactly the result's (None if none)."""
+    want = [p for p, _ in _leaves_with_paths(result)]
+    for cand in candidates:
+        leaves = _leaves_with_paths(cand)
+        if [p for p, _ in leaves] == want and any(_float_dtype(x) is not None for _, x in leaves):
+            return {p: _float_dtype(x) for p, x in leaves}
+    return None
+
+
 def compute_in_float32(fn: Callable | None = None, *, dtype_from: int | str = 0):
     """Dtype policy decorator: run ``fn`` with bf16/fp16 array leaves upcast to float32 and cast every floating
-    output leaf back to the input's dtype.
+    output leaf back to the dtype of ITS OWN input leaf.
 
-    ``dtype_from`` picks the argument (position or keyword name) whose first floating leaf defines the output dtype;
-    if that argument is None or has no floating leaf, the first floating leaf among all arguments is used.
-    Non-floating outputs (masks, integer codes) keep their dtype.
+    The output leaf at path ``p`` takes the dtype of the leaf at ``p`` in the ``dtype_from`` argument (a position or
+    keyword name), or in that argument's first element when it is a list/tuple of trees (``models``); then any other
+    argument (or first element) with exactly the output's leaf paths is tried. So a merge of bf16 kernels and fp32
+    norms returns bf16 kernels and fp32 norms. When no argument has the output's paths (a function returning a new
+    structure), every floating output leaf takes the single floating dtype of the ``dtype_from`` argument (or of all
+    arguments if it has none); if those inputs mix floating dtypes this raises ``ValueError`` instead of collapsing
+    them to one. Non-floating outputs (masks, integer codes), and outputs whose input leaf is not floating, keep
+    their dtype. Works under ``jax.jit`` (only structure and dtypes are read).
     """
     if fn is None:
         return functools.partial(compute_in_float32, dtype_from=dtype_from)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        def first_float(tree):
-            for leaf in jax.tree_util.tree_leaves(tree):
-                d = getattr(leaf, "dtype", None)
-                if d is not None and jnp.issubdtype(d, jnp.floating):
-                    return d
-            return None
-
-        src = args[dtype_from] if isinstance(dtype_from, int) and dtype_from < len(args) else kwargs.get(dtype_from)
-        out_dtype = first_float(src) or first_float((args, kwargs))
+        if isinstance(dtype_from, int):
+            src = args[dtype_from] if dtype_from < len(args) else None
+        else:
+            src = kwargs.get(dtype_from)
+        candidates = []
+        for tree in [src, *args, *kwargs.values()]:
+            if tree is None:
+                continue
+            candidates.append(tree)
+            if isinstance(tree, (list, tuple)) and tree:
+                candidates.append(tree[0])
         up = jax.tree_util.tree_map(to_compute_dtype, (args, kwargs))
         result = fn(*up[0], **up[1])
-        if out_dtype is None:
+        template = _dtype_template(result, candidates)
+        if template is not None:
+            flat_out = _leaves_with_paths(result)
+            leaves = [y.astype(template[p]) if template[p] is not None and _float_dtype(y) is not None else y
+                      for p, y in flat_out]
+            return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(result), leaves)
+        pool = src if src is not None and any(_float_dtype(x) is not None for x in jax.tree_util.tree_leaves(src)) \
+            else (args, kwargs)
+        dtypes = {np.dtype(d) for d in map(_float_dtype, jax.tree_util.tree_leaves(pool)) if d is not None}
+        if not dtypes:
             return result
-
-        def cast_back(y):
-            d = getattr(y, "dtype", None)
-            if d is not None and jnp.issubdtype(d, jnp.floating):
-                return y.astype(out_dtype)
-            return y
-
-        return jax.tree_util.tree_map(cast_back, result)
+        if len(dtypes) > 1:
+            raise ValueError(f"compute_in_float32({getattr(fn, '__name__', fn)}): the output's paths match no input "
+                             f"tree, and the inputs mix floating dtypes {sorted(d.name for d in dtypes)}, so the "
+                             "output dtype of each leaf is undefined; return a tree shaped like an input")
+        out_dtype = dtypes.pop()
+        return jax.tree_util.tree_map(lambda y: y.astype(out_dtype) if _float_dtype(y) is not None else y, result)
 
     return wrapper
 

@@ -1,5 +1,30 @@
 """Model merging: one module per method, each a pure function ``(base, models, **hparams) -> merged`` over pytrees,
 registered by name in :mod:`merging.registry`. ``python -m merging CONFIG.yaml --out DIR`` runs mergekit-style configs.
+
+Data-free merges (every registered method; the calling convention)
+    ``method(base, models, *, **hparams) -> tree``: ``models`` is a list/tuple of pytrees with identical paths,
+    shapes and dtypes; the result has the structure of ``base`` (or of ``models[0]`` without a base), every leaf
+    in its own input dtype (computed in float32: a bf16-kernel + fp32-norm model comes back the same).
+    ``base`` always means one thing: the pre-trained model θ_0 the ``models`` were fine-tuned from (mergekit's
+    ``base_model``). Task-vector methods (task arithmetic, TIES, DARE, Breadcrumbs, DELLA, PCB, Model Stock,
+    consensus/TALL) need it and merge ``τ_t = θ_t - θ_0``; interpolations (``slerp``, ``wise_ft``) need it as the
+    t = 0 / α = 0 end with exactly one model in ``models``; ``nuslerp`` takes it optionally (given: interpolate
+    task vectors and add them to θ_0; None: interpolate the two models); averages (``linear``, ``sparse_soup``)
+    accept and ignore it, as mergekit does (put the base in ``models`` to average it). ``needs_base`` in the
+    registry says which (True / "optional" / False).
+    Hyper-parameters are keyword-only, one name each. Python and config (mergekit YAML) names are the same
+    except two (:data:`merging.registry.PYTHON_NAMES`): mergekit's per-model ``weight`` is ``weights`` (one
+    number per model, or one number for all; default 1 each) and ``lambda`` (the task-vector scaling λ
+    everywhere) is ``lambda_``. ``density`` (and ``gamma``, ``epsilon``) keep mergekit's singular names and, like
+    ``weights``, take one value per model or one for all. ``tall_lambda`` is the TALL-mask threshold (not a
+    mergekit parameter). Stochastic methods take an explicit ``key``.
+    Checks run before any work: compatible trees, floating leaves, valid hyper-parameters, and finite values: a
+    NaN/Inf in ``base`` or any model raises ``ValueError`` naming the tree and the leaf path (``check_finite=False``
+    opts out). Under ``jax.jit`` the inputs are tracers without values, so the finiteness check is skipped there
+    (check concrete inputs before jitting); shape/dtype/hyper-parameter checks still run. Interpolation factors
+    (``t``, ``alpha``) may be traced under ``jax.jit``; their range is checked when they are concrete.
+    Not of this form: :mod:`merging.moe_expert_merge` merges the experts inside one model (``experts``, a tree of
+    stacked ``[E, ...]`` leaves) and :func:`merging.tall_masks.tall_masks` returns masks, not a merged model.
 """
 
 from merging.registry import MergeMethod, available, get, register

@@ -2,7 +2,9 @@
 hyper-parameter broadcasting, per-leaf random keys derived from the leaf's path, and the leaf-wise driver.
 
 Every method computes leaf by leaf with a jitted kernel (cached by shape/dtype, so the CLI's tensor-by-tensor
-streaming reuses compilations), in float32, and returns the input dtype.
+streaming reuses compilations), in float32, and returns every leaf in its own input dtype
+(:func:`jaxmodels.tree.compute_in_float32`). Inputs holding NaN/Inf are rejected before any work
+(:func:`validate_trees` with ``check_finite=True``; skipped for traced inputs under ``jax.jit``).
 """
 
 from __future__ import annotations
@@ -30,13 +32,50 @@ def as_models(models: Sequence[PyTree], min_n: int = 1, method: str = "merge") -
     return models
 
 
-def validate_trees(base: PyTree | None, models: Sequence[PyTree], method: str, check_dtype: bool = True) -> None:
-    """check_compatible over base (if any) and all models, naming them 'base', 'model_0', ..."""
+def validate_trees(base: PyTree | None, models: Sequence[PyTree], method: str, check_dtype: bool = True,
+                   check_finite: bool = True) -> None:
+    """check_compatible over base (if any) and all models, naming them 'base', 'model_0', ...; then, with
+    ``check_finite``, :func:`check_all_finite` (NaN/Inf rejected, naming the tree and the leaf path)."""
     trees = ([base] if base is not None else []) + list(models)
     names = (["base"] if base is not None else []) + [f"model_{i}" for i in range(len(models))]
     try:
         check_compatible(*trees, names=names, check_dtype=check_dtype)
     except ValueError as e:
+    if check_finite:
+        check_all_finite(trees, names, method)
+
+
+@jax.jit
+def _count_nonfinite(x):
+    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+
+def check_all_finite(trees: Sequence[PyTree], names: Sequence[str], method: str) -> None:
+    """Raise ``ValueError`` naming the first tree and leaf path holding a NaN or ±Inf (and how many entries).
+
+    One reduction per floating leaf on the leaf's own device(s) (sharded inputs stay sharded) and one host
+    transfer of the counts for all leaves. Leaves that are tracers (the merge is being traced by ``jax.jit``,
+    ``jax.eval_shape``, ...) have no values to check and are skipped: check concrete inputs before jitting (or
+    call the merge outside ``jit``). Non-floating leaves are not counted (integers are always finite).
+    """
+    where, counts = [], []
+    for name, tree in zip(names, trees):
+        for p, leaf in flatten(tree).items():
+            if isinstance(leaf, jax.core.Tracer):
+                continue
+            d = getattr(leaf, "dtype", None)
+            if d is None or not jnp.issubdtype(d, jnp.inexact):
+                continue
+            where.append((name, p))
+            counts.append(_count_nonfinite(leaf))
+    if not counts:
+        return
+    bad = np.asarray(jax.device_get(counts))
+    for (name, p), n in zip(where, bad):
+        if n:
+            raise ValueError(f"{method}: {name} has {int(n)} non-finite value(s) (NaN or Inf) at {p!r}; a merge "
+                             "would spread or silently drop them. Fix the checkpoint, or pass check_finite=False "
+                             "to merge anyway")
         raise ValueError(f"{method}: {e}") from None
 
 
@@ -51,6 +90,19 @@ def per_model(value: Any, n: int, name: str, method: str) -> tuple[float, ...]:
         return (float(value),) * n
     except (TypeError, ValueError):
         raise TypeError(f"{method}: `{name}` must be a number or one number per model, got {value!r}") from None
+
+def concrete_scalar(value: Any, name: str, method: str) -> float | None:
+    """``float(value)`` for a concrete scalar hyper-parameter, None for a tracer (a factor traced by ``jax.jit``:
+    its value cannot be validated at trace time and is used as is). Raises for a non-scalar."""
+    if isinstance(value, jax.core.Tracer):
+        if np.ndim(value) != 0:
+            raise ValueError(f"{method}: `{name}` must be a scalar, got shape {np.shape(value)}")
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{method}: `{name}` must be a real scalar, got {value!r}") from None
+
 
 
 def check_finite_param(value: float, name: str, method: str) -> None:

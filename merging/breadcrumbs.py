@@ -23,20 +23,20 @@ __all__ = ["breadcrumbs", "breadcrumbs_ties"]
 
 @register("breadcrumbs", needs_base=True, per_model=("weight", "density", "gamma"),
           defaults={"gamma": 0.01, "normalize": False, "int8_mask": False, "lambda": 1.0, "rescale": False})
-def breadcrumbs(base: Any, models: Sequence[Any], *, weight: float | Sequence[float] = 1.0,
+def breadcrumbs(base: Any, models: Sequence[Any], *, weights: float | Sequence[float] | None = None,
                 density: float | Sequence[float] = 1.0, gamma: float | Sequence[float] = 0.01, normalize: bool = False,
-                lambda_: float = 1.0, rescale: bool = False, int8_mask: bool = False) -> Any:
-    return generalized_task_arithmetic(base, models, weight=weight, density=density,
+                lambda_: float = 1.0, rescale: bool = False, int8_mask: bool = False, check_finite: bool = True) -> Any:
+    return generalized_task_arithmetic(base, models, weights=weights, density=density,
                                        sparsification="magnitude_outliers", gamma=gamma, normalize=normalize, rescale=rescale,
-                                       lambda_=lambda_, method="breadcrumbs")
+                                       lambda_=lambda_, method="breadcrumbs", check_finite=check_finite)
 
 
 @register("breadcrumbs_ties", needs_base=True, per_model=("weight", "density", "gamma"),
           defaults={"gamma": 0.01, "normalize": False, "int8_mask": False, "lambda": 1.0, "consensus": "sum", "rescale": False})
-def breadcrumbs_ties(base: Any, models: Sequence[Any], *, weight: float | Sequence[float] = 1.0,
+def breadcrumbs_ties(base: Any, models: Sequence[Any], *, weights: float | Sequence[float] | None = None,
                      density: float | Sequence[float] = 1.0, gamma: float | Sequence[float] = 0.01, normalize: bool = False,
                      consensus: str = "sum", lambda_: float = 1.0, rescale: bool = False,
-                     int8_mask: bool = False) -> Any:
-    return generalized_task_arithmetic(base, models, weight=weight, density=density,
+                     int8_mask: bool = False, check_finite: bool = True) -> Any:
+    return generalized_task_arithmetic(base, models, weights=weights, density=density,
                                        sparsification="magnitude_outliers", gamma=gamma, consensus=consensus, rescale=rescale,
-                                       normalize=normalize, lambda_=lambda_, method="breadcrumbs_ties")
+                                       normalize=normalize, lambda_=lambda_, method="breadcrumbs_ties", check_finite=check_finite)

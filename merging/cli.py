@@ -221,9 +221,7 @@ def resolve_params(cfg: MergeConfig, name: str, num_layers: int) -> dict[str, An
             missing = cfg.models[vals.index(None)]
             raise ConfigError(f"tensor {name!r}: parameter {k!r} is not set for model {missing!r}")
         kwargs[k] = vals
-    if "lambda" in kwargs:
-        kwargs["lambda_"] = kwargs.pop("lambda")
-    return kwargs
+    return registry.python_kwargs(kwargs)
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def generalized_task_arithmetic(
     base: Any,
     models: Sequence[Any],
     *,
-    weight: float | Sequence[float] = 1.0,
+    weights: float | Sequence[float] | None = None,
     density: float | Sequence[float] = 1.0,
     sparsification: str | None = None,
     consensus: str | None = None,
@@ -105,21 +105,23 @@ def generalized_task_arithmetic(
     epsilon: float | Sequence[float] = 0.15,
     key: jax.Array | None = None,
     method: str = "generalized_task_arithmetic",
+    check_finite: bool = True,
 ) -> Any:
-    """See the module docstring. ``weight``/``density`` are scalars or one value per model. Validates everything
+    """See the module docstring. ``weights``/``density`` are one value per model (or a
+    scalar for every model; ``weights`` default 1 each). Validates everything
     (trees, hyper-parameters) before any computation; computes in float32 and returns ``base``'s dtype."""
     models = C.as_models(models, 1, method)
     if base is None:
         raise ValueError(f"{method}: needs a base model")
-    C.validate_trees(base, models, method)
+    C.validate_trees(base, models, method, check_finite=check_finite)
     C.check_leaf_dtypes(base, models, method)
     n = len(models)
-    weights = C.per_model(weight, n, "weight", method)
+    weights = C.per_model(1.0 if weights is None else weights, n, "weights", method)
     densities = C.per_model(density, n, "density", method)
     for w in weights:
-        C.check_finite_param(w, "weight", method)
+        C.check_finite_param(w, "weights", method)
     C.check_density(densities, method)
-    C.check_finite_param(float(lambda_), "lambda", method)
+    C.check_finite_param(float(lambda_), "lambda_", method)
     if sparsification not in SPARSIFIERS:
         raise ValueError(f"{method}: unknown sparsification {sparsification!r}; one of {SPARSIFIERS}")
     if consensus not in CONSENSUS:

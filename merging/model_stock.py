@@ -56,11 +56,12 @@ def _stock_leaf(b, xs, *, filter_wise):
 
 
 @register("model_stock", needs_base=True, defaults={"filter_wise": False})
-def model_stock(base: Any, models: Sequence[Any], *, filter_wise: bool = False) -> Any:
+def model_stock(base: Any, models: Sequence[Any], *, filter_wise: bool = False, check_finite: bool = True) -> Any:
+    """Model Stock of ``models`` (N ≥ 2 fine-tuned) around the pre-trained ``base`` (required)."""
     models = C.as_models(models, 2, "model_stock")
     if base is None:
         raise ValueError("model_stock: needs the pre-trained model as `base`")
-    C.validate_trees(base, models, "model_stock")
+    C.validate_trees(base, models, "model_stock", check_finite=check_finite)
     C.check_leaf_dtypes(base, models, "model_stock")
 
     @compute_in_float32

@@ -105,11 +105,13 @@ def _check_logits(router_logits, num_groups, top_k, n_experts):
     return logits
 
 
-def _check_experts(experts: Any, method: str) -> tuple[dict, int]:
+def _check_experts(experts: Any, method: str, check_finite: bool = False) -> tuple[dict, int]:
     flat = flatten(experts)
     if not flat:
         raise ValueError(f"{method}: `experts` has no leaves")
     C.check_leaf_dtypes(None, [experts], method)
+    if check_finite:
+        C.check_all_finite([experts], ["experts"], method)
     sizes = {p: (x.shape[0] if jnp.ndim(x) else None) for p, x in flat.items()}
     n_experts = next(iter(sizes.values()))
     for p, s in sizes.items():
@@ -174,11 +176,12 @@ def align_experts(experts: Any, group_of_expert: Any, dominant: Any, align_spec:
     return unflatten({p: jnp.stack([r[p] for r in rows]) for p in flat}, like=experts)
 
 
-def merge_expert_groups(experts: Any, group_of_expert: Any, weights: Any) -> Any:
+def merge_expert_groups(experts: Any, group_of_expert: Any, weights: Any, *, check_finite: bool = True) -> Any:
     """``W̄_g = Σ_{e: g(e)=g} w_e W_e / Σ_{e: g(e)=g} w_e`` for each group ``g`` (uniform within a group whose
     weights sum to 0); ``weights``: ``[E]`` non-negative (MC-SMoE: the usage frequencies; all ones: the plain
-    average). Returns leaves ``[G, ...]`` in the input dtype (computed in float32)."""
-    _, n_experts = _check_experts(experts, "merge_expert_groups")
+    average). Returns leaves ``[G, ...]``, each in its own input dtype (computed in float32). NaN/Inf experts are
+    rejected (``check_finite``; skipped for traced inputs)."""
+    _, n_experts = _check_experts(experts, "merge_expert_groups", check_finite)
     groups = _check_groups(group_of_expert, n_experts, "merge_expert_groups")
     w = np.asarray(weights, np.float64)
     if w.shape != (n_experts,) or not np.all(np.isfinite(w)) or np.any(w < 0):
@@ -204,12 +207,13 @@ def _merge(experts, w):
 
 
 def mc_smoe_merge(experts: Any, router_logits: Any, num_groups: int, *, top_k: int = 1,
-                  align_spec: PermutationSpec | None = None) -> MoEMerge:
+                  align_spec: PermutationSpec | None = None, check_finite: bool = True) -> MoEMerge:
     """Merge the ``E`` stacked experts of ``experts`` (any pytree, every leaf ``[E, ...]``) into ``num_groups`` by
     MC-SMoE (see module docstring); ``router_logits``: ``[tokens, E]`` collected on data, ``top_k``: the layer's
     routing top-k used to count usage; ``align_spec``: align each expert to its group's dominant expert first
-    (weight matching over this per-expert :class:`~merging.permutation.PermutationSpec`)."""
-    flat, n_experts = _check_experts(experts, "mc_smoe_merge")
+    (weight matching over this per-expert :class:`~merging.permutation.PermutationSpec`). NaN/Inf experts are
+    rejected (``check_finite``; skipped for traced inputs)."""
+    flat, n_experts = _check_experts(experts, "mc_smoe_merge", check_finite)
     logits = _check_logits(router_logits, num_groups, top_k, n_experts)
     if align_spec is not None:
         _check_spec(align_spec, {p: x[0] for p, x in flat.items()}, "mc_smoe_merge")

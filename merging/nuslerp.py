@@ -60,14 +60,17 @@ def _nuslerp_leaf(b, x0, x1, t, *, row_wise, flatten, has_base):
 
 @register("nuslerp", needs_base="optional", per_model=("weight",),
           defaults={"nuslerp_row_wise": False, "nuslerp_flatten": True})
-def nuslerp(base: Any, models: Sequence[Any], *, weight: float | Sequence[float] = 1.0,
-            nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True) -> Any:
+def nuslerp(base: Any, models: Sequence[Any], *, weights: float | Sequence[float] | None = None,
+            nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True, check_finite: bool = True) -> Any:
+    """NuSLERP of ``models[0]`` and ``models[1]`` with ``t = w_1 / (w_0 + w_1)`` from ``weights`` (one per model,
+    default 1 each). ``base`` is optional: given, the task vectors are interpolated and added to it; None
+    interpolates the models themselves (mergekit's two modes)."""
     models = C.as_models(models, 2, "nuslerp")
     if len(models) != 2:
         raise ValueError(f"nuslerp: merges exactly two models (plus an optional base), got {len(models)}")
-    C.validate_trees(base, models, "nuslerp")
+    C.validate_trees(base, models, "nuslerp", check_finite=check_finite)
     C.check_leaf_dtypes(base, models, "nuslerp")
-    w = C.per_model(weight, 2, "weight", "nuslerp")
+    w = C.per_model(1.0 if weights is None else weights, 2, "weights", "nuslerp")
     t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
     static = dict(row_wise=bool(nuslerp_row_wise), flatten=bool(nuslerp_flatten), has_base=base is not None)
 

@@ -66,12 +66,13 @@ def _pcb_leaf(b, xs, lambda_, *, ratio):
 
 
 @register("pcb", needs_base=True, defaults={"ratio": 0.1, "lambda": 1.0})
-def pcb(base: Any, models: Sequence[Any], *, ratio: float = 0.1, lambda_: float = 1.0) -> Any:
+def pcb(base: Any, models: Sequence[Any], *, ratio: float = 0.1, lambda_: float = 1.0,
+        check_finite: bool = True) -> Any:
     """PCB merge; ``ratio`` ∈ (0, 1] is the fraction of parameters kept per task, ``lambda_`` the scaling."""
     models = C.as_models(models, 1, "pcb")
     if base is None:
         raise ValueError("pcb: needs a base model")
-    C.validate_trees(base, models, "pcb")
+    C.validate_trees(base, models, "pcb", check_finite=check_finite)
     C.check_leaf_dtypes(base, models, "pcb")
     if not (0.0 < ratio <= 1.0):
         raise ValueError(f"pcb: ratio must be in (0, 1], got {ratio}")

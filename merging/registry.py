@@ -10,6 +10,11 @@ the function accepts as a scalar (same for every model) or as a sequence with on
 holds the value of every other hyper-parameter the CLI may pass. ``needs_base``: the method reads ``base``
 (``True``), ignores it (``False``) or uses it when given (``"optional"``). ``stochastic``: the method takes an
 explicit ``key`` (a ``jax.random`` key), so a merge is reproducible.
+
+Names: ``per_model`` and ``defaults`` use the config (mergekit YAML) names. Two of them differ in Python,
+:data:`PYTHON_NAMES`: the per-model ``weight`` is the Python ``weights`` (one entry per model) and ``lambda`` (a
+Python keyword) is ``lambda_``; every other name is the same in both. :func:`python_kwargs` maps a config's
+parameters to the function's keyword arguments.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-__all__ = ["MergeMethod", "register", "get", "available", "REGISTRY"]
+__all__ = ["MergeMethod", "register", "get", "available", "REGISTRY", "PYTHON_NAMES", "python_kwargs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +45,15 @@ class MergeMethod:
 
 
 REGISTRY: dict[str, MergeMethod] = {}
+
+# config (mergekit YAML) name -> Python keyword, where they differ
+PYTHON_NAMES: Mapping[str, str] = {"weight": "weights", "lambda": "lambda_"}
+
+
+def python_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Config-named hyper-parameters -> the merge function's keyword arguments (``weight`` -> ``weights``,
+    ``lambda`` -> ``lambda_``; every other name unchanged)."""
+    return {PYTHON_NAMES.get(k, k): v for k, v in params.items()}
 
 
 def register(name: str, *, needs_base: bool | str = True, per_model: tuple[str, ...] = (),

@@ -44,17 +44,21 @@ _slerp_leaf = jax.jit(slerp_arrays)
 
 
 @register("slerp", needs_base=True, defaults={"t": 0.5})
-def slerp(base: Any, models: Sequence[Any], *, t: float = 0.5) -> Any:
-    """Spherical interpolation from ``base`` (t=0) to ``models[0]`` (t=1)."""
+def slerp(base: Any, models: Sequence[Any], *, t: float | jax.Array = 0.5, check_finite: bool = True) -> Any:
+    """Spherical interpolation from ``base`` (t=0) to ``models[0]`` (t=1). ``t`` may be a traced scalar under
+    ``jax.jit`` (a concrete ``t`` must be finite)."""
     models = C.as_models(models, 1, "slerp")
     if len(models) != 1 or base is None:
         raise ValueError("slerp: interpolates exactly two models: `base` and one entry in `models`")
-    C.validate_trees(base, models, "slerp")
+    C.validate_trees(base, models, "slerp", check_finite=check_finite)
     C.check_leaf_dtypes(base, models, "slerp")
-    C.check_finite_param(float(t), "t", "slerp")
+    t_val = C.concrete_scalar(t, "t", "slerp")
+    if t_val is not None:
+        C.check_finite_param(t_val, "t", "slerp")
+    t32 = jnp.asarray(t, jnp.float32)
 
     @compute_in_float32
     def run(base, models):
-        return C.map_leaves(lambda p, b, xs: _slerp_leaf(jnp.float32(t), b, xs[0]), base, models)
+        return C.map_leaves(lambda p, b, xs: _slerp_leaf(t32, b, xs[0]), base, models)
 
     return run(base, models)

@@ -7,7 +7,7 @@ averaged, and the mask is kept, so the soup is exactly as sparse as its ingredie
 
 The shared mask is either given (``mask=``, a pytree of booleans shaped like the models) or read off the models:
 ``m = 1[θ_0 ≠ 0]``, and every model must have the same zero pattern (otherwise a ``ValueError`` names the first path
-where the patterns differ and how many entries differ). No base model is used.
+where the patterns differ and how many entries differ). A ``base`` is accepted and ignored (as ``linear``).
 """
 
 from __future__ import annotations
@@ -65,15 +65,16 @@ def check_shared_mask(models: Sequence[Any], method: str = "sparse_soup") -> Non
 
 
 @register("sparse_soup", needs_base=False, per_model=("weight",), defaults={"normalize": True})
-def sparse_soup(base: Any, models: Sequence[Any], *, weight: float | Sequence[float] = 1.0, normalize: bool = True,
-                mask: Any = None) -> Any:
-    """Weighted average of models sharing one sparsity mask, re-masked (see module docstring).
+def sparse_soup(base: Any, models: Sequence[Any], *, weights: float | Sequence[float] | None = None,
+                normalize: bool = True, mask: Any = None, check_finite: bool = True) -> Any:
+    """Weighted average of models sharing one sparsity mask, re-masked (see module docstring). ``weights``: one per
+    model (default 1 each); ``base`` is ignored, as by :func:`merging.linear.linear`.
 
     ``mask``: optional pytree of booleans shaped like the models (True = kept weight). Without it, the mask is the
     non-zero pattern of ``models[0]`` and all models must share it. With it, a weight that is non-zero outside the
     mask in any model is rejected (the models were not pruned with that mask).
     """
-    models, weights = validate_weighted_average(base, models, weight, normalize, "sparse_soup")
+    models, weights = validate_weighted_average(base, models, weights, normalize, "sparse_soup", check_finite)
     if mask is None:
         check_shared_mask(models)
         mask = shared_mask(models[0])

@@ -4,8 +4,8 @@ A task vector is ``τ_t = θ_t - θ_0``. Adding, negating and scaling task vecto
 
     θ = θ_0 + λ Σ_t w_t τ_t        (``normalize=True`` divides Σ_t w_t τ_t by Σ_t w_t, as mergekit)
 
-Negation (forgetting a task) is a negative weight. mergekit names: ``weight`` (per model), ``normalize``
-(default False), ``lambda`` (``lambda_`` here).
+Negation (forgetting a task) is a negative weight. mergekit names (YAML -> Python): per-model ``weight`` ->
+``weights`` (one per model), ``normalize`` (default False), ``lambda`` -> ``lambda_``.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ def add(*taus: Any) -> Any:
 
 @register("task_arithmetic", needs_base=True, per_model=("weight",),
           defaults={"normalize": False, "lambda": 1.0, "int8_mask": False})
-def task_arithmetic(base: Any, models: Sequence[Any], *, weight: float | Sequence[float] = 1.0,
-                    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False) -> Any:
+def task_arithmetic(base: Any, models: Sequence[Any], *, weights: float | Sequence[float] | None = None,
+                    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
+                    check_finite: bool = True) -> Any:
     """``θ_0 + λ Σ_t w_t (θ_t - θ_0)`` (``/ Σ_t w_t`` if ``normalize``). ``int8_mask`` is accepted for mergekit
     configs and has no effect (it only sets mergekit's mask storage dtype)."""
-    return generalized_task_arithmetic(base, models, weight=weight, normalize=normalize, lambda_=lambda_,
-                                       method="task_arithmetic")
+    return generalized_task_arithmetic(base, models, weights=weights, normalize=normalize, lambda_=lambda_,
+                                       method="task_arithmetic", check_finite=check_finite)

@@ -127,5 +127,34 @@ def test_compute_in_float32_under_jit_and_output_dtype_argument():
     assert out.dtype == jnp.bfloat16
 
 
+def test_compute_in_float32_returns_each_leaf_in_its_own_dtype():
+    """Issue 13 item 1: 0cb843d cast every output leaf to the first floating leaf's dtype (all bf16 here)."""
+    tree = {"a": jnp.ones(2, jnp.bfloat16), "b": jnp.ones(2, jnp.float32), "c": jnp.ones(2, jnp.float16),
+            "i": jnp.ones(2, jnp.int32)}
+    seen = {}
+
+    def twice(t):
+        seen.update({k: v.dtype for k, v in t.items()})
+        return jax.tree.map(lambda x: x * 2 if jnp.issubdtype(x.dtype, jnp.floating) else x, t)
+
+    out = T.compute_in_float32(twice)(tree)
+    assert seen == {"a": jnp.float32, "b": jnp.float32, "c": jnp.float32, "i": jnp.int32}
+    assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in tree.items()}
+    # a list of trees (``models``): the output takes the per-leaf dtypes of its first element, also under jit
+    f = jax.jit(T.compute_in_float32(lambda ms: jax.tree.map(lambda *xs: sum(xs), *ms)))
+    out = f([tree, tree])
+    assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in tree.items()}
+    np.testing.assert_array_equal(np.asarray(out["a"], np.float32), [2, 2])
+
+
+def test_compute_in_float32_new_structure_from_mixed_inputs_raises():
+    mixed = {"a": jnp.ones(2, jnp.bfloat16), "b": jnp.ones(2, jnp.float32)}
+    with pytest.raises(ValueError, match="mix floating dtypes"):
+        T.compute_in_float32(lambda t: {"s": t["a"] + t["b"]})(mixed)
+    # a single input dtype still defines the output of a new structure
+    out = T.compute_in_float32(lambda t: {"s": t["a"] + t["a"]})({"a": jnp.ones(2, jnp.bfloat16)})
+    assert out["s"].dtype == jnp.bfloat16
+
+
 def test_tree_bytes():
     assert T.tree_bytes({"a": jnp.ones((4, 3)), "b": jnp.ones(2, jnp.bfloat16)}) == 48 + 4

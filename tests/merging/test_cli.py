@@ -61,13 +61,13 @@ def _cfg(method, n=3, **params):
 def test_cli_equals_in_memory_merge_including_random_masks(tmp_path):
     trees = _write_family(tmp_path)
     run_merge(_cfg("ties"), tmp_path / "t", root=tmp_path, progress=False)
-    want = ties(trees[0], trees[1:], weight=[0.75, 1.0, 1.25], density=0.5)
+    want = ties(trees[0], trees[1:], weights=[0.75, 1.0, 1.25], density=0.5)
     got = load_safetensors(tmp_path / "t" / "model.safetensors", as_numpy=True)
     for k in want:
         np.testing.assert_array_equal(got[k], np.asarray(want[k]))
     # DARE: the masks depend on (seed, tensor name, model index) only, so the streamed merge equals the whole-tree one
     run_merge(_cfg("dare_ties"), tmp_path / "d", root=tmp_path, progress=False, random_seed=5)
-    want = dare_ties(trees[0], trees[1:], key=jax.random.key(5), weight=[0.75, 1.0, 1.25], density=0.5)
+    want = dare_ties(trees[0], trees[1:], key=jax.random.key(5), weights=[0.75, 1.0, 1.25], density=0.5)
     got = load_safetensors(tmp_path / "d" / "model.safetensors", as_numpy=True)
     for k in want:
         np.testing.assert_array_equal(got[k], np.asarray(want[k]))

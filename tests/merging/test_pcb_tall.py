@@ -77,12 +77,12 @@ def np_tall(base, models, lam):
 
 def test_tall_masks_and_consensus_match_numpy():
     base, models = make_family(4)
-    got = [flat(m) for m in tall_masks(base, models, lambda_=0.5)]
+    got = [flat(m) for m in tall_masks(base, models, tall_lambda=0.5)]
     want = np_tall(base, models, 0.5)
     for g, w in zip(got, want):
         for k in w:
             np.testing.assert_array_equal(g[k].astype(bool), w[k])
-    cons = flat(consensus_mask(tall_masks(base, models, 0.5), k=2))
+    cons = flat(consensus_mask(tall_masks(base, models, tall_lambda=0.5), k=2))
     merged = flat(consensus_task_arithmetic(base, models, k=2, tall_lambda=0.5, lambda_=0.7))
     for p, b in flat(base).items():
         keep = sum(w[p].astype(int) for w in want) >= 2
@@ -98,7 +98,7 @@ def test_tall_masks_and_consensus_match_numpy():
 
 def test_masks_pack_to_one_bit_per_weight_and_round_trip():
     base, models = make_family(3)
-    m = tall_masks(base, models, 0.4)[0]
+    m = tall_masks(base, models, tall_lambda=0.4)[0]
     packed = pack_mask(m)
     n = sum(np.size(v) for v in jax.tree.leaves(m))
     assert sum(bits.nbytes for bits, _ in packed.values()) <= n // 8 + len(packed)
@@ -109,7 +109,7 @@ def test_masks_pack_to_one_bit_per_weight_and_round_trip():
 def test_invariants_copies_and_single_task():
     base, (m,) = make_family(1)
     # one task: tau_MTL = tau, |tau| >= lam*0 everywhere -> mask all True, reconstruction = the model
-    rec = tall_mask_models(base, [m], 0.4)[0]
+    rec = tall_mask_models(base, [m], tall_lambda=0.4)[0]
     assert_trees_close(rec, m, **TOL)
     # N copies: every mask is True (|tau| >= 0.4*(N-1)|tau| needs N-1 <= 2.5), consensus keeps everything, and
     # consensus TA with lambda=1/N returns the model
@@ -131,7 +131,7 @@ def test_tall_masks_localize_each_task():
         tau = 0.02 * rng.standard_normal(d)
         tau[supports[t]] += rng.standard_normal(len(supports[t]))
         models.append({"w": jnp.asarray(tau, jnp.float32)})
-    recs = tall_mask_models(base, models, 0.4)
+    recs = tall_mask_models(base, models, tall_lambda=0.4)
     mtl = sum(np.asarray(m["w"]) for m in models)
     for t in range(T):
         target = np.asarray(models[t]["w"])
@@ -159,4 +159,4 @@ def test_bad_parameters():
     with pytest.raises(ValueError, match="k must be"):
         consensus_task_arithmetic(base, models, k=3)
     with pytest.raises(ValueError, match="lambda must be >= 0"):
-        tall_masks(base, models, -1.0)
+        tall_masks(base, models, tall_lambda=-1.0)

@@ -46,7 +46,7 @@ def np_sparse_soup(models, weights, normalize=True):
 def test_sparse_soup_matches_numpy_reference_and_keeps_the_mask():
     masks, models = sparse_family(3)
     weights = [1.0, 2.0, 0.5]
-    got = sparse_soup(None, models, weight=weights)
+    got = sparse_soup(None, models, weights=weights)
     want = np_sparse_soup(models, weights)
     for p, g in flatten(got).items():
         np.testing.assert_allclose(np.asarray(g), want[p], **TOL)
@@ -61,7 +61,7 @@ def test_sparse_soup_matches_numpy_reference_and_keeps_the_mask():
 
 def test_sparse_soup_explicit_mask_and_unnormalized():
     masks, models = sparse_family(2, seed=3)
-    got = sparse_soup(None, models, weight=[0.3, 0.7], normalize=False, mask=masks)
+    got = sparse_soup(None, models, weights=[0.3, 0.7], normalize=False, mask=masks)
     want = np_sparse_soup(models, [0.3, 0.7], normalize=False)
     for p, g in flatten(got).items():
         np.testing.assert_allclose(np.asarray(g), want[p], **TOL)
@@ -158,12 +158,13 @@ def test_sparse_soup_rejects_different_masks_naming_the_path():
     masks, _ = sparse_family(2)
     with pytest.raises(ValueError, match="outside `mask`"):
         sparse_soup(None, [models[0], bad], mask=masks)
-    with pytest.raises(ValueError, match="no base"):
-        sparse_soup(models[0], models)
+    # an unused base is ignored, as by linear (merging's package docstring)
+    np.testing.assert_array_equal(sparse_soup(models[0], models)["out"]["kernel"],
+                                  sparse_soup(None, models)["out"]["kernel"])
     with pytest.raises(ValueError, match="sum to zero"):
-        sparse_soup(None, models, weight=[1.0, -1.0])
+        sparse_soup(None, models, weights=[1.0, -1.0])
     with pytest.raises(ValueError, match="entries"):
-        sparse_soup(None, models, weight=[1.0, 1.0, 1.0])
+        sparse_soup(None, models, weights=[1.0, 1.0, 1.0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
