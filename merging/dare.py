@@ -2,9 +2,13 @@
 Lunch"): Drop And REscale task vectors, then merge linearly (``dare_linear``) or with TIES sign election
 (``dare_ties``), as mergekit::
 
-    m_t ~ Bernoulli(density_t),   τ̂_t = m_t ⊙ (θ_t - θ_0) / density_t        (rescale=True)
+    m_t ~ Bernoulli(density_t),   τ̂_t = (m_t ⊙ τ_t) · ‖τ_t‖_1 / ‖m_t ⊙ τ_t‖_1    (rescale=True, τ_t = θ_t - θ_0)
     dare_linear: θ = θ_0 + λ Σ_t w_t τ̂_t              (normalize: / Σ_t w_t; default False)
     dare_ties:   TIES election + disjoint sum over τ̂_t (normalize default False, as mergekit)
+
+``rescale_norm`` (one name for DARE and DELLA): ``"l1"`` (default) is mergekit 0.1.5's ``rescale: true``, L1-norm
+matching of the kept delta; ``"l2"``/``"linf"`` match those norms; ``"inverse_p"`` is the DARE paper's
+``τ̂_t = m_t ⊙ τ_t / density_t`` (unbiased: ``E[τ̂_t] = τ_t``). ``rescale=False`` keeps ``m_t ⊙ τ_t``.
 
 The drop masks come from an explicit ``key`` (``jax.random.key``), folded with each tensor's path and model
 index, so a merge is reproducible and identical whether the tree is merged whole or streamed tensor by tensor.
@@ -23,21 +27,21 @@ __all__ = ["dare_linear", "dare_ties"]
 
 
 @register("dare_linear", needs_base=True, per_model=("weight", "density"),
-          defaults={"normalize": False, "rescale": True, "rescale_norm": None, "int8_mask": False, "lambda": 1.0}, stochastic=True)
+          defaults={"normalize": False, "rescale": True, "rescale_norm": "l1", "int8_mask": False, "lambda": 1.0}, stochastic=True)
 def dare_linear(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
                 weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
-                normalize: bool = False, rescale: bool = True, rescale_norm: str | None = None, lambda_: float = 1.0, int8_mask: bool = False) -> Any:
+                normalize: bool = False, rescale: bool = True, rescale_norm: str = "l1", lambda_: float = 1.0, int8_mask: bool = False) -> Any:
     return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
                                        consensus=None, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm, lambda_=lambda_,
                                        key=key, method="dare_linear")
 
 
 @register("dare_ties", needs_base=True, per_model=("weight", "density"),
-          defaults={"normalize": False, "rescale": True, "rescale_norm": None, "int8_mask": False, "lambda": 1.0, "consensus": "sum"},
+          defaults={"normalize": False, "rescale": True, "rescale_norm": "l1", "int8_mask": False, "lambda": 1.0, "consensus": "sum"},
           stochastic=True)
 def dare_ties(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
               weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
-              normalize: bool = False, rescale: bool = True, rescale_norm: str | None = None, consensus: str = "sum", lambda_: float = 1.0,
+              normalize: bool = False, rescale: bool = True, rescale_norm: str = "l1", consensus: str = "sum", lambda_: float = 1.0,
               int8_mask: bool = False) -> Any:
     return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
                                        consensus=consensus, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm, lambda_=lambda_,

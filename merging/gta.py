@@ -4,8 +4,8 @@
 For each tensor, with base ``θ_0``, models ``θ_t`` and per-model weights ``w_t``::
 
     τ_t   = sparsify(θ_t - θ_0)                       (magnitude / random / outliers / della, or identity)
-            rescaled by 1/p (DARE, DELLA: ``rescale`` with ``rescale_norm=None``) or to restore the L1/L2/Linf norm
-            of θ_t - θ_0 (``rescale_norm``; mergekit >= 0.1.5 uses "l1" whenever ``rescale`` is set)
+            with ``rescale``: scaled to restore the L1 (default, mergekit 0.1.5) / L2 / Linf norm of θ_t - θ_0
+            (``rescale_norm``), or by 1/p (``rescale_norm="inverse_p"``, DARE / DELLA only: the papers' rule)
     m_t   = 1[sign(w_t τ_t) = s]  with s = sign(Σ_t w_t τ_t) ("sum", TIES) or sign(Σ_t sign(w_t τ_t)) ("count"),
             s = +1 where the sum is 0; m_t = 1 without a consensus step
     Δ     = Σ_t m_t w_t τ_t
@@ -57,11 +57,11 @@ def _gta_leaf(base, xs, weights, lambda_, key, *, sparsification, densities, con
         if sparsification == "magnitude":
             delta = S.magnitude(delta, d, norm)
         elif sparsification == "random":
-            delta = S.bernoulli(delta, d, jax.random.fold_in(key, i), rescale, norm)
+            delta = S.bernoulli(delta, d, jax.random.fold_in(key, i), norm)
         elif sparsification == "magnitude_outliers":
             delta = S.magnitude_outliers(delta, d, gamma[i], norm)
         elif sparsification == "della_magprune":
-            delta = S.della_magprune(delta, d, epsilon[i], jax.random.fold_in(key, i), rescale, norm)
+            delta = S.della_magprune(delta, d, epsilon[i], jax.random.fold_in(key, i), norm)
         deltas.append(delta)
     w = weights.astype(jnp.float32)
     if consensus is None:  # no election: a running weighted sum
@@ -99,7 +99,7 @@ def generalized_task_arithmetic(
     consensus: str | None = None,
     normalize: bool = False,
     rescale: bool = True,
-    rescale_norm: str | None = None,
+    rescale_norm: str = "l1",
     lambda_: float = 1.0,
     gamma: float | Sequence[float] = 0.01,
     epsilon: float | Sequence[float] = 0.15,
@@ -128,8 +128,8 @@ def generalized_task_arithmetic(
         raise ValueError(f"{method}: consensus must be one of {CONSENSUS}, got {consensus!r}")
     if rescale_norm not in S.RESCALE_NORMS:
         raise ValueError(f"{method}: rescale_norm must be one of {S.RESCALE_NORMS}, got {rescale_norm!r}")
-    if sparsification in ("magnitude", "magnitude_outliers") and rescale and rescale_norm is None:
-        rescale_norm = "l1"  # deterministic sparsifiers only have mergekit's norm-matching rescale
+    if rescale_norm == "inverse_p" and sparsification not in ("random", "della_magprune"):
+        raise ValueError(f"{method}: rescale_norm='inverse_p' needs a random sparsifier (DARE / DELLA)")
     gammas = C.per_model(gamma, n, "gamma", method)
     epsilons = C.per_model(epsilon, n, "epsilon", method)
     if sparsification == "magnitude_outliers":

@@ -176,17 +176,25 @@ def test_dare_matches_numpy_with_the_same_masks(ties_step):
     got = flat(fn(base, models, key=key, weights=w, density=dens))
     fb, fms = flat(base), [flat(m) for m in models]
     for p, b in fb.items():
-        sp = lambda d, i: d * _dare_mask(key, p, i, dens[i], d.shape) / dens[i]
+        sp = lambda d, i: np_l1_rescale(d, d * _dare_mask(key, p, i, dens[i], d.shape))  # mergekit 0.1.5's rule
         want = np_gta({p: b}, [{p: m[p]} for m in fms], w, sp, "sum" if ties_step else None)[p]
         np.testing.assert_allclose(got[p], want, **TOL)
 
 
-def test_dare_is_reproducible_unbiased_and_drops_at_rate():
+def np_l1_rescale(delta, kept):
+    """mergekit 0.1.5 ``rescaled_masked_tensor(.., RescaleNorm.l1)``: kept * |delta|_1 / |kept|_1 (unchanged when
+    either norm is below 1e-7)."""
+    before, after = np.abs(delta).sum(dtype=np.float64), np.abs(kept).sum(dtype=np.float64)
+    return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
+
+
+def test_dare_inverse_p_is_reproducible_unbiased_and_drops_at_rate():
+    """``rescale_norm="inverse_p"``: the DARE paper's 1/p rescale (unbiased)."""
     base = {"w": jnp.zeros((200, 100))}
     tau = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((200, 100)), jnp.float32)}
-    a = dare_linear(base, [tau], key=jax.random.key(1), density=0.2)
-    b = dare_linear(base, [tau], key=jax.random.key(1), density=0.2)
-    c = dare_linear(base, [tau], key=jax.random.key(2), density=0.2)
+    a = dare_linear(base, [tau], key=jax.random.key(1), density=0.2, rescale_norm="inverse_p")
+    b = dare_linear(base, [tau], key=jax.random.key(1), density=0.2, rescale_norm="inverse_p")
+    c = dare_linear(base, [tau], key=jax.random.key(2), density=0.2, rescale_norm="inverse_p")
     assert_trees_equal(a, b)
     assert not np.array_equal(a["w"], c["w"])
     kept = np.asarray(a["w"]) != 0
@@ -194,32 +202,47 @@ def test_dare_is_reproducible_unbiased_and_drops_at_rate():
     assert abs(kept.mean() - 0.2) < 0.015
     np.testing.assert_allclose(np.asarray(a["w"])[kept], np.asarray(tau["w"])[kept] / 0.2, rtol=1e-6)
     # E[out] = tau: averaging 50 independent draws shrinks the error by ~sqrt(50)
-    mean = np.mean([np.asarray(dare_linear(base, [tau], key=jax.random.key(k), density=0.2)["w"])
+    mean = np.mean([np.asarray(dare_linear(base, [tau], key=jax.random.key(k), density=0.2,
+                                           rescale_norm="inverse_p")["w"])
                     for k in range(50)], 0)
     rel = np.linalg.norm(mean - tau["w"]) / np.linalg.norm(tau["w"])
     assert rel < 0.35, rel  # expected sqrt((1-p)/(p*50)) = 0.28
 
 
-def test_dare_l1_rescale_restores_the_l1_norm():
+def test_dare_default_rescale_restores_the_l1_norm():
+    """The default (mergekit 0.1.5 ``rescale: true``) is L1 matching, not 1/p."""
     base, models = make_family(1)
-    got = dare_linear(base, models, key=jax.random.key(0), density=0.5, rescale_norm="l1")
+    got = dare_linear(base, models, key=jax.random.key(0), density=0.5)
+    assert_trees_equal(got, dare_linear(base, models, key=jax.random.key(0), density=0.5, rescale_norm="l1"))
+    with pytest.raises(ValueError, match="rescale_norm"):  # 1/p only exists for the random sparsifiers
+        S.magnitude(jnp.ones(4), 0.5, "inverse_p")
     for p, b in flat(base).items():
         np.testing.assert_allclose(np.abs(flat(got)[p] - b).sum(), np.abs(flat(models[0])[p] - b).sum(), rtol=1e-4)
 
 
-def test_della_matches_numpy_with_the_same_draws():
+def test_della_matches_mergekit_rule_with_the_same_draws():
+    """Reference written from mergekit 0.1.5 ``della_magprune`` (not from this implementation): per row
+    (a 1-D tensor is one row) ranks r = 1..m of |x| ascending, rank_norm = (r - min r) / (max r - min r),
+    p = density - eps + 2 eps rank_norm, mask ~ Bernoulli(p), then ``rescale: true`` = L1 matching of the whole
+    masked tensor (``rescaled_masked_tensor(.., RescaleNorm.l1)``), never a division by p. The draws u are the
+    documented ones (keep where u < p); ``rescale_norm="inverse_p"`` is the DELLA paper's x m / p."""
     base = {"w": jnp.zeros((6, 50)), "b": jnp.zeros((40,))}
     tau = make_tree(3, shapes={"w": (6, 50), "b": (40,)})
     key = jax.random.key(7)
     dens, eps = 0.5, 0.2
     got = flat(della_linear(base, [tau], key=key, density=dens, epsilon=eps))
+    got_p = flat(della_linear(base, [tau], key=key, density=dens, epsilon=eps, rescale_norm="inverse_p"))
     for p, t in flat(tau).items():
-        t2 = t.reshape(1, -1) if t.ndim < 2 else t
-        ranks = np.argsort(np.argsort(np.abs(t2), axis=1, kind="stable"), axis=1, kind="stable")
-        probs = dens - eps + 2 * eps * ranks / (t2.shape[1] - 1)
+        t2 = np.asarray(t).reshape(1, -1) if t.ndim < 2 else np.asarray(t)
+        r = np.empty(t2.shape)
+        for row in range(t2.shape[0]):  # 1-based ascending rank, ties by index
+            r[row, sorted(range(t2.shape[1]), key=lambda j: (abs(t2[row, j]), j))] = np.arange(1, t2.shape[1] + 1)
+        rank_norm = (r - r.min(1, keepdims=True)) / (r.max(1, keepdims=True) - r.min(1, keepdims=True))
+        probs = (dens - eps) + rank_norm * 2 * eps
         u = np.asarray(jax.random.uniform(jax.random.fold_in(C.leaf_key(key, p), 0), t2.shape))
-        want = np.where(u < probs, t2 / probs, 0.0).reshape(t.shape)
-        np.testing.assert_allclose(got[p], want, **TOL)
+        masked = t2 * (u < probs)
+        np.testing.assert_allclose(got[p], np_l1_rescale(t2, masked).reshape(t.shape), **TOL)
+        np.testing.assert_allclose(got_p[p], (masked / probs).reshape(t.shape), **TOL)
     # della (with election) on one model: sign election keeps every nonzero entry; normalize divides by w=1
     got_d = flat(della(base, [tau], key=key, density=dens, epsilon=eps))
     for p in got:
