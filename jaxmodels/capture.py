@@ -34,7 +34,6 @@ Public API::
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxmodels.progress import progress_bar, progress_enabled  # noqa: F401  (progress_enabled: old import path)
 from jaxmodels.sharding import DATA
 
 PyTree = Any
@@ -82,21 +82,6 @@ class LayerStats(NamedTuple):
     @property
     def abs_mean(self) -> jax.Array:
         return self.abs_sum / self.count
-
-
-def progress_enabled(progress: bool | None) -> bool:
-    """Bars are off when ``progress=False`` or env ``WEIGHTLAB_NO_PROGRESS`` is set (not "0")."""
-    if os.environ.get("WEIGHTLAB_NO_PROGRESS", "") not in ("", "0"):
-        return False
-    return True if progress is None else bool(progress)
-
-
-def _tqdm(it, progress: bool | None, **kw):
-    if not progress_enabled(progress):
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, **kw)
 
 
 def module_path(module: nn.Module) -> str:
@@ -284,7 +269,7 @@ def collect_stats(apply_fn: Callable, params: PyTree, batches: Iterable, *, incl
     acc = None
     n = 0
     total = len(batches) if hasattr(batches, "__len__") else None
-    for batch in _tqdm(batches, progress, desc="capture", total=total, leave=False):
+    for batch in progress_bar(batches, progress, desc="capture", total=total):
         if mesh is not None:
             batch = jax.device_put(batch, jax.tree.map(
                 lambda a: NamedSharding(mesh, P(DATA, *([None] * (np.ndim(a) - 1)))), batch))

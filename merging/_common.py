@@ -10,7 +10,6 @@ streaming reuses compilations), in float32, and returns every leaf in its own in
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from typing import Any, Callable, Sequence
 
@@ -41,6 +40,7 @@ def validate_trees(base: PyTree | None, models: Sequence[PyTree], method: str, c
     try:
         check_compatible(*trees, names=names, check_dtype=check_dtype)
     except ValueError as e:
+        raise ValueError(f"{method}: {e}") from None
     if check_finite:
         check_all_finite(trees, names, method)
 
@@ -76,7 +76,6 @@ def check_all_finite(trees: Sequence[PyTree], names: Sequence[str], method: str)
             raise ValueError(f"{method}: {name} has {int(n)} non-finite value(s) (NaN or Inf) at {p!r}; a merge "
                              "would spread or silently drop them. Fix the checkpoint, or pass check_finite=False "
                              "to merge anyway")
-        raise ValueError(f"{method}: {e}") from None
 
 
 def per_model(value: Any, n: int, name: str, method: str) -> tuple[float, ...]:
@@ -91,6 +90,7 @@ def per_model(value: Any, n: int, name: str, method: str) -> tuple[float, ...]:
     except (TypeError, ValueError):
         raise TypeError(f"{method}: `{name}` must be a number or one number per model, got {value!r}") from None
 
+
 def concrete_scalar(value: Any, name: str, method: str) -> float | None:
     """``float(value)`` for a concrete scalar hyper-parameter, None for a tracer (a factor traced by ``jax.jit``:
     its value cannot be validated at trace time and is used as is). Raises for a non-scalar."""
@@ -102,7 +102,6 @@ def concrete_scalar(value: Any, name: str, method: str) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{method}: `{name}` must be a real scalar, got {value!r}") from None
-
 
 
 def check_finite_param(value: float, name: str, method: str) -> None:
@@ -163,9 +162,3 @@ def check_leaf_dtypes(base: PyTree | None, models: Sequence[PyTree], method: str
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
                 raise TypeError(f"{method}: leaf {p!r} has non-floating dtype {jnp.result_type(leaf)}; "
                                 "merge methods need floating parameters")
-
-
-def progress_disabled(progress: bool | None) -> bool:
-    if os.environ.get("WEIGHTLAB_NO_PROGRESS", "") not in ("", "0"):
-        return True
-    return progress is False

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmodels.capture import _tqdm
+from jaxmodels.progress import progress_bar
 from jaxmodels.tree import check_compatible, flatten, unflatten
 
 PyTree = Any
@@ -122,7 +122,7 @@ def learn_coefficients(objective: Callable[[PyTree, Sequence[Any]], jax.Array], 
 
     streams = [_cycle(b) for b in batches]
     losses = []
-    for _ in _tqdm(range(steps), progress, desc=desc, leave=False):
+    for _ in progress_bar(range(steps), progress, desc=desc, leave=False):
         bs = [next(s) for s in streams]
         coeffs, opt_state, loss = step(coeffs, opt_state, base_leaves, tvs, bs)
         losses.append(float(loss))

@@ -54,7 +54,7 @@ import merging  # noqa: F401  (registers every method)
 from jaxmodels import io as jio
 from jaxmodels.tree import flatten
 from merging import registry
-from merging._common import progress_disabled
+from jaxmodels.progress import progress_bar
 
 __all__ = ["MergeConfig", "load_config", "run_merge", "main", "ConfigError"]
 
@@ -392,8 +392,6 @@ def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.Path
         from jaxmodels.sharding import make_mesh
 
         mesh = make_mesh()
-    from tqdm.auto import tqdm
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     os.chmod(tmp, 0o755)
@@ -412,9 +410,8 @@ def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.Path
             merged_flat: dict[str, Any] = {}
             sink = lambda n, arr: merged_flat.__setitem__(n, arr)
         iters = [s.iter(names) for s in sources]
-        bar = tqdm(total=len(names), desc=f"merge ({cfg.method.name})", unit="tensor",
-                   disable=progress_disabled(progress), file=sys.stderr)
-        for name in names:
+        for name in progress_bar(names, progress, desc=f"merge ({cfg.method.name})", unit="tensor", leave=True,
+                                 file=sys.stderr):
             arrays = []
             for s, it in zip(sources, iters):
                 n2, arr = next(it)
@@ -437,8 +434,6 @@ def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.Path
             del merged
             if low_memory:
                 _malloc_trim()
-            bar.update(1)
-        bar.close()
         if ref.kind == "safetensors":
             for w in writers.values():
                 w.close()

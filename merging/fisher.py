@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxmodels.capture import _tqdm
+from jaxmodels.progress import progress_bar
 from jaxmodels.sharding import DATA
 from jaxmodels.tree import check_compatible, compute_in_float32
 
@@ -91,7 +91,7 @@ def diagonal_fisher(apply_fn: Callable, params: PyTree, batches: Iterable, *, mo
         acc = jax.device_put(acc, NamedSharding(mesh, P()))
     n = 0
     total = len(batches) if hasattr(batches, "__len__") else None
-    for i, (x, y) in enumerate(_tqdm(batches, progress, desc="fisher", total=total, leave=False)):
+    for i, (x, y) in enumerate(progress_bar(batches, progress, desc="fisher", total=total, leave=False)):
         x, y = jnp.asarray(x), jnp.asarray(y)
         acc = step(acc, params, x, y, jax.random.fold_in(key, i))
         n += x.shape[0]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.capture import _tqdm
+from jaxmodels.progress import progress_bar
 from jaxmodels.tree import check_compatible
 
 PyTree = Any
@@ -49,13 +49,13 @@ def greedy_soup(models: Sequence[PyTree], eval_fn: Callable[[PyTree], Any], *,
     if not models:
         raise ValueError("greedy_soup: needs at least one model")
     check_compatible(*models, names=[f"model_{i}" for i in range(len(models))])
-    scores = [float(eval_fn(m)) for m in _tqdm(models, progress, desc="greedy soup: rank", leave=False)]
+    scores = [float(eval_fn(m)) for m in progress_bar(models, progress, desc="greedy soup: rank", leave=False)]
     if not all(np.isfinite(scores)):
         raise ValueError(f"greedy_soup: eval_fn returned a non-finite score: {scores}")
     order = sorted(range(len(models)), key=lambda i: -scores[i])
     selected = [order[0]]
     best = scores[order[0]]
-    for i in _tqdm(order[1:], progress, desc="greedy soup: add", leave=False):
+    for i in progress_bar(order[1:], progress, desc="greedy soup: add", leave=False):
         cand = uniform_soup([models[j] for j in selected + [i]])
         s = float(eval_fn(cand))
         if s >= best:

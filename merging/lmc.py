@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.capture import _tqdm
+from jaxmodels.progress import progress_bar
 from jaxmodels.tree import check_compatible
 
 PyTree = Any
@@ -51,7 +51,7 @@ def interpolation_path(eval_fn: Callable[[PyTree], Any], params_a: PyTree, param
     check_compatible(params_a, params_b, names=["params_a", "params_b"])
     ts = np.linspace(0.0, 1.0, num_points)
     vals = [float(eval_fn(interpolate(params_a, params_b, jnp.float32(t))))
-            for t in _tqdm(ts, progress, desc="interpolation", leave=False)]
+            for t in progress_bar(ts, progress, desc="interpolation", leave=False)]
     return InterpolationPath(ts, np.asarray(vals))
 
 

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from jaxmodels.capture import _tqdm, capture_outputs
+from jaxmodels.capture import capture_outputs
+from jaxmodels.progress import progress_bar
 from jaxmodels.tree import check_compatible, flatten, unflatten
 
 PyTree = Any
@@ -267,7 +268,7 @@ def weight_matching(params_a: PyTree, params_b: PyTree, spec: PermutationSpec, *
         {p: np.asarray(v).copy() for p, v in init_perm.items()}
     names = sorted(sizes)
     rng = np.random.default_rng(seed)
-    for _ in _tqdm(range(max_iter), progress, desc="weight matching", leave=False):
+    for _ in progress_bar(range(max_iter), progress, desc="weight matching", leave=False):
         improved = False
         for i in rng.permutation(len(names)):
             p = names[i]
@@ -313,7 +314,7 @@ def activation_matching(apply_fn: Callable, params_a: PyTree, params_b: PyTree, 
         return out
 
     total = None
-    for x in _tqdm(batches, progress, desc="activation matching", leave=False):
+    for x in progress_bar(batches, progress, desc="activation matching", leave=False):
         c = cross(params_a, params_b, x)
         total = c if total is None else jax.tree.map(jnp.add, total, c)
     if total is None:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmodels.capture import LayerStats, _tqdm, collect_stats, layer_order
+from jaxmodels.capture import LayerStats, collect_stats, layer_order
+from jaxmodels.progress import progress_bar
 from jaxmodels.tree import check_compatible, flatten, unflatten
 
 PyTree = Any
@@ -136,7 +137,7 @@ def regmean_plusplus(apply_fn: Callable, models: Sequence[PyTree], batches: Sequ
         raise ValueError("regmean_plusplus: no Dense/Conv layer matched include/exclude")
     flats = [flatten(m) for m in models]
     flat_merged = flatten(merged)
-    for layer in _tqdm(order, progress, desc="regmean++", leave=False):
+    for layer in progress_bar(order, progress, desc="regmean++", leave=False):
         pat = "^" + re.escape(layer) + "$"
         Gs = [collect_stats(apply_fn, merged, b, include=pat, mesh=mesh, progress=False)[layer].gram
               for b in batches]

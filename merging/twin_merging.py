@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmodels.capture import _tqdm, capture_inputs, layer_order
+from jaxmodels.capture import capture_inputs, layer_order
+from jaxmodels.progress import progress_bar
 from jaxmodels.tree import check_compatible, flatten, unflatten
 
 PyTree = Any
@@ -144,6 +145,6 @@ def twin_merging(apply_fn: Callable, base: PyTree | None, models: Sequence[PyTre
         u, st = tx.update(g, st, rp)
         return optax.apply_updates(rp, u), st, l
 
-    for _ in _tqdm(range(steps), progress, desc="twin-merging router", leave=False):
+    for _ in progress_bar(range(steps), progress, desc="twin-merging router", leave=False):
         rp, st, _ = step(rp, st)
     return TwinMerge(shared, exclusive, rp, K, hidden, layer)

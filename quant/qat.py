@@ -274,10 +274,8 @@ def qat_calibrate(cfg: QATConfig, model: nn.Module, params: Any, batches, progre
     """Static activation ranges: running max of ``amax`` per :class:`StaticActQ` module over ``batches`` (each a
     tuple of positional model inputs or a single array). A tqdm bar shows unless ``progress=False`` or env
     ``WEIGHTLAB_NO_PROGRESS=1``."""
-    from jaxmodels.capture import progress_enabled
-    if progress_enabled(progress):
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="qat_calibrate")
+    from jaxmodels.progress import progress_bar
+    batches = progress_bar(batches, progress, desc="qat_calibrate")
     calib: dict[str, jax.Array] = {}
     for b in batches:
         args = b if isinstance(b, tuple) else (b,)

@@ -7,23 +7,10 @@ Flax ``Dense`` kernels are ``[in, out]`` and are transposed at the method bounda
 
 from __future__ import annotations
 
-import os
-from typing import Iterable
-
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
-
-def progress_disabled(progress: bool | None) -> bool:
-    """True when bars are off: ``progress=False`` or env ``WEIGHTLAB_NO_PROGRESS=1``."""
-    if os.environ.get("WEIGHTLAB_NO_PROGRESS", "") not in ("", "0"):
-        return True
-    return progress is False
-
-
-def pbar(it: Iterable, progress: bool | None = None, **kw):
-    return tqdm(it, disable=progress_disabled(progress), leave=False, **kw)
+from jaxmodels.progress import progress_bar as pbar  # the library's one bar helper, under its PTQ call sites' name
 
 
 def check_bits(bits: int, group_size: int) -> None:

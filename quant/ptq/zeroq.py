@@ -73,7 +73,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxmodels.capture import module_path as _module_path
+from jaxmodels.capture import module_path
 from jaxmodels.sharding import DATA
 from jaxmodels.train import synchronize_on_cpu_mesh
 from jaxmodels.tree import flatten, unflatten
@@ -189,7 +189,7 @@ def _bn_inputs(model: nn.Module, variables: PyTree, x: jax.Array) -> tuple[jax.A
         mod = context.module
         if context.method_name == "__call__" and isinstance(mod, nn.BatchNorm):
             h = args[0] if args else kwargs["x"]
-            got.append((_module_path(mod), mod, h))
+            got.append((module_path(mod), mod, h))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -381,7 +381,7 @@ def _layer_ranges_impl(model, inc, exc, variables, x):
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
         if context.method_name == "__call__" and isinstance(mod, QUANTIZABLE_MODULES) and args:
-            path = _module_path(mod)
+            path = module_path(mod)
             if _selected(path, inc, exc):
                 a = args[0].astype(jnp.float32)
                 r = jnp.stack([jnp.minimum(a.min(), 0.0), jnp.maximum(a.max(), 0.0)])
@@ -492,7 +492,7 @@ def quantized_apply(model: nn.Module, ranges: Mapping[str, jax.Array] | None, we
         mod = context.module
         if context.method_name != "__call__" or not isinstance(mod, QUANTIZABLE_MODULES) or not args:
             return next_fun(*args, **kwargs)
-        path = _module_path(mod)
+        path = module_path(mod)
         if path not in fmts:
             return next_fun(*args, **kwargs)
         x, afmt = args[0], fmts[path]
