@@ -107,7 +107,11 @@ class _RowsAsSet(nn.Module):
 
 @pytest.mark.parametrize("kind", ["pooling", "layer"])
 def test_trains_on_digits(kind):
-    losses, acc = train_digits(_RowsAsSet(kind), steps=40)
-    # Pooling 8 rows into 4 vectors after 40 steps reaches ~0.76-0.8 held-out accuracy over seeds 0-2 (lookup ~0.87);
-    # 0.6 is far above chance (0.1) with margin for seed/platform variation.
-    assert_trains(losses, acc, min_acc=0.6)
+    losses, acc = train_digits(_RowsAsSet(kind), steps=120)
+    # Held-out accuracy measured over init/batch seeds 0-7 (CPU, 449 test digits):
+    #   120 steps: pooling 0.889-0.913 (seed 0: 0.891), lookup 0.878-0.931 (seed 0: 0.878);
+    #    40 steps (the old setting): pooling 0.64-0.76, lookup 0.70-0.91 -- not converged, so too seed-dependent
+    #   to pin. The steps cost ~1 s (compilation dominates). 0.85 sits ~0.03 (13 test digits, about twice the
+    #   seed-to-seed std of ~0.015) under the worst of the 8 seeds: room for platform rounding, while a layer that
+    #   retrieves poorly (the 40-step runs, or chance 0.1) fails.
+    assert_trains(losses, acc, min_acc=0.85)
