@@ -201,20 +201,35 @@ def evaluate_setting(name: str, setting: Any, t: float) -> Any:
 
 
 def resolve_params(cfg: MergeConfig, name: str, num_layers: int) -> dict[str, Any]:
-    """Function keyword arguments for tensor ``name``: method defaults < method-wide < per-model settings."""
+    """Function keyword arguments for tensor ``name``: method defaults < method-wide < per-model settings.
+
+    Per-model parameters follow mergekit's schema (:data:`MERGEKIT_PER_MODEL`): a model without a setting gets
+    mergekit's default (density 1.0, gamma 0.01, epsilon 0.15) and a required one (``weight``) missing for any
+    model is a ConfigError. Methods mergekit does not have: a per-model parameter is set for every model or none
+    (then the function's default)."""
     li = layer_index(name)
     t = 0.0 if li is None or num_layers <= 1 else li / (num_layers - 1)
     method = cfg.method
     kwargs: dict[str, Any] = {}
+    for k in MERGEKIT_REQUIRED_SHARED.get(method.name, ()):
+        if (evaluate_setting(name, cfg.params[k], t) if k in cfg.params else None) is None:
+            raise ConfigError(f"tensor {name!r}: parameter {k!r} is required by {method.name!r} (as in mergekit)")
     for k, default in method.defaults.items():
         v = evaluate_setting(name, cfg.params[k], t) if k in cfg.params else None
         kwargs[k] = default if v is None else v
+    schema = MERGEKIT_PER_MODEL.get(method.name)
     for k in method.per_model:
         glob = evaluate_setting(name, cfg.params[k], t) if k in cfg.params else None
         vals = []
         for mp in cfg.model_params:
             v = evaluate_setting(name, mp[k], t) if k in mp else None
             vals.append(glob if v is None else v)
+        if schema is not None and k in schema:
+            if schema[k] is REQUIRED and any(v is None for v in vals):
+                missing = cfg.models[vals.index(None)]
+                raise ConfigError(f"tensor {name!r}: parameter {k!r} is required by {method.name!r} (as in mergekit) "
+                                  f"and not set for model {missing!r}")
+            vals = [schema[k] if v is None else v for v in vals]
         if all(v is None for v in vals):
             continue  # function default
         if any(v is None for v in vals):
