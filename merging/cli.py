@@ -200,6 +200,20 @@ def evaluate_setting(name: str, setting: Any, t: float) -> Any:
     raise ConfigError(f"unexpected parameter setting {setting!r}")
 
 
+# mergekit 0.1.5's parameter schema (``ParameterSpec``s of merge_methods/generalized_task_arithmetic.py, linear.py,
+# nuslerp.py, slerp.py) for the methods weightlab shares with it: a per-model parameter that a model does not set
+# (neither in its own ``parameters`` nor method-wide) takes the spec's default, and a REQUIRED one is a ConfigError.
+REQUIRED = "<required>"
+_GTA = {"weight": REQUIRED, "density": 1.0}
+MERGEKIT_PER_MODEL: dict[str, dict[str, Any]] = {
+    "linear": {"weight": REQUIRED}, "nuslerp": {"weight": REQUIRED},
+    "task_arithmetic": _GTA, "ties": _GTA, "dare_linear": _GTA, "dare_ties": _GTA,
+    "breadcrumbs": {**_GTA, "gamma": 0.01}, "breadcrumbs_ties": {**_GTA, "gamma": 0.01},
+    "della": {**_GTA, "epsilon": 0.15}, "della_linear": {**_GTA, "epsilon": 0.15},
+}
+MERGEKIT_REQUIRED_SHARED: dict[str, tuple[str, ...]] = {"slerp": ("t",)}
+
+
 def resolve_params(cfg: MergeConfig, name: str, num_layers: int) -> dict[str, Any]:
     """Function keyword arguments for tensor ``name``: method defaults < method-wide < per-model settings.
 
