@@ -28,3 +28,30 @@ def mesh_2d():
 
     n = jax.device_count()
     return make_mesh(model=2 if n % 2 == 0 else 1)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the slowest test modules first, so that ``pytest -n 2`` (xdist) does not end on one worker alone with a
+    two-minute colab while the other idles.
+
+    A module's weight is the sum of the durations recorded in ``tests/durations.json`` (seconds per test node id,
+    from a ``--durations`` report; unknown tests count 0 and keep their place after the known ones). Modules stay
+    contiguous and their tests keep their order, so module-scoped fixtures are still built once per worker.
+    Refresh the file from a ``pytest --durations=60`` log with ``python scripts/test_durations.py LOG``.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name("durations.json")
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    weight: dict[str, float] = {}
+    for item in items:
+        mod = item.nodeid.split("::", 1)[0]
+        weight[mod] = weight.get(mod, 0.0) + float(known.get(item.nodeid, 0.0))
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::", 1)[0], i)
+    items.sort(key=lambda it: (-weight[it.nodeid.split("::", 1)[0]], first[it.nodeid.split("::", 1)[0]]))
