@@ -28,7 +28,8 @@ def breadcrumbs(base: Any, models: Sequence[Any], *, weights: float | Sequence[f
                 lambda_: float = 1.0, rescale: bool = False, int8_mask: bool = False, check_finite: bool = True) -> Any:
     return generalized_task_arithmetic(base, models, weights=weights, density=density,
                                        sparsification="magnitude_outliers", gamma=gamma, normalize=normalize, rescale=rescale,
-                                       lambda_=lambda_, method="breadcrumbs", check_finite=check_finite)
+                                       lambda_=lambda_, method="breadcrumbs",
+                                       check_finite=check_finite)
 
 
 @register("breadcrumbs_ties", needs_base=True, per_model=("weight", "density", "gamma"),
@@ -39,4 +40,5 @@ def breadcrumbs_ties(base: Any, models: Sequence[Any], *, weights: float | Seque
                      int8_mask: bool = False, check_finite: bool = True) -> Any:
     return generalized_task_arithmetic(base, models, weights=weights, density=density,
                                        sparsification="magnitude_outliers", gamma=gamma, consensus=consensus, rescale=rescale,
-                                       normalize=normalize, lambda_=lambda_, method="breadcrumbs_ties", check_finite=check_finite)
+                                       normalize=normalize, lambda_=lambda_, method="breadcrumbs_ties",
+                                       check_finite=check_finite)

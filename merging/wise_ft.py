@@ -6,7 +6,6 @@ fine-tuned weights::
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import jax
