@@ -4,6 +4,7 @@
 from jaxmodels import io, sharding, tree
 from jaxmodels import capture, datasets, layers, models, optim, train
 from jaxmodels import selection  # exact k-th largest / top-k mask (import jaxmodels.selection)
+from jaxmodels import atomic, progress  # crash-safe overwrites (AtomicOutput); the one progress bar (progress_bar)
 from jaxmodels.io import (
     CheckpointError,
     iter_safetensors,

@@ -3,7 +3,10 @@
 
 Guarantees:
 - Writes are atomic: data goes to a temporary name in the destination directory and is renamed into place only when
-  complete, so a crash never leaves a half-written file (orbax does the same for its checkpoint directories).
+  complete and fsynced (the directory is fsynced after the rename), so a crash never leaves a half-written file.
+- Overwrites are atomic too (``save_checkpoint(overwrite=True)``, the merging CLI's ``--overwrite``): one
+  :class:`AtomicOutput` stages the new tree and swaps it in with ``renameat2(RENAME_EXCHANGE)`` where the OS has it,
+  else with a two-rename scheme whose every crash state the next writer repairs; see :mod:`jaxmodels.atomic`.
 - Reading a truncated or corrupt file raises :class:`CheckpointError` naming the file.
 - Safetensors can be read one tensor at a time (:func:`iter_safetensors`, :func:`safetensors_specs`) and written one
   tensor at a time (:class:`SafetensorsWriter`), so checkpoints larger than memory can be streamed.
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxmodels.atomic import AtomicOutput, atomic_replace, fsync_dir, recover_output
 from jaxmodels.tree import flatten, unflatten
 
 PyTree = Any
@@ -32,6 +36,9 @@ PyTree = Any
 __all__ = [
     "CheckpointError",
     "atomic_path",
+    "AtomicOutput",
+    "atomic_replace",
+    "recover_output",
     "save_checkpoint",
     "restore_checkpoint",
     "save_safetensors",
@@ -52,7 +59,9 @@ class CheckpointError(ValueError):
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block finishes without error.
 
-    The temp file lives in the same directory, so ``os.replace`` is an atomic rename on POSIX.
+    The temp file lives in the same directory, so ``os.replace`` is an atomic rename on POSIX; the file is fsynced
+    before the rename and the directory after it. For directories, or to replace an existing output, see
+    :class:`AtomicOutput`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +70,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     tmp = Path(tmp)
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -80,30 +95,22 @@ def _checkpointer():
 def save_checkpoint(path: str | os.PathLike, tree: PyTree, overwrite: bool = False) -> Path:
     """Save a pytree of arrays with orbax (sharded arrays are written by every host's shards).
 
-    Orbax writes into a temporary directory and renames it on success. With ``overwrite=True`` an existing
-    checkpoint is replaced only after the new one is complete.
+    The checkpoint is written into a staging directory next to ``path`` and put in place by
+    :class:`AtomicOutput`: with ``overwrite=True`` a crash at any moment leaves ``path`` holding the complete old
+    or the complete new checkpoint (never nothing), and leftovers of an earlier crash are cleaned first.
     """
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path}: checkpoint already exists (pass overwrite=True to replace it)")
-    target = path
-    if path.exists():
-        target = path.with_name(f".{path.name}.new")
-        if target.exists():
-            import shutil
-
-            shutil.rmtree(target)
-    ckptr = _checkpointer()
-    ckptr.save(target, tree)
-    ckptr.wait_until_finished()
-    ckptr.close()
-    if target != path:
-        import shutil
-
-        old = path.with_name(f".{path.name}.old")
-        os.replace(path, old)
-        os.replace(target, path)
-        shutil.rmtree(old)
+    try:
+        out = AtomicOutput(path, overwrite=overwrite)
+    except FileExistsError:
+        raise CheckpointError(f"{path}: checkpoint already exists (pass overwrite=True to replace it)") from None
+    with out as staged:
+        ckptr = _checkpointer()
+        try:
+            ckptr.save(staged, tree)
+            ckptr.wait_until_finished()
+        finally:
+            ckptr.close()
     return path
 
 
@@ -401,6 +408,7 @@ class SafetensorsWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self._tmp, self.path)
+        fsync_dir(self.path.parent)
         return self.path
 
     def __enter__(self):

@@ -27,8 +27,10 @@ Guarantees:
 - Validation before any work: unknown method/parameter, missing tensors, mismatched shapes and every
   hyper-parameter (density in (0, 1], ...) are checked for every tensor from headers alone; ``--dry-run`` stops
   there. NaN/Inf in an input tensor aborts the merge.
-- Atomic output: everything is written into a temporary directory next to ``--out`` that is renamed into place
-  only after the last tensor; on any error nothing is left at ``--out``.
+- Atomic output: everything is written into a staging directory next to ``--out`` that is put in place only after
+  the last tensor (:class:`jaxmodels.io.AtomicOutput`); on any error nothing is left at ``--out``. With
+  ``--overwrite`` a crash at any moment leaves ``--out`` holding the complete old or the complete new merge
+  (``renameat2(RENAME_EXCHANGE)``, or a two-rename scheme that the next run repairs), never nothing.
 - ``--shard``: each tensor is placed on a mesh over all devices (first divisible axis sharded) before merging;
   results are identical to one device.
 """
@@ -42,7 +44,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -421,11 +422,14 @@ def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.Path
         from jaxmodels.sharding import make_mesh
 
         mesh = make_mesh()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)
+    try:
+        stage = jio.AtomicOutput(out, overwrite=overwrite)  # also repairs what a crashed earlier run left
+    except FileExistsError:
+        raise ConfigError(f"{out} already exists (pass --overwrite to replace it)") from None
+    tmp = stage.path
     try:
         if ref.kind == "safetensors":
+            tmp.mkdir()
             files = jio.safetensors_files(ref.path)
             sharded = ref.path.is_dir() and (ref.path / jio.INDEX_NAME).exists()
             file_of = {n: (files[n].name if sharded else "model.safetensors") for n in names}
@@ -478,26 +482,13 @@ def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.Path
         else:
             from jaxmodels.tree import unflatten
 
-            jio.save_checkpoint(tmp / "checkpoint", unflatten(merged_flat))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            if ref.kind == "orbax":
-                os.replace(tmp / "checkpoint", out)
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, out)
-            shutil.rmtree(old)
-        elif ref.kind == "orbax":
-            os.replace(tmp / "checkpoint", out)
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
+            jio.save_checkpoint(tmp, unflatten(merged_flat))
+        stage.commit()
     except BaseException:
         if "writers" in locals():
             for w in writers.values():
                 w.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stage.abort()
         raise
     return summary
 
