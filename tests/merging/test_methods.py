@@ -458,6 +458,17 @@ def test_sharded_equals_unsharded(name, mesh):
     assert len(k.sharding.device_set) >= 1
 
 
+def _upcast(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def _mixed(tree):
+    """bf16 kernels, fp32 biases/scales (the common checkpoint layout)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x.astype(jnp.bfloat16 if "kernel" in jax.tree_util.keystr(p) else jnp.float32), tree)
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["bf16", "bf16+fp32"])
 @pytest.mark.parametrize("name", sorted(ALL_CALLS))
 def test_bf16_in_bf16_out_computed_in_float32(name, mixed):
     """Bit-for-bit: the merge of bf16 inputs equals the float32 merge of the same (exactly representable) values,
@@ -488,17 +499,6 @@ def test_bad_inputs_raise_clear_errors_before_any_work():
         ties(base, [models[0], bad], density=0.5)
     missing = dict(models[0])
     del missing["scale"]
-def _upcast(tree):
-    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-
-
-def _mixed(tree):
-    """bf16 kernels, fp32 biases/scales (the common checkpoint layout)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: x.astype(jnp.bfloat16 if "kernel" in jax.tree_util.keystr(p) else jnp.float32), tree)
-
-
-@pytest.mark.parametrize("mixed", [False, True], ids=["bf16", "bf16+fp32"])
     with pytest.raises(ValueError, match="scale.*missing"):
         task_arithmetic(base, [missing])
     for d in (0.0, -0.1, 1.5):
