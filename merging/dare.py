@@ -29,20 +29,21 @@ __all__ = ["dare_linear", "dare_ties"]
 @register("dare_linear", needs_base=True, per_model=("weight", "density"),
           defaults={"normalize": False, "rescale": True, "rescale_norm": "l1", "int8_mask": False, "lambda": 1.0}, stochastic=True)
 def dare_linear(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
-                weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
-                normalize: bool = False, rescale: bool = True, rescale_norm: str = "l1", lambda_: float = 1.0, int8_mask: bool = False) -> Any:
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
+                weights: float | Sequence[float] | None = None, density: float | Sequence[float] = 1.0,
+                normalize: bool = False, rescale: bool = True, rescale_norm: str = "l1", lambda_: float = 1.0, int8_mask: bool = False,
+                check_finite: bool = True) -> Any:
+    return generalized_task_arithmetic(base, models, weights=weights, density=density, sparsification="random",
                                        consensus=None, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm, lambda_=lambda_,
-                                       key=key, method="dare_linear")
+                                       key=key, method="dare_linear", check_finite=check_finite)
 
 
 @register("dare_ties", needs_base=True, per_model=("weight", "density"),
           defaults={"normalize": False, "rescale": True, "rescale_norm": "l1", "int8_mask": False, "lambda": 1.0, "consensus": "sum"},
           stochastic=True)
 def dare_ties(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
-              weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
+              weights: float | Sequence[float] | None = None, density: float | Sequence[float] = 1.0,
               normalize: bool = False, rescale: bool = True, rescale_norm: str = "l1", consensus: str = "sum", lambda_: float = 1.0,
-              int8_mask: bool = False) -> Any:
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
+              int8_mask: bool = False, check_finite: bool = True) -> Any:
+    return generalized_task_arithmetic(base, models, weights=weights, density=density, sparsification="random",
                                        consensus=consensus, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm, lambda_=lambda_,
-                                       key=key, method="dare_ties")
+                                       key=key, method="dare_ties", check_finite=check_finite)

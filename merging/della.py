@@ -30,21 +30,22 @@ __all__ = ["della", "della_linear"]
 @register("della", needs_base=True, per_model=("weight", "density", "epsilon"),
           defaults={"epsilon": 0.15, "lambda": 1.0, "normalize": True, "rescale": True, "rescale_norm": "l1", "int8_mask": False,
                     "consensus": "sum"}, stochastic=True)
-def della(base: Any, models: Sequence[Any], *, key: jax.Array | None = None, weight: float | Sequence[float] = 1.0,
+def della(base: Any, models: Sequence[Any], *, key: jax.Array | None = None, weights: float | Sequence[float] | None = None,
           density: float | Sequence[float] = 1.0, epsilon: float | Sequence[float] = 0.15, lambda_: float = 1.0,
-          normalize: bool = True, rescale: bool = True, rescale_norm: str = "l1", consensus: str = "sum", int8_mask: bool = False) -> Any:
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="della_magprune",
+          normalize: bool = True, rescale: bool = True, rescale_norm: str = "l1", consensus: str = "sum", int8_mask: bool = False,
+          check_finite: bool = True) -> Any:
+    return generalized_task_arithmetic(base, models, weights=weights, density=density, sparsification="della_magprune",
                                        epsilon=epsilon, consensus=consensus, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm,
-                                       lambda_=lambda_, key=key, method="della")
+                                       lambda_=lambda_, key=key, method="della", check_finite=check_finite)
 
 
 @register("della_linear", needs_base=True, per_model=("weight", "density", "epsilon"),
           defaults={"epsilon": 0.15, "lambda": 1.0, "normalize": False, "rescale": True, "rescale_norm": "l1", "int8_mask": False},
           stochastic=True)
 def della_linear(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
-                 weight: float | Sequence[float] = 1.0, density: float | Sequence[float] = 1.0,
+                 weights: float | Sequence[float] | None = None, density: float | Sequence[float] = 1.0,
                  epsilon: float | Sequence[float] = 0.15, lambda_: float = 1.0, normalize: bool = False, rescale: bool = True, rescale_norm: str = "l1",
-                 int8_mask: bool = False) -> Any:
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="della_magprune",
+                 int8_mask: bool = False, check_finite: bool = True) -> Any:
+    return generalized_task_arithmetic(base, models, weights=weights, density=density, sparsification="della_magprune",
                                        epsilon=epsilon, consensus=None, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm,
-                                       lambda_=lambda_, key=key, method="della_linear")
+                                       lambda_=lambda_, key=key, method="della_linear", check_finite=check_finite)
