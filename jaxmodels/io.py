@@ -98,19 +98,32 @@ def save_checkpoint(path: str | os.PathLike, tree: PyTree, overwrite: bool = Fal
     The checkpoint is written into a staging directory next to ``path`` and put in place by
     :class:`AtomicOutput`: with ``overwrite=True`` a crash at any moment leaves ``path`` holding the complete old
     or the complete new checkpoint (never nothing), and leftovers of an earlier crash are cleaned first.
+    With several JAX processes every host must write into the same directory, which orbax coordinates; there
+    the checkpoint is written straight to a new ``path`` (orbax's own tmp-then-rename) and ``overwrite`` is refused.
     """
     path = Path(path).absolute()
+
+    def write(target):
+        ckptr = _checkpointer()
+        try:
+            ckptr.save(target, tree)
+            ckptr.wait_until_finished()
+        finally:
+            ckptr.close()
+
+    if jax.process_count() > 1:
+        if os.path.lexists(path):
+            raise CheckpointError(f"{path}: checkpoint already exists" + (
+                "; atomic overwrite needs a single process (save to a new path)" if overwrite else
+                " (pass overwrite=True to replace it)"))
+        write(path)
+        return path
     try:
         out = AtomicOutput(path, overwrite=overwrite)
     except FileExistsError:
         raise CheckpointError(f"{path}: checkpoint already exists (pass overwrite=True to replace it)") from None
     with out as staged:
-        ckptr = _checkpointer()
-        try:
-            ckptr.save(staged, tree)
-            ckptr.wait_until_finished()
-        finally:
-            ckptr.close()
+        write(staged)
     return path
 
 

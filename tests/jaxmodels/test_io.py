@@ -155,3 +155,14 @@ def test_orbax_errors_and_overwrite(tmp_path):
     bad = dict(t, head=jnp.zeros((2, 2), jnp.float16))
     with pytest.raises(io.CheckpointError, match="ckpt"):
         io.restore_checkpoint(path, target=bad)
+
+
+def test_overwrite_refused_with_several_processes(tmp_path, monkeypatch):
+    """Every host of a multi-process job writes into the one directory orbax coordinates, so there is no private
+    staging dir to swap in: overwrite is refused with a clear error instead of racing renames across hosts."""
+    path = io.save_checkpoint(tmp_path / "ckpt", {"w": jnp.ones(3)})
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(io.CheckpointError, match="single process"):
+        io.save_checkpoint(path, {"w": jnp.zeros(3)}, overwrite=True)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.asarray(io.restore_checkpoint(path)["w"]), np.ones(3))
