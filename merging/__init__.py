@@ -25,6 +25,27 @@ Data-free merges (every registered method; the calling convention)
     (``t``, ``alpha``) may be traced under ``jax.jit``; their range is checked when they are concrete.
     Not of this form: :mod:`merging.moe_expert_merge` merges the experts inside one model (``experts``, a tree of
     stacked ``[E, ...]`` leaves) and :func:`merging.tall_masks.tall_masks` returns masks, not a merged model.
+
+Data-aware merges (the calling convention)
+    ``method(base, models, <statistics or objective>, *, **hparams) -> MergeResult(params, info)``: the data-free
+    shape plus what the method learns from: precomputed statistics (``fisher_merge(base, models, fishers)``,
+    ``regmean(base, models, grams)``), a held-out score (``greedy_soup(base, models, eval_fn)``), or a model
+    function and data (``regmean_from_data`` / ``regmean_plusplus(base, models, apply_fn, batches)``,
+    ``adamerging`` / ``atlas(base, models, apply_fn, batches)``, ``twin_merging(base, models, apply_fn,
+    router_batches)``, ``pleas_mlp(base, [params_a, params_b], [x_a, x_b])``). ``base`` means the same as above:
+    task-vector methods (AdaMerging, aTLAS) need θ_0; the others (Fisher, RegMean, RegMean++, greedy soup,
+    Twin-Merging, PLeaS) accept and ignore it (pass None; put the base in ``models`` to make it an ingredient).
+    Every one returns :class:`merging.result.MergeResult`: ``params`` is the merged tree (each leaf in its input
+    dtype; Twin-Merging: the shared model θ_s; PLeaS: a wider MLP) and ``info`` a dict of the method's extras,
+    listed in its docstring (``{}`` if none): RegMean ``ranks`` / ``rank_deficient``, greedy soup ``selected`` /
+    ``individual_scores`` / ``score``, AdaMerging and aTLAS ``coefficients`` / ``losses``, Twin-Merging
+    ``exclusive`` / ``router`` / ..., PLeaS ``widths`` / ``merged_pairs``. Hyper-parameter names follow the
+    data-free ones (``weights``: one per model). Permutation alignment is trees first, then the spec:
+    ``weight_matching(params_a, params_b, spec)``, ``activation_matching(params_a, params_b, apply_fn, batches,
+    perm_layers)``, ``apply_permutation(params, spec, perm)``. Statistics helpers keep the model first:
+    ``diagonal_fisher(apply_fn, params, batches)`` (batches ``(x, y)`` or ``(x, y, mask)`` for padded sequences)
+    like :func:`jaxmodels.capture.collect_stats`. The uniform average everywhere is
+    :func:`merging.linear.uniform_soup`.
 """
 
 from merging.registry import MergeMethod, available, get, register
@@ -37,3 +58,4 @@ from merging import moe_expert_merge, robust_signatures, sparse_soup  # noqa: E4
 # data-aware methods
 from merging import (adamerging, atlas, fisher, greedy_soup, lmc, permutation, pleas, regmean,  # noqa: E402
                      twin_merging)
+from merging.result import MergeResult  # noqa: E402

@@ -13,12 +13,15 @@ Merged model from task vectors ``τ_k = θ_k − θ_0`` with learned coefficient
 with Adam (optax), ``λ`` initialized to ``init`` (paper: 0.3) and clipped to ``[0, 1]`` at use as in the paper's code
 (``clamp=None`` disables it).
 
-:func:`learn_coefficients` is the shared engine (also used by :mod:`merging.atlas`).
+:func:`learn_coefficients` is the shared engine (also used by :mod:`merging.atlas`). Calling convention (package
+docstring): ``adamerging(base, models, apply_fn, batches)``; ``base`` is the pre-trained ``θ_0`` the task vectors are
+relative to (required); returns ``MergeResult(params, info)`` with ``info["coefficients"]`` (per parameter path:
+``[K]`` λ as used, i.e. clipped; task-wise: ``{"*": [K]}``) and ``info["losses"]`` (the objective per step).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +29,13 @@ import numpy as np
 import optax
 
 from jaxmodels.progress import progress_bar
-from jaxmodels.tree import check_compatible, flatten, unflatten
+from jaxmodels.tree import flatten, unflatten
+from merging._common import validate_trees
+from merging.result import MergeResult
 
 PyTree = Any
 
-__all__ = ["LearnedMerge", "adamerging", "entropy", "learn_coefficients", "merge_with_coefficients"]
-
-
-class LearnedMerge(NamedTuple):
-    params: PyTree  # merged model
-    coefficients: dict[str, np.ndarray]  # per parameter path: [K] (layer-wise) — or {"*": [K]} (task-wise)
-    losses: np.ndarray  # objective per step
+__all__ = ["adamerging", "entropy", "learn_coefficients", "merge_with_coefficients"]
 
 
 def entropy(logits: jax.Array) -> jax.Array:
@@ -78,15 +77,17 @@ def _cycle(batches):
             raise ValueError("empty batch iterable")
 
 
-def learn_coefficients(objective: Callable[[PyTree, Sequence[Any]], jax.Array], base: PyTree,
-                       models: Sequence[PyTree], batches: Sequence[Iterable], *, granularity: str = "layer",
+def learn_coefficients(base: PyTree, models: Sequence[PyTree], objective: Callable[[PyTree, Sequence[Any]], jax.Array],
+                       batches: Sequence[Iterable], *, granularity: str = "layer",
                        init: float = 0.3, steps: int = 100, optimizer: optax.GradientTransformation | None = None,
                        learning_rate: float = 1e-3, clamp: tuple[float, float] | None = (0.0, 1.0),
-                       progress: bool | None = None, desc: str = "merge coefficients") -> LearnedMerge:
+                       check_finite: bool = True, progress: bool | None = None,
+                       desc: str = "merge coefficients") -> MergeResult:
     """Minimize ``objective(merged_params, [one batch per batch stream])`` over the merge coefficients with optax.
 
     ``batches``: one re-iterable per stream (e.g. per task), cycled; each step takes the next batch of every
     stream. ``granularity``: ``"task"`` (``λ [K]``) or ``"layer"`` (``λ [K, n_leaves]``, one per parameter tensor).
+    Returns ``MergeResult(params, {"coefficients": ..., "losses": ...})`` (see the module docstring).
     """
     models = list(models)
     if not models:
@@ -99,7 +100,9 @@ def learn_coefficients(objective: Callable[[PyTree, Sequence[Any]], jax.Array], 
         raise ValueError(f"{desc}: clamp must be (low, high) with low <= high, got {clamp}")
     if not batches:
         raise ValueError(f"{desc}: needs at least one batch stream")
-    check_compatible(base, *models, names=["base"] + [f"model_{i}" for i in range(len(models))])
+    if base is None:
+        raise ValueError(f"{desc}: needs `base`, the pre-trained model the task vectors are relative to")
+    validate_trees(base, models, desc, check_finite=check_finite)
     fb = flatten(base)
     keys = list(fb)
     base_leaves = list(fb.values())
@@ -130,12 +133,14 @@ def learn_coefficients(objective: Callable[[PyTree, Sequence[Any]], jax.Array], 
     used = coeffs if clamp is None else jnp.clip(coeffs, *clamp)
     used = np.asarray(used)
     coef = {"*": used} if granularity == "task" else {k: used[:, i] for i, k in enumerate(keys)}
-    return LearnedMerge(unflatten(dict(zip(keys, final)), like=base), coef, np.asarray(losses))
+    return MergeResult(unflatten(dict(zip(keys, final)), like=base),
+                       {"coefficients": coef, "losses": np.asarray(losses)})
 
 
-def adamerging(apply_fn: Callable, base: PyTree, models: Sequence[PyTree], batches: Sequence[Iterable], *,
+def adamerging(base: PyTree, models: Sequence[PyTree], apply_fn: Callable, batches: Sequence[Iterable], *,
                granularity: str = "layer", init: float = 0.3, steps: int = 100, learning_rate: float = 1e-3,
-               clamp: tuple[float, float] | None = (0.0, 1.0), progress: bool | None = None) -> LearnedMerge:
+               clamp: tuple[float, float] | None = (0.0, 1.0), check_finite: bool = True,
+               progress: bool | None = None) -> MergeResult:
     """AdaMerging: ``batches[k]`` are unlabeled input batches of task ``k`` (arrays ``apply_fn`` accepts; a tuple
     ``(x, y)`` is also accepted and its labels ignored). Objective: ``Σ_k mean entropy(f(θ(λ), x_k))``."""
     if len(batches) != len(models):
@@ -148,5 +153,6 @@ def adamerging(apply_fn: Callable, base: PyTree, models: Sequence[PyTree], batch
             total = total + entropy(apply_fn(params, x))
         return total
 
-    return learn_coefficients(objective, base, models, batches, granularity=granularity, init=init, steps=steps,
-                              learning_rate=learning_rate, clamp=clamp, progress=progress, desc="adamerging")
+    return learn_coefficients(base, models, objective, batches, granularity=granularity, init=init, steps=steps,
+                              learning_rate=learning_rate, clamp=clamp, check_finite=check_finite, progress=progress,
+                              desc="adamerging")

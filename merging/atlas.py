@@ -10,6 +10,10 @@ norm parameter separately); one coefficient per block per task vector::
 (``objective="supervised"``, the paper's few-shot / task-addition setting); without, the prediction entropy
 (``objective="entropy"``, the paper's test-time adaptation). Unlike AdaMerging the coefficients are not clipped and
 start from ``init`` (default 0: the pre-trained model).
+
+Calling convention (package docstring): ``atlas(base, models, apply_fn, batches)``; ``base`` is the pre-trained
+``θ_0`` (required); returns ``MergeResult(params, info)`` with ``info["coefficients"]`` (per parameter path, ``[K]``)
+and ``info["losses"]`` (the objective per step), as :func:`merging.adamerging.adamerging`.
 """
 
 from __future__ import annotations
@@ -20,16 +24,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from merging.adamerging import LearnedMerge, entropy, learn_coefficients
+from merging.adamerging import entropy, learn_coefficients
+from merging.result import MergeResult
 
 PyTree = Any
 
 __all__ = ["atlas"]
 
 
-def atlas(apply_fn: Callable, base: PyTree, models: Sequence[PyTree], batches: Sequence[Iterable], *,
+def atlas(base: PyTree, models: Sequence[PyTree], apply_fn: Callable, batches: Sequence[Iterable], *,
           objective: str = "supervised", init: float = 0.0, steps: int = 100, learning_rate: float = 1e-2,
-          progress: bool | None = None) -> LearnedMerge:
+          check_finite: bool = True, progress: bool | None = None) -> MergeResult:
     """Learn block-wise coefficients. ``batches``: a list of batch streams (re-iterables, e.g. one per task, or a
     single one), of ``(x, y)`` (supervised) or ``x`` (entropy); each step sums the losses of the next batch of every
     stream."""
@@ -53,5 +58,6 @@ def atlas(apply_fn: Callable, base: PyTree, models: Sequence[PyTree], batches: S
                 total = total + entropy(apply_fn(params, x))
         return total
 
-    return learn_coefficients(loss, base, models, streams, granularity="layer", init=init, steps=steps,
-                              learning_rate=learning_rate, clamp=None, progress=progress, desc="atlas")
+    return learn_coefficients(base, models, loss, streams, granularity="layer", init=init, steps=steps,
+                              learning_rate=learning_rate, clamp=None, check_finite=check_finite, progress=progress,
+                              desc="atlas")

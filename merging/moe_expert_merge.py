@@ -172,7 +172,7 @@ def align_experts(experts: Any, group_of_expert: Any, dominant: Any, align_spec:
             continue
         perm = weight_matching(unflatten(expert(d), like=experts), unflatten(expert(e), like=experts), align_spec,
                                max_iter=max_iter, progress=False)
-        rows.append(flatten(apply_permutation(align_spec, perm, unflatten(expert(e), like=experts))))
+        rows.append(flatten(apply_permutation(unflatten(expert(e), like=experts), align_spec, perm)))
     return unflatten({p: jnp.stack([r[p] for r in rows]) for p in flat}, like=experts)
 
 

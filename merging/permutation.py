@@ -17,6 +17,12 @@ repeated until a full sweep improves nothing (or ``max_iter``). Activation match
 ``π_p = argmax_π Σ_i Σ_x z^A_i(x) z^B_{π(i)}(x)`` over the hidden activations ``z`` at the units of ``p``
 (one linear assignment per permutation; the activations of A and B are those of the unpermuted models).
 
+Argument order (package docstring): trees first, then the spec, then the rest: ``weight_matching(params_a, params_b,
+spec)``, ``activation_matching(params_a, params_b, apply_fn, batches, perm_layers)``, ``apply_permutation(params,
+spec, perm)``, ``identity_permutation(params, spec)``, ``matching_objective(params_a, params_b, spec)``. A
+:class:`PermutationSpec` passed where a tree belongs (the old ``apply_permutation(spec, perm, params)`` order) raises
+a ``TypeError``.
+
 Specs for ``jaxmodels`` models: :func:`mlp_permutation_spec`, :func:`vit_permutation_spec` and
 :func:`gpt_permutation_spec` (residual stream and MLP hidden units of every block; attention's per-head q/k and v/out
 dimensions are left unpermuted), :func:`resnet_permutation_spec` (ResNet-20 variables, BatchNorm statistics included).
@@ -208,7 +214,14 @@ def _check_spec(spec: PermutationSpec, flat: Mapping[str, Any]) -> dict[str, int
     return sizes
 
 
-def identity_permutation(spec: PermutationSpec, params: PyTree) -> Perm:
+def _check_order(method: str, trees: Sequence[Any], spec: Any, signature: str) -> None:
+    if any(isinstance(t, PermutationSpec) for t in trees) or not isinstance(spec, PermutationSpec):
+        raise TypeError(f"{method}: arguments are {signature} (trees first, then the PermutationSpec)")
+
+
+def identity_permutation(params: PyTree, spec: PermutationSpec) -> Perm:
+    """The identity ``{perm_name: arange(n)}`` for every permutation of ``spec``."""
+    _check_order("identity_permutation", [params], spec, "(params, spec)")
     sizes = _check_spec(spec, flatten(params))
     return {p: np.arange(n) for p, n in sizes.items()}
 
@@ -225,10 +238,11 @@ def _permuted(spec, perm, path, w, except_axis=None, xp=jnp):
     return w
 
 
-def apply_permutation(spec: PermutationSpec, perm: Perm, params: PyTree) -> PyTree:
+def apply_permutation(params: PyTree, spec: PermutationSpec, perm: Perm) -> PyTree:
     """Permute every axis named in ``spec``: ``w' = take(w, perm[p], axis)`` per (axis, p). The result computes
     exactly the same function as ``params`` (a re-indexing of hidden units). Works under ``jax.jit`` and on
     sharded leaves; leaves not in ``spec`` are returned as is."""
+    _check_order("apply_permutation", [params], spec, "(params, spec, perm)")
     flat = flatten(params)
     sizes = _check_spec(spec, flat)
     for p, n in sizes.items():
@@ -240,8 +254,9 @@ def apply_permutation(spec: PermutationSpec, perm: Perm, params: PyTree) -> PyTr
     return unflatten(out, like=params)
 
 
-def matching_objective(spec: PermutationSpec, params_a: PyTree, params_b: PyTree) -> float:
+def matching_objective(params_a: PyTree, params_b: PyTree, spec: PermutationSpec) -> float:
     """``Σ_{w ∈ spec} ⟨W^A, W^B⟩`` (the weight-matching objective at the identity; apply a permutation to B first)."""
+    _check_order("matching_objective", [params_a, params_b], spec, "(params_a, params_b, spec)")
     fa, fb = flatten(params_a), flatten(params_b)
     return float(sum(np.vdot(np.asarray(fa[k], np.float64), np.asarray(fb[k], np.float64))
                      for k in spec.axes_to_perm))
@@ -258,6 +273,7 @@ def weight_matching(params_a: PyTree, params_b: PyTree, spec: PermutationSpec, *
     """Permutations ``π`` such that ``apply_permutation(spec, π, params_b)`` is closest to ``params_a`` in the
     weight-matching objective (coordinate descent with ``scipy.optimize.linear_sum_assignment``, float64 on host).
     Returns ``{perm_name: int array}``."""
+    _check_order("weight_matching", [params_a, params_b], spec, "(params_a, params_b, spec)")
     if max_iter < 1:
         raise ValueError(f"weight_matching: max_iter must be >= 1, got {max_iter}")
     check_compatible(params_a, params_b, names=["params_a", "params_b"], check_dtype=False)
@@ -289,7 +305,7 @@ def weight_matching(params_a: PyTree, params_b: PyTree, spec: PermutationSpec, *
     return perm
 
 
-def activation_matching(apply_fn: Callable, params_a: PyTree, params_b: PyTree, batches: Iterable,
+def activation_matching(params_a: PyTree, params_b: PyTree, apply_fn: Callable, batches: Iterable,
                         perm_layers: Mapping[str, str | Sequence[str]], *,
                         activation: Callable[[jax.Array], jax.Array] | None = None,
                         progress: bool | None = None) -> Perm:
@@ -297,6 +313,8 @@ def activation_matching(apply_fn: Callable, params_a: PyTree, params_b: PyTree, 
     whose outputs are the units ``p`` permutes; ``activation`` (e.g. ``jax.nn.relu``) is applied to those outputs
     (a permutation commutes with any elementwise activation, so matching pre-activations is also valid).
     ``C_p = Σ_x Σ_layers z_A(x)ᵀ z_B(x)``; ``π_p = argmax_π Σ_i C_p[i, π(i)]``."""
+    if callable(params_a) and not callable(apply_fn):
+        raise TypeError("activation_matching: arguments are (params_a, params_b, apply_fn, batches, perm_layers)")
     act = (lambda z: z) if activation is None else activation
     layers = {p: [v] if isinstance(v, str) else list(v) for p, v in perm_layers.items()}
 

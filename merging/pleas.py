@@ -19,32 +19,32 @@ For MLP chains ``h_{l+1} = act(h_l W_l + b_l)`` (the ``Dense_0 .. Dense_L`` laye
    average of both models' logits. ``ρ = ridge · tr(XᵀX) / d`` is a tiny Tikhonov term for rank-deficient inputs.
 
 The merged model is an ``MLP(features=widths)``. Computed in float64 NumPy on host (the solves are small).
+
+Calling convention (package docstring): ``pleas_mlp(base, [params_a, params_b], [x_a, x_b])``; ``base`` is ignored
+(the two models come from different initializations); returns ``MergeResult(params, info)`` where ``params`` are
+the ``{"Dense_i": {"kernel", "bias"}}`` of ``MLP(features=info["widths"])`` and ``info["merged_pairs"]`` holds
+``k_l`` per hidden layer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from jaxmodels.tree import check_compatible
+from merging.result import MergeResult
 
 PyTree = Any
 
-__all__ = ["PLeaSResult", "pleas_mlp", "ACTIVATIONS"]
+__all__ = ["pleas_mlp", "ACTIVATIONS"]
 
 ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "relu": lambda z: np.maximum(z, 0.0),
     "gelu": lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3))),
     "tanh": np.tanh,
 }
-
-
-class PLeaSResult(NamedTuple):
-    params: dict  # {"Dense_i": {"kernel", "bias"}} of MLP(features=widths)
-    widths: tuple[int, ...]  # merged hidden widths
-    merged_pairs: tuple[int, ...]  # k_l per hidden layer
 
 
 def _layers(params) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -71,13 +71,23 @@ def _lstsq(X: np.ndarray, T: np.ndarray, ridge: float) -> np.ndarray:
     return np.linalg.solve(G + rho * np.eye(G.shape[0]), X.T @ T)
 
 
-def pleas_mlp(params_a: PyTree, params_b: PyTree, x_a: np.ndarray, x_b: np.ndarray, *,
+def pleas_mlp(base: PyTree | None, models: Sequence[PyTree], inputs: Sequence[np.ndarray], *,
               width_ratio: float | Sequence[float] = 1.5, activation: str | Callable = "relu",
-              ridge: float = 1e-8) -> PLeaSResult:
-    """Merge two MLPs (``Dense_0 .. Dense_L`` params, same shapes) with PLeaS. ``x_a`` / ``x_b``: each model's
-    (unlabeled) data, ``[N, d_in]``. ``width_ratio``: ``w_l / n_l`` in ``[1, 2]``, one value or one per hidden
-    layer. ``activation``: "relu" | "gelu" (tanh approximation, flax's default) | "tanh" | a NumPy callable."""
-    check_compatible(params_a, params_b, names=["params_a", "params_b"], check_dtype=False)
+              ridge: float = 1e-8) -> MergeResult:
+    """Merge two MLPs ``models = [params_a, params_b]`` (``Dense_0 .. Dense_L`` params, same shapes) with PLeaS.
+    ``base`` is ignored. ``inputs = [x_a, x_b]``: each model's (unlabeled) data, ``[N, d_in]``. ``width_ratio``:
+    ``w_l / n_l`` in ``[1, 2]``, one value or one per hidden layer. ``activation``: "relu" | "gelu" (tanh
+    approximation, flax's default) | "tanh" | a NumPy callable. Returns ``MergeResult(params, {"widths",
+    "merged_pairs"})``."""
+    del base  # two models of different initializations: no shared base
+    if not isinstance(models, (list, tuple)) or len(models) != 2:
+        raise ValueError(f"pleas_mlp: merges exactly two models ([params_a, params_b]), got "
+                         f"{len(models) if isinstance(models, (list, tuple)) else type(models).__name__}")
+    if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
+        raise ValueError("pleas_mlp: `inputs` must be [x_a, x_b], one data array per model")
+    params_a, params_b = models
+    x_a, x_b = inputs
+    check_compatible(params_a, params_b, names=["model_0", "model_1"], check_dtype=False)
     la, lb = _layers(params_a), _layers(params_b)
     L = len(la) - 1
     ratios = [float(width_ratio)] * L if np.ndim(width_ratio) == 0 else [float(r) for r in width_ratio]
@@ -116,4 +126,4 @@ def pleas_mlp(params_a: PyTree, params_b: PyTree, x_a: np.ndarray, x_b: np.ndarr
         if l < L:
             hm = act(hm @ Wm[:-1] + Wm[-1])
             ha, hb = act(ya), act(yb)
-    return PLeaSResult(out, tuple(widths), tuple(pairs))
+    return MergeResult(out, {"widths": tuple(widths), "merged_pairs": tuple(pairs)})

@@ -10,11 +10,17 @@ NeurIPS 2024).
    inference each example runs with its own merged weights::
 
        θ(x) = θ_s + Σ_k w_k(x) δ̂_k
+
+Calling convention (package docstring): ``twin_merging(base, models, apply_fn, router_batches)``; ``base`` is ignored
+(the shared model is built from the fine-tuned models). Returns ``MergeResult(params=θ_s, info)`` with
+``info["exclusive"]`` (per task: ``{path: (A [d_in, r], B [r, d_out]) low-rank factors | dense array}``),
+``info["router"]`` (router params), ``info["num_tasks"]``, ``info["hidden"]`` and ``info["feature_layer"]`` (the
+module path whose input is the router's feature); :func:`twin_apply` runs the routed model from it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,10 +31,13 @@ import optax
 from jaxmodels.capture import capture_inputs, layer_order
 from jaxmodels.progress import progress_bar
 from jaxmodels.tree import check_compatible, flatten, unflatten
+from merging._common import validate_trees
+from merging.linear import uniform_soup
+from merging.result import MergeResult
 
 PyTree = Any
 
-__all__ = ["TwinMerge", "Router", "compress_svd", "decompress", "twin_merging", "twin_params", "twin_apply",
+__all__ = ["Router", "compress_svd", "decompress", "twin_merging", "twin_params", "twin_apply",
            "router_weights"]
 
 
@@ -42,15 +51,6 @@ class Router(nn.Module):
     def __call__(self, h):
         h = nn.relu(nn.Dense(self.hidden)(h))
         return nn.Dense(self.num_tasks)(h)
-
-
-class TwinMerge(NamedTuple):
-    shared: PyTree  # θ_s
-    exclusive: list  # per task: {path: (A [d_in, r], B [r, d_out]) low-rank factors | dense array}
-    router: PyTree  # router params
-    num_tasks: int
-    hidden: int
-    feature_layer: str  # module path whose input is the router's feature
 
 
 def compress_svd(delta: PyTree, rank: int) -> dict[str, Any]:
@@ -91,26 +91,29 @@ def _features(apply_fn, params, x, layer):
     return h.reshape(h.shape[0], -1).astype(jnp.float32)
 
 
-def router_weights(apply_fn: Callable, twin: TwinMerge, x: jax.Array) -> jax.Array:
-    """``softmax(router(h_s(x)))``, ``[B, K]``."""
-    h = _features(apply_fn, twin.shared, x, twin.feature_layer)
-    return jax.nn.softmax(Router(twin.num_tasks, twin.hidden).apply({"params": twin.router}, h), -1)
+def router_weights(apply_fn: Callable, twin: MergeResult, x: jax.Array) -> jax.Array:
+    """``softmax(router(h_s(x)))``, ``[B, K]``, for a :func:`twin_merging` result."""
+    info = twin.info
+    h = _features(apply_fn, twin.params, x, info["feature_layer"])
+    return jax.nn.softmax(Router(info["num_tasks"], info["hidden"]).apply({"params": info["router"]}, h), -1)
 
 
-def twin_apply(apply_fn: Callable, twin: TwinMerge, x: jax.Array) -> jax.Array:
-    """Per-example routed inference: example ``b`` runs with ``θ_s + Σ_k w_k(x_b) δ̂_k``."""
+def twin_apply(apply_fn: Callable, twin: MergeResult, x: jax.Array) -> jax.Array:
+    """Per-example routed inference of a :func:`twin_merging` result: example ``b`` runs with
+    ``θ_s + Σ_k w_k(x_b) δ̂_k``."""
     w = router_weights(apply_fn, twin, x)
-    dense = [decompress(e, twin.shared) for e in twin.exclusive]
-    return jax.vmap(lambda wb, xb: apply_fn(twin_params(twin.shared, dense, wb), xb[None])[0])(w, x)
+    dense = [decompress(e, twin.params) for e in twin.info["exclusive"]]
+    return jax.vmap(lambda wb, xb: apply_fn(twin_params(twin.params, dense, wb), xb[None])[0])(w, x)
 
 
-def twin_merging(apply_fn: Callable, base: PyTree | None, models: Sequence[PyTree], router_batches: Sequence[Sequence],
-                 *, rank: int = 8, shared: PyTree | None = None, hidden: int = 64, steps: int = 200,
-                 learning_rate: float = 1e-2, key: jax.Array | None = None,
-                 progress: bool | None = None) -> TwinMerge:
-    """Build a Twin-Merging model. ``router_batches[k]``: input batches of task ``k`` (arrays, or ``(x, y)`` tuples
-    whose labels are ignored) used to train the router to recognise task ``k``. ``base`` is only used to check
-    compatibility (may be None). ``shared`` defaults to the average of ``models``."""
+def twin_merging(base: PyTree | None, models: Sequence[PyTree], apply_fn: Callable,
+                 router_batches: Sequence[Sequence], *, rank: int = 8, shared: PyTree | None = None,
+                 hidden: int = 64, steps: int = 200, learning_rate: float = 1e-2, key: jax.Array | None = None,
+                 check_finite: bool = True, progress: bool | None = None) -> MergeResult:
+    """Build a Twin-Merging model. ``base`` is ignored. ``router_batches[k]``: input batches of task ``k`` (arrays,
+    or ``(x, y)`` tuples whose labels are ignored) used to train the router to recognise task ``k``. ``shared``
+    defaults to the uniform average of ``models``. Returns ``MergeResult(θ_s, info)`` (module docstring)."""
+    del base  # the shared model is built from the fine-tuned models
     models = list(models)
     K = len(models)
     if K < 1:
@@ -119,10 +122,11 @@ def twin_merging(apply_fn: Callable, base: PyTree | None, models: Sequence[PyTre
         raise ValueError(f"twin_merging: {len(router_batches)} router batch sets for {K} models")
     if rank < 1 or steps < 1:
         raise ValueError(f"twin_merging: rank and steps must be >= 1 (got {rank}, {steps})")
-    trees = ([base] if base is not None else []) + models + ([shared] if shared is not None else [])
-    check_compatible(*trees)
-    if shared is None:
-        shared = jax.tree.map(lambda *a: (sum(x.astype(jnp.float32) for x in a) / K).astype(a[0].dtype), *models)
+    validate_trees(None, models, "twin_merging", check_finite=check_finite)
+    if shared is not None:
+        check_compatible(models[0], shared, names=["model_0", "shared"])
+    else:
+        shared = uniform_soup(models, check_finite=False)
     exclusive = [compress_svd(jax.tree.map(lambda m, s: m.astype(jnp.float32) - s.astype(jnp.float32), m, shared),
                               rank) for m in models]
     xs = [[b[0] if isinstance(b, (tuple, list)) else b for b in bs] for bs in router_batches]
@@ -147,4 +151,5 @@ def twin_merging(apply_fn: Callable, base: PyTree | None, models: Sequence[PyTre
 
     for _ in progress_bar(range(steps), progress, desc="twin-merging router", leave=False):
         rp, st, _ = step(rp, st)
-    return TwinMerge(shared, exclusive, rp, K, hidden, layer)
+    return MergeResult(shared, {"exclusive": exclusive, "router": rp, "num_tasks": K, "hidden": hidden,
+                                "feature_layer": layer})

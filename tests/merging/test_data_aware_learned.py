@@ -10,7 +10,8 @@ from jaxmodels.sharding import shard
 from jaxmodels.tree import flatten
 from merging.adamerging import adamerging, entropy, merge_with_coefficients
 from merging.atlas import atlas
-from merging.greedy_soup import greedy_soup, uniform_soup
+from merging.greedy_soup import greedy_soup
+from merging.linear import uniform_soup
 from merging.twin_merging import compress_svd, decompress, router_weights, twin_apply, twin_merging, twin_params
 
 
@@ -25,7 +26,7 @@ def test_greedy_soup_matches_reference_loop():
     target = rng.normal(size=(6,))
     models = [{"w": jnp.asarray(target + rng.normal(size=6) * s, jnp.float32)} for s in (0.3, 2.0, 0.5, 0.4, 3.0)]
     score = lambda p: -float(np.sum((np.asarray(p["w"], np.float64) - target) ** 2))  # noqa: E731
-    out = greedy_soup(models, score, progress=False)
+    out = greedy_soup(None, models, score, progress=False)
     # independent reference: Recipe 1 of the paper
     W = [np.asarray(m["w"], np.float64) for m in models]
     s = [-np.sum((w - target) ** 2) for w in W]
@@ -37,13 +38,13 @@ def test_greedy_soup_matches_reference_loop():
         if c >= best - 1e-6:
             sel.append(i)
             best = c
-    assert list(out.selected) == [int(i) for i in sel]
+    assert list(out.info["selected"]) == [int(i) for i in sel]
     np.testing.assert_allclose(out.params["w"], np.mean([W[j] for j in sel], 0), rtol=1e-5, atol=1e-6)
-    assert out.score >= max(out.individual_scores)  # never worse than the best ingredient (held-out)
-    assert 1 not in out.selected and 4 not in out.selected  # the far-away models are rejected
+    assert out.info["score"] >= max(out.info["individual_scores"])  # never worse than the best ingredient
+    assert 1 not in out.info["selected"] and 4 not in out.info["selected"]  # the far-away models are rejected
     np.testing.assert_allclose(uniform_soup(models)["w"], np.mean(W, 0), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least one"):
-        greedy_soup([], score)
+        greedy_soup(None, [], score)
 
 
 def test_merge_with_coefficients_reference():
@@ -73,31 +74,30 @@ def test_adamerging_lowers_entropy_and_zero_task_vectors_are_identity():
     rng = np.random.default_rng(0)
     bs = [[rng.normal(size=(16, 4)).astype(np.float32) for _ in range(2)] for _ in models]
     for gran in ("task", "layer"):
-        res = adamerging(apply_fn, base, models, bs, granularity=gran, steps=30, learning_rate=5e-2,
+        res = adamerging(base, models, apply_fn, bs, granularity=gran, steps=30, learning_rate=5e-2,
                          progress=False)
         # the objective is what AdaMerging minimizes: it must go down from the 0.3 initialization
-        assert res.losses[-1] < res.losses[0] - 1e-3
-        for v in res.coefficients.values():
+        assert res.info["losses"][-1] < res.info["losses"][0] - 1e-3
+        for v in res.info["coefficients"].values():
             assert np.all((v >= 0) & (v <= 1))  # clipped as in the paper's code
-    same = adamerging(apply_fn, base, [base, base], bs, steps=3, progress=False)
+    same = adamerging(base, [base, base], apply_fn, bs, steps=3, progress=False)
     for a, b in zip(jax.tree.leaves(same.params), jax.tree.leaves(base)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="granularity"):
-        adamerging(apply_fn, base, models, bs, granularity="block")
+        adamerging(base, models, apply_fn, bs, granularity="block")
     with pytest.raises(ValueError, match="streams"):
-        adamerging(apply_fn, base, models, bs[:1])
+        adamerging(base, models, apply_fn, bs[:1])
 
 
 def test_adamerging_sharded(mesh_2d):
     ps, apply_fn = _mlps(3, features=(8, 8))
     rng = np.random.default_rng(1)
     bs = [[rng.normal(size=(16, 4)).astype(np.float32)] for _ in range(2)]
-    ref = adamerging(apply_fn, ps[0], ps[1:], bs, steps=5, learning_rate=1e-2, progress=False)
-    sh = adamerging(apply_fn, *[shard(p, MLP_RULES_TP, mesh_2d) for p in ps[:1]],
-                    [shard(p, MLP_RULES_TP, mesh_2d) for p in ps[1:]], bs, steps=5, learning_rate=1e-2,
-                    progress=False)
-    for k in ref.coefficients:
-        np.testing.assert_allclose(sh.coefficients[k], ref.coefficients[k], rtol=1e-4, atol=1e-5)
+    ref = adamerging(ps[0], ps[1:], apply_fn, bs, steps=5, learning_rate=1e-2, progress=False).info["coefficients"]
+    sh = adamerging(shard(ps[0], MLP_RULES_TP, mesh_2d), [shard(p, MLP_RULES_TP, mesh_2d) for p in ps[1:]], apply_fn,
+                    bs, steps=5, learning_rate=1e-2, progress=False).info["coefficients"]
+    for k in ref:
+        np.testing.assert_allclose(sh[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
 def test_atlas_learns_to_use_the_useful_task_vector():
@@ -111,12 +111,13 @@ def test_atlas_learns_to_use_the_useful_task_vector():
     base = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
     good = {"w": jnp.asarray(W * 3), "b": jnp.zeros(3)}
     noise = {"w": jnp.asarray(rng.normal(size=(4, 3)).astype(np.float32) * 3), "b": jnp.zeros(3)}
-    res = atlas(lin, base, [good, noise], [[(x, y)]], steps=150, learning_rate=5e-2, progress=False)
+    res = atlas(base, [good, noise], lin, [[(x, y)]], steps=150, learning_rate=5e-2, progress=False)
+    coef, losses = res.info["coefficients"], res.info["losses"]
     acc = float((np.argmax(lin(res.params, x), -1) == y).mean())
-    assert res.coefficients["w"][0] > 0.5 and abs(res.coefficients["w"][1]) < res.coefficients["w"][0] / 2
-    assert acc > 0.9 and res.losses[-1] < res.losses[0]
+    assert coef["w"][0] > 0.5 and abs(coef["w"][1]) < coef["w"][0] / 2
+    assert acc > 0.9 and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="objective"):
-        atlas(lin, base, [good], [[(x, y)]], objective="mse")
+        atlas(base, [good], lin, [[(x, y)]], objective="mse")
 
 
 def test_svd_compression_reference():
@@ -138,11 +139,11 @@ def test_twin_merging_full_rank_routes_back_to_experts():
     rng = np.random.default_rng(0)
     # task 0 inputs around +3, task 1 around -3: trivially separable by the router
     xs = [[(rng.normal(size=(32, 4)) + s).astype(np.float32) for _ in range(2)] for s in (3.0, -3.0)]
-    tw = twin_merging(apply_fn, None, ps, xs, rank=8, steps=200, progress=False)
-    dense = [decompress(e, tw.shared) for e in tw.exclusive]
+    tw = twin_merging(None, ps, apply_fn, xs, rank=8, steps=200, progress=False)
+    dense = [decompress(e, tw.params) for e in tw.info["exclusive"]]
     for k in range(2):
         # full rank exclusive knowledge: θ_s + δ_k = θ_k
-        pk = twin_params(tw.shared, dense, jnp.eye(2)[k])
+        pk = twin_params(tw.params, dense, jnp.eye(2)[k])
         for a, b in zip(jax.tree.leaves(pk), jax.tree.leaves(ps[k])):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
         w = router_weights(apply_fn, tw, xs[k][0])
@@ -162,19 +163,46 @@ def test_greedy_soup_atlas_twin_lmc_sharded(mesh_2d):
     x = rng.normal(size=(16, 4)).astype(np.float32)
     y = rng.integers(0, 4, 16).astype(np.int32)
     score = lambda p: float((np.argmax(apply_fn(p, x), -1) == y).mean())  # noqa: E731
-    a, b = greedy_soup(ps, score, progress=False), greedy_soup(sps, score, progress=False)
-    assert a.selected == b.selected
+    a, b = greedy_soup(None, ps, score, progress=False), greedy_soup(None, sps, score, progress=False)
+    assert a.info["selected"] == b.info["selected"]
     for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
-    ra = atlas(apply_fn, ps[0], ps[1:], [[(x, y)]], steps=5, progress=False)
-    rb = atlas(apply_fn, sps[0], sps[1:], [[(x, y)]], steps=5, progress=False)
-    for k in ra.coefficients:
-        np.testing.assert_allclose(ra.coefficients[k], rb.coefficients[k], rtol=1e-4, atol=1e-5)
+    ra = atlas(ps[0], ps[1:], apply_fn, [[(x, y)]], steps=5, progress=False).info["coefficients"]
+    rb = atlas(sps[0], sps[1:], apply_fn, [[(x, y)]], steps=5, progress=False).info["coefficients"]
+    for k in ra:
+        np.testing.assert_allclose(ra[k], rb[k], rtol=1e-4, atol=1e-5)
     xs = [[x], [x + 2.0]]
-    ta = twin_merging(apply_fn, None, ps[1:], xs, rank=2, steps=20, progress=False)
-    tb = twin_merging(apply_fn, None, sps[1:], xs, rank=2, steps=20, progress=False)
+    ta = twin_merging(None, ps[1:], apply_fn, xs, rank=2, steps=20, progress=False)
+    tb = twin_merging(None, sps[1:], apply_fn, xs, rank=2, steps=20, progress=False)
     # SVD and router training on identical numbers up to reduction order: ~1e-5 relative.
     np.testing.assert_allclose(twin_apply(apply_fn, tb, x), twin_apply(apply_fn, ta, x), rtol=1e-3, atol=1e-4)
     la = interpolation_path(score, ps[0], ps[1], num_points=3, progress=False)
     lb = interpolation_path(score, sps[0], sps[1], num_points=3, progress=False)
     np.testing.assert_allclose(la.values, lb.values)
+
+
+def test_one_validated_uniform_average():
+    """Issue 13 "one uniform average": greedy soup, RegMean's non-linear leaves and Twin-Merging's shared model use
+    merging.linear.uniform_soup, so NaN/Inf ingredients are rejected before any work (the old private copies
+    averaged them silently) and every leaf keeps its own dtype."""
+    import merging.greedy_soup as gs_mod
+    from merging.regmean import regmean
+
+    assert gs_mod.uniform_soup is uniform_soup and not hasattr(gs_mod, "_mean")
+    ps, apply_fn = _mlps(2)
+    bad = jax.tree.map(lambda a: a, ps[1])
+    bad["Dense_1"]["bias"] = bad["Dense_1"]["bias"].at[0].set(jnp.nan)
+    calls = []
+    with pytest.raises(ValueError, match="non-finite.*Dense_1/bias"):
+        greedy_soup(None, [ps[0], bad], lambda p: calls.append(1) or 0.0, progress=False)
+    assert not calls  # rejected before any evaluation
+    grams = [{"Dense_0": jnp.eye(4)} for _ in range(2)]
+    with pytest.raises(ValueError, match="non-finite.*Dense_1/bias"):
+        regmean(None, [ps[0], bad], grams)
+    with pytest.raises(ValueError, match="non-finite"):
+        twin_merging(None, [ps[0], bad], apply_fn, [[np.zeros((2, 4), np.float32)]] * 2, steps=1, progress=False)
+    # mixed dtypes: bf16 kernels, fp32 biases come back as they went in
+    mixed = [jax.tree_util.tree_map_with_path(
+        lambda path, a: a.astype(jnp.bfloat16) if path[-1].key == "kernel" else a, p) for p in ps]
+    out = greedy_soup(None, mixed, lambda p: 0.0, progress=False).params
+    assert out["Dense_0"]["kernel"].dtype == jnp.bfloat16 and out["Dense_0"]["bias"].dtype == jnp.float32

@@ -22,24 +22,29 @@ def _mlp(seed=0, features=(8, 6), d=5):
 
 def _random_perm(spec, params, seed):
     rng = np.random.default_rng(seed)
-    return {k: rng.permutation(len(v)) for k, v in identity_permutation(spec, params).items()}
+    return {k: rng.permutation(len(v)) for k, v in identity_permutation(params, spec).items()}
 
 
 def test_permuted_mlp_same_function():
     model, p, f = _mlp()
     spec = mlp_permutation_spec(2)
     perm = _random_perm(spec, p, 0)
-    q = apply_permutation(spec, perm, p)
+    q = apply_permutation(p, spec, perm)
     x = np.random.default_rng(1).normal(size=(11, 5)).astype(np.float32)
     # same sums over hidden units in another order: float32 rounding only (~1e-7 relative).
     np.testing.assert_allclose(f(q, x), f(p, x), rtol=1e-5, atol=1e-6)
     assert not np.allclose(q["Dense_0"]["kernel"], p["Dense_0"]["kernel"])
     # inverse undoes it exactly (pure re-indexing)
-    back = apply_permutation(spec, invert_permutation(perm), q)
+    back = apply_permutation(q, spec, invert_permutation(perm))
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(p)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="not a leaf"):
-        apply_permutation(mlp_permutation_spec(3), perm, p)
+        apply_permutation(p, mlp_permutation_spec(3), perm)
+    # one argument order (trees first, then the spec): the old (spec, perm, params) order is a clear error
+    with pytest.raises(TypeError, match=r"\(params, spec, perm\)"):
+        apply_permutation(spec, perm, p)
+    with pytest.raises(TypeError, match="trees first"):
+        weight_matching(spec, p, p)
 
 
 def test_permuted_vit_same_function():
@@ -50,7 +55,7 @@ def test_permuted_vit_same_function():
     p = {**p, "cls": jax.random.normal(jax.random.key(1), p["cls"].shape)}
     spec = vit_permutation_spec(2)
     perm = _random_perm(spec, p, 3)
-    q = apply_permutation(spec, perm, p)
+    q = apply_permutation(p, spec, perm)
     f = jax.jit(lambda w, z: model.apply({"params": w}, z))
     # LayerNorm statistics and matmuls summed in another order: float32 rounding (~1e-6).
     np.testing.assert_allclose(f(q, x), f(p, x), rtol=1e-4, atol=1e-5)
@@ -60,9 +65,9 @@ def test_weight_matching_recovers_hidden_permutation():
     model, a, f = _mlp(1, features=(16, 12))
     spec = mlp_permutation_spec(2)
     perm = _random_perm(spec, a, 5)
-    b = apply_permutation(spec, perm, a)
+    b = apply_permutation(a, spec, perm)
     found = weight_matching(a, b, spec, progress=False)
-    b_aligned = apply_permutation(spec, found, b)
+    b_aligned = apply_permutation(b, spec, found)
     for x, y in zip(jax.tree.leaves(b_aligned), jax.tree.leaves(a)):
         np.testing.assert_array_equal(x, y)
     for k in perm:
@@ -75,11 +80,11 @@ def test_weight_matching_single_layer_is_brute_force_optimal():
     _, b, _ = _mlp(3, features=(5,))
     spec = mlp_permutation_spec(1)
     found = weight_matching(a, b, spec, progress=False)
-    best = max(matching_objective(spec, a, apply_permutation(spec, {"P_0": np.array(pi)}, b))
+    best = max(matching_objective(a, apply_permutation(b, spec, {"P_0": np.array(pi)}), spec)
                for pi in itertools.permutations(range(5)))
-    got = matching_objective(spec, a, apply_permutation(spec, found, b))
+    got = matching_objective(a, apply_permutation(b, spec, found), spec)
     np.testing.assert_allclose(got, best, rtol=1e-9)
-    assert got >= matching_objective(spec, a, b) - 1e-9
+    assert got >= matching_objective(a, b, spec) - 1e-9
 
 
 def test_weight_matching_sharded(mesh_2d):
@@ -91,8 +96,8 @@ def test_weight_matching_sharded(mesh_2d):
     got = weight_matching(sa, sb, spec, progress=False)
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k])
-    pb = jax.jit(lambda q: apply_permutation(spec, got, q))(sb)
-    for x, y in zip(jax.tree.leaves(pb), jax.tree.leaves(apply_permutation(spec, ref, b))):
+    pb = jax.jit(lambda q: apply_permutation(q, spec, got))(sb)
+    for x, y in zip(jax.tree.leaves(pb), jax.tree.leaves(apply_permutation(b, spec, ref))):
         np.testing.assert_array_equal(x, y)
 
 
@@ -100,10 +105,10 @@ def test_activation_matching_recovers_permutation():
     model, a, f = _mlp(6, features=(10, 7))
     spec = mlp_permutation_spec(2)
     perm = _random_perm(spec, a, 8)
-    b = apply_permutation(spec, perm, a)
+    b = apply_permutation(a, spec, perm)
     xs = [np.random.default_rng(i).normal(size=(64, 5)).astype(np.float32) for i in range(2)]
     apply_fn = lambda q, x: model.apply({"params": q}, x)  # noqa: E731
-    found = activation_matching(apply_fn, a, b, xs, {"P_0": "Dense_0", "P_1": "Dense_1"},
+    found = activation_matching(a, b, apply_fn, xs, {"P_0": "Dense_0", "P_1": "Dense_1"},
                                 activation=jax.nn.relu, progress=False)
     for k in perm:
         np.testing.assert_array_equal(found[k], invert_permutation(perm)[k])
@@ -137,7 +142,7 @@ def test_permuted_gpt_same_function(placement, tie):
         lambda k, v: v + 0.1 * jax.random.normal(jax.random.key(len(str(k))), v.shape) if "norm" in str(k) else v, p)
     spec = gpt_permutation_spec(2, placement=placement, tie_embeddings=tie)
     perm = _random_perm(spec, p, 4)
-    q = apply_permutation(spec, perm, p)
+    q = apply_permutation(p, spec, perm)
     f = jax.jit(lambda w, z: model.apply({"params": w}, z))
     # float32 rounding of re-ordered sums through 2 blocks (~1e-6).
     np.testing.assert_allclose(f(q, tok), f(p, tok), rtol=1e-4, atol=1e-5)
@@ -157,7 +162,7 @@ def test_permuted_resnet20_same_function(shortcut):
         if a.ndim == 1 else a, v)
     spec = resnet_permutation_spec(3, (1, 2), shortcut=shortcut)
     perm = _random_perm(spec, v, 7)
-    w = apply_permutation(spec, perm, v)
+    w = apply_permutation(v, spec, perm)
     f = jax.jit(lambda q, z: model.apply(q, z))
     # float32 rounding of re-ordered conv sums (~1e-6).
     np.testing.assert_allclose(f(w, x), f(v, x), rtol=1e-4, atol=1e-5)
@@ -165,6 +170,6 @@ def test_permuted_resnet20_same_function(shortcut):
         assert "P_stage_2" in spec.perm_to_axes
     # weight matching recovers the permutation of a permuted copy
     found = weight_matching(v, w, spec, progress=False)
-    back = apply_permutation(spec, found, w)
+    back = apply_permutation(w, spec, found)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(v)):
         np.testing.assert_array_equal(a, b)
