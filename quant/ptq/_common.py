@@ -7,10 +7,23 @@ Flax ``Dense`` kernels are ``[in, out]`` and are transposed at the method bounda
 
 from __future__ import annotations
 
+import os
+from typing import Iterable
+
 import jax
 import jax.numpy as jnp
+from tqdm.auto import tqdm
 
-from jaxmodels.progress import progress_bar as pbar  # the library's one bar helper, under its PTQ call sites' name
+
+def progress_disabled(progress: bool | None) -> bool:
+    """True when bars are off: ``progress=False`` or env ``WEIGHTLAB_NO_PROGRESS=1``."""
+    if os.environ.get("WEIGHTLAB_NO_PROGRESS", "") not in ("", "0"):
+        return True
+    return progress is False
+
+
+def pbar(it: Iterable, progress: bool | None = None, **kw):
+    return tqdm(it, disable=progress_disabled(progress), leave=False, **kw)
 
 
 def check_bits(bits: int, group_size: int) -> None:
@@ -106,15 +119,21 @@ def awq_pseudo_quantize(w: jax.Array, bits: int, group_size: int = 128, zero_poi
     return out.reshape(w.shape)
 
 
-def grid_record(w_in, w_hat, codes, scale, zero, group_size: int, kernel_layout: bool = True, **extra) -> dict:
-    """The per-layer record of a PTQ method whose weights lie on a uniform grid with contiguous input groups:
-    ``weight`` (in ``w_in``'s layout and dtype), ``codes``, ``scale``/``zero`` ``[out, G]``, ``g_idx``, ``perm=None``
-    and any ``extra`` entries. ``w_hat``/``codes`` are in the GPTQ layout ``[out, in]``; ``kernel_layout``: return
-    them as Flax kernels ``[in, out]``. :func:`quant.ptq.export.pack_layer` packs it."""
+def grid_record(w_in, w_hat, codes, scale, zero, group_size: int, kernel_layout: bool = True, *, bits: int,
+                sym: bool, **extra) -> dict:
+    """The per-layer record (the report schema of :mod:`quant.ptq`) of a PTQ method whose weights lie on a uniform
+    integer grid with contiguous input groups: ``weight`` (in ``w_in``'s layout and dtype), ``format="int"``,
+    ``bits``, ``group_size``, ``sym``, ``codes``, ``scale``/``zero`` ``[out, G]``, ``g_idx``, ``perm=None`` and any
+    ``extra`` entries. ``w_hat``/``codes`` are in the GPTQ layout ``[out, in]``; ``kernel_layout``: return them as
+    Flax kernels ``[in, out]``. :func:`quant.ptq.export.pack_layer` packs it."""
     C = w_hat.shape[1]
     gs = C if group_size == -1 else group_size
     return {
         "weight": (w_hat.T if kernel_layout else w_hat).astype(jnp.asarray(w_in).dtype),
+        "format": "int",
+        "bits": int(bits),
+        "group_size": int(group_size),
+        "sym": bool(sym),
         "codes": codes.T if kernel_layout else codes,
         "scale": scale,
         "zero": zero,

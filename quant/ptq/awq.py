@@ -12,7 +12,8 @@ then clipping per (output channel, input group) for every linear except query/ke
     m = max|w_g| (1 − i/20), i = 0..9;   err(m) = mean_t (Σ_{j∈g} x_tj (Q(clamp(w, −m, m))_j − w_j))²  on ~512 tokens
     w ← clamp(w, −m*, m*)
 
-and finally ``Q`` = asymmetric min/max g128 (``pseudo_quantize_tensor``). No backprop.
+and finally ``Q`` = asymmetric min/max g128 (``pseudo_quantize_tensor``; ``sym=True``: its ``zero_point=False``
+grid, s = max(max|w_g|, 1e-5) / (2^(b−1) − 1), q = clamp(round(w/s), −2^(b−1), 2^(b−1) − 1)). No backprop.
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import awq_grid, awq_pseudo_quantize, check_bits, group_view, pbar
+from ._common import awq_grid, awq_pseudo_quantize, check_bits, group_view, pbar, quantize_codes
 from .blocks import capture_dense, get_sub, set_kernels, set_sub
 from .gptq import layer_error
 
-__all__ = ["AWQConfig", "awq", "search_scale", "search_clip"]
+__all__ = ["AWQConfig", "awq", "awq_codes", "search_scale", "search_clip"]
 
 
 @dataclasses.dataclass(frozen=True)
 class AWQConfig:
+    """``sym``: llm-awq's ``zero_point=False`` grid (the inverse flag; one name, ``sym``, across quant.ptq)."""
+
     bits: int = 4
     group_size: int = 128
-    zero_point: bool = True
+    sym: bool = False
     n_grid: int = 20
     max_shrink: float = 0.5
     n_sample_token: int = 512
@@ -53,7 +56,7 @@ _pq = jax.jit(awq_pseudo_quantize, static_argnums=(1, 2, 3))
 
 
 def _q(w_oi, cfg):  # W[out, in] -> pseudo-quantized
-    return _pq(w_oi, cfg.bits, cfg.group_size, cfg.zero_point)
+    return _pq(w_oi, cfg.bits, cfg.group_size, not cfg.sym)
 
 
 @jax.jit
@@ -79,7 +82,7 @@ def search_scale(loss_fn, kernels: dict, x_mean_abs, cfg: AWQConfig):
     cands = scale_candidates(x_mean_abs, cfg.n_grid)
     losses = []
     for s in cands:
-        eff = {n: _scaled_q(k, s, cfg.bits, cfg.group_size, cfg.zero_point) for n, k in kernels.items()}
+        eff = {n: _scaled_q(k, s, cfg.bits, cfg.group_size, not cfg.sym) for n, k in kernels.items()}
         losses.append(float(loss_fn(eff)))
     i = int(np.argmin(losses))
     return cands[i], i / cfg.n_grid, losses
@@ -95,7 +98,7 @@ def search_clip(w_oi, x, cfg: AWQConfig):
     judged by the per-group partial outputs on ``n_sample_token`` evenly strided tokens. Returns ``max_val [o, ng]``."""
     x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
     step = max(x.shape[0] // cfg.n_sample_token, 1)
-    return _search_clip(w_oi, x[::step], cfg.bits, cfg.group_size, cfg.zero_point, int(cfg.max_shrink * cfg.n_grid),
+    return _search_clip(w_oi, x[::step], cfg.bits, cfg.group_size, not cfg.sym, int(cfg.max_shrink * cfg.n_grid),
                         cfg.n_grid)
 
 
@@ -117,6 +120,22 @@ def _search_clip(w_oi, x, bits, group_size, zero_point, n_steps, n_grid):
         best_err = jnp.where(better, err, best_err)
         best = jnp.where(better, mv, best)
     return best
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def awq_codes(w_oi, bits: int, group_size: int, sym: bool):
+    """The integer codes of :func:`quant.ptq._common.awq_pseudo_quantize` on ``w_oi[out, in]``: ``(codes[out, in]
+    uint8, scale[out, G], zero[out, G] or None)`` with ``Q(w) = scale · (codes − zero)`` (asymmetric) or
+    ``scale · (codes − 2^(b−1))`` (``sym``: llm-awq's ``zero_point=False`` grid, s = max(max|w_g|, 1e-5)/(2^(b−1)−1))."""
+    g = group_view(w_oi, group_size)
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        scale = jnp.maximum(jnp.abs(g).max(-1), 1e-5) / qmax
+        q = jnp.clip(jnp.round(g / scale[..., None]), -qmax - 1, qmax) + (qmax + 1)
+        return q.reshape(w_oi.shape).astype(jnp.uint8), scale, None
+    scale, zero = awq_grid(w_oi, bits, group_size)
+    codes = quantize_codes(g, scale[..., None], zero[..., None], 2**bits - 1)
+    return codes.reshape(w_oi.shape).astype(jnp.uint8), scale, zero
 
 
 def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress: bool | None = None):
@@ -183,11 +202,15 @@ def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress
                 mv = search_clip(w_oi, xs[n], config)
                 w_oi = jnp.clip(group_view(w_oi, config.group_size), -mv[..., None], mv[..., None]).reshape(w_oi.shape)
             q_oi = _q(w_oi, config)
-            sc, zr = awq_grid(w_oi, config.bits, config.group_size) if config.zero_point else (None, None)
+            codes, sc, zr = awq_codes(w_oi, config.bits, config.group_size, config.sym)
             k_eff = q_oi.T if n not in in_scale else q_oi.T / in_scale[n][:, None]
             eff_k[n] = k_eff
-            layers[f"{bp}/{n}/kernel"] = {"weight": k_eff, "stored": q_oi.T, "in_scale": in_scale.get(n),
-                                          "scale": sc, "zero": zr, "perm": None,
+            C = w_oi.shape[1]
+            gs = C if config.group_size == -1 else config.group_size
+            layers[f"{bp}/{n}/kernel"] = {"weight": k_eff, "format": "int", "bits": config.bits,
+                                          "group_size": config.group_size, "sym": config.sym, "codes": codes.T,
+                                          "scale": sc, "zero": zr, "g_idx": (jnp.arange(C) // gs).astype(jnp.int32),
+                                          "perm": None, "stored": q_oi.T, "in_scale": in_scale.get(n),
                                           "error": layer_error(xs[n], kern[n], q_oi.T)}
         qblock = set_kernels(block, eff_k, {n: b for n, b in bias.items()})
         out = set_sub(out, bp, qblock)

@@ -74,6 +74,22 @@ def _jit_apply_impl(block, block_params, h, ctx_items):
 _jit_apply = jax.jit(_jit_apply_impl, static_argnums=0)
 
 
+class ByIdentity:
+    """``model`` wrapped to hash and compare by identity (a :class:`BlockModel` is an unhashable dataclass): a static
+    ``jax.jit`` argument that compiles once per model object without writing anything into the caller's model."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model):
+        self.model = model
+
+    def __hash__(self):
+        return id(self.model)
+
+    def __eq__(self, other):
+        return isinstance(other, ByIdentity) and other.model is self.model
+
+
 def get_sub(params: PyTree, prefix: str) -> PyTree:
     """The nested sub-dict of ``params`` at ``prefix`` ("encoder/layer_0")."""
     node = params

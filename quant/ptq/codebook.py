@@ -632,7 +632,8 @@ def codebook_quantize_weight(w: Any, H: Any, config: CodebookConfig = CodebookCo
     ``H[in, in]``: the layer Hessian 2XᵀX/n (:func:`quant.ptq.gptq.hessian_from_inputs`). Dead inputs (H_jj = 0) get
     H_jj = 1 and W[:, j] = 0, as GPTQ.
 
-    Returns ``weight`` (dequantized, layout/dtype of ``w``), ``codes[out, in/d]`` (uint8, or uint16 above 8 index
+    Returns ``weight`` (dequantized, layout/dtype of ``w``), ``format="codebook"``, ``bits``, ``group_size``
+    (= ``group_cols``), ``codes[out, in/d]`` (uint8, or uint16 above 8 index
     bits), ``codebooks[n_rg, n_cg, k, d]`` (float16), ``packed`` (:class:`CodebookWeight`), ``bits_per_weight``
     (measured), ``loss_init``/``loss`` (relative layer error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) after step 2 / step 3),
     ``history`` and ``percdamp`` used (None without feedback).
@@ -662,6 +663,10 @@ def _result(w_in, cb, codes, lay: Layout, cfg: CodebookConfig, kernel_layout, hi
     packed = pack_codebook(codes, cb, (lay.C, lay.R), lay.d, cfg.index_bits, lay.gr, lay.gc, w_in.dtype)
     return {
         "weight": _dequant_out(cb, codes, lay, kernel_layout, np.dtype(w_in.dtype).name),
+        "format": "codebook",  # the report schema of quant.ptq: ``packed`` is what export stores
+        "bits": cfg.bits,
+        "group_size": lay.gc,
+        "sym": None,
         "codes": np.asarray(codes).astype(np.uint8 if cfg.index_bits <= 8 else np.uint16),
         "codebooks": packed.codebooks,
         "packed": packed,

@@ -10,16 +10,28 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import spearmanr
 
-__all__ = ["embedding_metrics", "embed_batches", "embed_quantized", "run_method", "ptq_table", "format_table"]
+__all__ = ["embedding_metrics", "embed_batches", "embed_quantized", "run_method", "ptq_table", "format_table",
+           "real_bits_per_weight"]
+
+
+def _forward_impl(fn, params, batch):
+    return fn.model.forward(params, batch)
 
 
 def embed_batches(model, params, batches) -> np.ndarray:
+    """``model.forward`` on every batch (jitted once per model; nothing is written into ``model``)."""
     import jax
 
-    fwd = model.__dict__.get("_jit_forward")
-    if fwd is None:
-        fwd = model.__dict__["_jit_forward"] = jax.jit(model.forward)
-    return np.concatenate([np.asarray(fwd(params, b)) for b in batches])
+    from .blocks import ByIdentity
+
+    global _forward
+    if _forward is None:
+        _forward = jax.jit(_forward_impl, static_argnums=0)
+    key = ByIdentity(model)
+    return np.concatenate([np.asarray(_forward(key, params, b)) for b in batches])
+
+
+_forward = None
 
 
 def embedding_metrics(e_float: np.ndarray, e_quant: np.ndarray) -> dict:
@@ -35,25 +47,27 @@ def embedding_metrics(e_float: np.ndarray, e_quant: np.ndarray) -> dict:
     return {"cosine": cos, "spearman": rho}
 
 
-SETTINGS = {"W4 g128": (4, 128), "W3 g128": (3, 128), "W2 g64": (2, 64)}
+SETTINGS = {"W4 g128": (4, 128), "W3 g128": (3, 128), "W3 g64": (3, 64), "W2 g64": (2, 64)}
 
 
-def run_method(method: str, params, model, calib, bits: int, group_size: int, progress=None):
+def run_method(method: str, params, model, calib, bits: int, group_size: int, progress=None, *,
+               mp_budget: float | None = None):
     """Quantize all linears of ``model`` with ``method``:
 
     ``"rtn"``, ``"gptq"``, ``"gptq-ao"`` (act-order), ``"awq"``, ``"rsq"``, ``"flexround"``, ``"rtn+lorc"`` (RTN then
     rank-8 LoRC), ``"zeroquant-fp"`` (FP4 E2M1 weights by GPTQ, M2 power-of-two scales, FP8 E4M3 per-token
     activations; ``bits`` must be 4), ``"gptq-fp4"`` (the same weights, activations left in float),
-    ``"mp-lim"`` / ``"mp-zd"`` / ``"mp-hessian"`` (layer-wise mixed precision, RTN per layer, budget ``bits + 0.5``
-    average bits per weight), ``"codebook"`` (GPTVQ/AQLM-style vector quantization at about ``bits`` bits per weight).
+    ``"mp-lim"`` / ``"mp-zd"`` / ``"mp-hessian"`` / ``"mp-random"`` (layer-wise mixed precision, RTN per layer, budget
+    ``mp_budget`` average bits per weight, default ``bits + 0.5``; ``"mp-random"`` ranks the blocks at random (seed 0):
+    the allocation at the same budget that a score must beat), ``"codebook"`` (GPTVQ/AQLM-style vector quantization at about ``bits`` bits per weight).
     """
     from .awq import AWQConfig, awq
     from .gptq import GPTQConfig, gptq
     from .rsq import RSQConfig, rsq
-    from .rtn import rtn
+    from .rtn import RTNConfig, rtn
 
     if method == "rtn":
-        return rtn(params, model, calib, bits=bits, group_size=group_size, progress=progress)
+        return rtn(params, model, calib, RTNConfig(bits, group_size), progress=progress)
     if method == "gptq":
         return gptq(params, model, calib, GPTQConfig(bits, group_size), progress=progress)
     if method == "gptq-ao":
@@ -70,9 +84,8 @@ def run_method(method: str, params, model, calib, bits: int, group_size: int, pr
     if method == "rtn+lorc":
         from .lorc import lorc
 
-        q, rep = rtn(params, model, calib, bits=bits, group_size=group_size, progress=progress)
-        q, lrep = lorc(params, q, 8, progress=progress)
-        return q, {**lrep, "rtn": rep}  # layers: LoRC's weight errors (no calibration output error)
+        q, rep = rtn(params, model, calib, RTNConfig(bits, group_size), progress=progress)
+        return lorc(params, q, 8, report=rep, progress=progress)  # exportable: RTN codes + INT8 factors
     if method in ("zeroquant-fp", "gptq-fp4"):
         if bits != 4:
             raise ValueError(f"{method} quantizes weights to FP4 (E2M1): bits must be 4, got {bits}")
@@ -83,9 +96,11 @@ def run_method(method: str, params, model, calib, bits: int, group_size: int, pr
     if method.startswith("mp-"):
         from .mixed_precision import MixedPrecisionConfig, mixed_precision
 
-        # every width 2..6 and 8 may be used, so that the bracketing levels are one bit apart (b and b + 1)
-        cfg = MixedPrecisionConfig(budget=bits + 0.5, candidates=(2, 3, 4, 5, 6, 8), score=method[3:],
-                                   group_size=group_size)
+        # candidates: every width 2..8. Not tuned to the table: a contiguous set makes the ranked allocation's
+        # bracketing levels b and b + 1 for any budget in (b, b + 1) (the paper's "most important layers one level
+        # higher"), and gives the knapsack every width; ``mp_budget`` is the average bits per weight
+        cfg = MixedPrecisionConfig(budget=bits + 0.5 if mp_budget is None else mp_budget,
+                                   candidates=(2, 3, 4, 5, 6, 7, 8), score=method[3:], group_size=group_size)
         return mixed_precision(params, model, calib, cfg, progress=progress)
     if method == "codebook":  # index bits + fp16 codebooks at 1/8 bit per weight (W3 g128: d=2, 128x128, 3.125 bpw)
         from .codebook import CodebookConfig, codebook_quantize
@@ -106,9 +121,22 @@ def embed_quantized(model, q, report: dict, batches) -> np.ndarray:
     return embed_batches(model, q, batches)
 
 
+def real_bits_per_weight(q, report: dict) -> float:
+    """Bits per quantized weight as stored: 8 · the bytes of the packed layers of :func:`quant.ptq.export.quantized_tree`
+    (codes, float16 scales, zero points, act-order permutations, AWQ input scales, LoRC factors, codebooks) / the
+    number of their weights."""
+    from .export import packed_nbytes, quantized_tree
+
+    tree = quantized_tree(q, report)
+    n = sum(int(np.size(r["weight"])) for r in report["layers"].values())
+    return 8.0 * packed_nbytes(tree, list(report["layers"])) / max(n, 1)
+
+
 def ptq_table(params, model, calib, eval_batches, methods=("rtn", "gptq", "gptq-ao", "awq", "rsq"),
-              settings=("W4 g128", "W3 g128", "W2 g64"), progress=None):
-    """Rows ``{setting, method, cosine, spearman, seconds, layer_errors}`` for every (setting, method)."""
+              settings=("W4 g128", "W3 g128", "W2 g64"), progress=None, results: dict | None = None, **kw):
+    """Rows ``{setting, method, cosine, spearman, bpw, seconds, layer_errors}`` for every (setting, method); ``bpw``:
+    :func:`real_bits_per_weight`. ``results``: a dict that receives ``{(setting, method): (params, report)}``;
+    ``kw`` go to :func:`run_method`."""
     import time
 
     e_float = embed_batches(model, params, eval_batches)
@@ -117,16 +145,19 @@ def ptq_table(params, model, calib, eval_batches, methods=("rtn", "gptq", "gptq-
         bits, gs = SETTINGS[st]
         for m in methods:
             t = time.perf_counter()
-            q, rep = run_method(m, params, model, calib, bits, gs, progress)
+            q, rep = run_method(m, params, model, calib, bits, gs, progress, **kw)
             sec = time.perf_counter() - t
             met = embedding_metrics(e_float, embed_quantized(model, q, rep, eval_batches))
-            rows.append({"setting": st, "method": m, **met, "seconds": sec,
+            rows.append({"setting": st, "method": m, **met, "bpw": real_bits_per_weight(q, rep), "seconds": sec,
                          "layer_errors": {p: r["error"] for p, r in rep["layers"].items() if "error" in r}})
+            if results is not None:
+                results[(st, m)] = (q, rep)
     return rows
 
 
 def format_table(rows) -> str:
-    lines = [f"{'setting':8s} {'method':12s} {'cosine':>8s} {'spearman':>9s} {'time s':>7s}"]
+    lines = [f"{'setting':8s} {'method':12s} {'cosine':>8s} {'spearman':>9s} {'bpw':>6s} {'time s':>7s}"]
     for r in rows:
-        lines.append(f"{r['setting']:8s} {r['method']:12s} {r['cosine']:8.4f} {r['spearman']:9.4f} {r['seconds']:7.1f}")
+        lines.append(f"{r['setting']:8s} {r['method']:12s} {r['cosine']:8.4f} {r['spearman']:9.4f} "
+                     f"{r['bpw']:6.3f} {r['seconds']:7.1f}")
     return "\n".join(lines)

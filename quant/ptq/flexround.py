@@ -268,8 +268,9 @@ def _reconstruct(fn, frozen, weights: dict, h, ctx: dict, y, tok, cfg: FlexRound
     return {n: (*folded[n][:3], grids[n]["zero"], float(folded[n][3])) for n in weights}, loss0, loss
 
 
-def _record(w_in, w_hat, codes, s1, zero, beyond, group_size: int, kernel_layout: bool = True) -> dict:
-    return grid_record(w_in, w_hat, codes, s1, zero, group_size, kernel_layout, beyond_nearest=beyond)
+def _record(w_in, w_hat, codes, s1, zero, beyond, cfg: FlexRoundConfig, kernel_layout: bool = True) -> dict:
+    return grid_record(w_in, w_hat, codes, s1, zero, cfg.group_size, kernel_layout, bits=cfg.bits, sym=cfg.sym,
+                       beyond_nearest=beyond)
 
 
 def _check_group(in_features: int, group_size: int, what: str) -> None:
@@ -310,7 +311,7 @@ def flexround_quantize_weight(w: Any, x: Any, config: FlexRoundConfig = FlexRoun
     y = x @ W.T
     res, l0, l1 = _reconstruct(_LinearFn(), {}, {"linear": W}, x, {}, y, tok, config,
                                jax.random.PRNGKey(config.seed), progress, f"FlexRound w{config.bits}")
-    out = _record(w_in, *res["linear"], config.group_size, kernel_layout)
+    out = _record(w_in, *res["linear"], config, kernel_layout)
     out.update(loss_rtn=l0, loss=l1)
     return out
 
@@ -360,7 +361,7 @@ def flexround(params, model, calib_batch, config: FlexRoundConfig = FlexRoundCon
         new_k = {}
         for n in names:
             k = get_sub(block, n)["kernel"]
-            r = _record(jnp.asarray(k), *res[n], config.group_size)
+            r = _record(jnp.asarray(k), *res[n], config)
             r["error"] = layer_error(rec[n][0], k, r["weight"], tok)
             layers[f"{bp}/{n}/kernel"] = r
             new_k[n] = r["weight"]

@@ -197,7 +197,8 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
     """GPTQ one layer. ``w`` is a Flax kernel ``[in, out]`` (``kernel_layout=False``: ``W[out, in]``), ``H[in, in]``;
     ``quantizer``: the grid (default ``MinMaxQuantizer(config.bits, config.sym)``, see the module docstring).
 
-    Returns a dict with ``weight`` (dequantized, same layout/dtype as ``w``), ``codes`` (uint8, layout of ``w``, in the
+    Returns the per-layer record of :mod:`quant.ptq`: ``weight`` (dequantized, same layout/dtype as ``w``),
+    ``format="int"``, ``bits``, ``group_size``, ``sym`` (from ``config``), ``codes`` (uint8, layout of ``w``, in the
     ORIGINAL column order), ``scale``/``zero`` (``[out, n_groups]``, or per column when ``g_idx`` is needed),
     ``g_idx`` (group index of every input feature), ``perm`` (act-order permutation or None), ``loss`` (Σ of the
     reference's per-weight losses) and ``percdamp`` actually used.
@@ -274,6 +275,10 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
     out_c = codes.T if kernel_layout else codes
     return {
         "weight": out_w.astype(w_in.dtype),
+        "format": "int",  # a custom ``quantizer``'s caller (ZeroQuant-FP) overwrites format / bits / sym / zero
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "sym": config.sym,
         "codes": out_c.astype(jnp.uint8),
         "scale": scale_g,
         "zero": zero_g,

@@ -118,23 +118,34 @@ def lorc_bits_per_weight(shape, rank: int, factor_format=LORC_FACTOR_FORMAT, *, 
     return (rank * (m + n) * int(factor_format.bits) + extra * scale_bits) / (m * n)
 
 
-def lorc(params_float, params_quant, rank: int, *, factor_format=LORC_FACTOR_FORMAT, include: str = r"kernel$",
-         progress: bool | None = None):
+def lorc(params_float, params_quant, rank: int, *, report: dict | None = None, factor_format=LORC_FACTOR_FORMAT,
+         include: str = r"kernel$", progress: bool | None = None):
     """LoRC on every leaf with >= 2 dims whose path matches ``include`` (``re.search``) and whose quantized value
     differs from the float one; every other leaf is taken from ``params_quant`` as is.
 
-    ``params_float``: the original weights; ``params_quant``: any PTQ method's output (same structure). Returns
-    ``(params, report)``: ``Ŵ + Q(Û)Q(V̂)ᵀ`` per compensated kernel (dtype of ``params_quant``) and ``{"method":
-    "lorc", "rank", "layers": {path: {U, V, error_before, error_after, bits_per_weight}}, "bits_per_weight"}``
-    where the errors are relative Frobenius errors ``‖W − ·‖_F / ‖W‖_F`` and ``bits_per_weight`` is the extra
-    storage averaged over the compensated weights.
+    A post-processing step, not a PTQ method of the ``(params, model, calib, config)`` convention: it needs no
+    model or data, only the float weights and ANY method's result. ``params_float``: the original weights;
+    ``params_quant``: the method's output (same structure); ``report``: that method's report, which makes the result
+    exportable (:func:`quant.ptq.export.quantized_tree` packs the base codes and the factors).
+
+    Returns ``(params, report)``: ``Ŵ + Q(Û)Q(V̂)ᵀ`` per compensated kernel (dtype of ``params_quant``) and ``{"method":
+    "lorc", "rank", "factor_format", "base" (the base report's method or None), "layers": {path: record},
+    "bits_per_weight"}``. Each record holds ``U``/``V`` (the fake-quantized factors ``[m, r]``/``[n, r]``),
+    ``U_packed``/``V_packed`` (their :class:`quant.qarray.QuantizedArray`, ``None`` for float factors),
+    ``error_before``/``error_after`` (relative Frobenius errors ``‖W − ·‖_F / ‖W‖_F``) and ``bits_per_weight`` (the
+    factors' extra storage); with ``report`` it is the base method's record (``format``, ``codes``, ``scale``, ...)
+    with ``weight`` = the compensated kernel, ``stored`` = what the base codes dequantize to, and ``lorc`` = the
+    LoRC entries above. ``bits_per_weight`` of the report is the extra storage averaged over the compensated weights.
     """
     from jaxmodels.tree import check_compatible, flatten, unflatten
+    from quant.qarray import dequantize, quantize
 
     from ._common import pbar
 
     _check(rank, factor_format)
     check_compatible(params_float, params_quant)
+    if report is not None and not isinstance(report.get("layers"), dict):
+        raise ValueError("report must be a quant.ptq report with a 'layers' dict")
     pat = re.compile(include)
     ff, fq = flatten(params_float), flatten(params_quant)
     targets = [p for p, v in fq.items() if pat.search(p) and getattr(v, "ndim", 0) >= 2]
@@ -146,17 +157,36 @@ def lorc(params_float, params_quant, rank: int, *, factor_format=LORC_FACTOR_FOR
     layers = {}
     bits = n_w = 0.0
     for p in pbar(targets, progress, desc=f"LoRC r{rank}"):
-        new, Uh, Vh, norm_e, norm_after, norm_w = _lorc(ff[p], fq[p], rank, factor_format)
+        Uf, Vf, norm_e, norm_w = _svd_factors(ff[p], fq[p], rank)
+        new, Uh, Vh, norm_after = _compensate(ff[p], fq[p], Uf, Vf, factor_format)
         norm_e, norm_w = float(norm_e), max(float(norm_w), 1e-30)
         if norm_e == 0.0:  # not quantized: nothing to compensate
             continue
         out[p] = new
         bpw = lorc_bits_per_weight(fq[p].shape, rank, factor_format)
         size = int(np.prod(fq[p].shape))
-        layers[p] = {"U": Uh[:, :rank], "V": Vh[:, :rank], "error_before": norm_e / norm_w,
-                     "error_after": float(norm_after) / norm_w, "bits_per_weight": bpw}
+        U, V = Uh[:, :rank], Vh[:, :rank]
+        packed = {"U_packed": None, "V_packed": None}
+        if factor_format is not None:
+            # the factors' qparams are per rank component (column) or span all columns of the zero-padded factor
+            # by max |.|: quantizing the r kept columns alone gives the same codes and values
+            packed = {"U_packed": quantize(Uf[:, :rank], factor_format),
+                      "V_packed": quantize(Vf[:, :rank], factor_format)}
+            for k, ref in (("U_packed", U), ("V_packed", V)):
+                if not bool(jnp.all(dequantize(packed[k], jnp.float32) == ref)):
+                    raise AssertionError(f"LoRC {p}: packed factor {k[0]} differs from the fake-quantized one")
+        rec = {"U": U, "V": V, **packed, "factor_format": factor_format, "error_before": norm_e / norm_w,
+               "error_after": float(norm_after) / norm_w, "bits_per_weight": bpw}
+        if report is not None and p in report["layers"]:
+            base = report["layers"][p]
+            kept = {k: v for k, v in base.items() if k != "error"}  # (its output error was the base weight's)
+            rec = {**kept, "weight": new, "stored": base.get("stored", base["weight"]), "lorc": rec,
+                   "error_before": rec["error_before"], "error_after": rec["error_after"]}
+        layers[p] = rec
         bits += bpw * size
         n_w += size
-    return unflatten(out, like=params_quant), {"method": "lorc", "rank": int(rank),
-                                               "factor_format": factor_format, "layers": layers,
-                                               "bits_per_weight": bits / n_w if n_w else 0.0}
+    return unflatten(out, like=params_quant), {"method": "lorc", "rank": int(rank), "factor_format": factor_format,
+                                               "base": None if report is None else report.get("method"),
+                                               "config": {"rank": int(rank), "factor_format": factor_format,
+                                                          "base": None if report is None else report.get("config")},
+                                               "layers": layers, "bits_per_weight": bits / n_w if n_w else 0.0}

@@ -50,6 +50,7 @@ import numpy as np
 
 from quant.fake_quant import fake_quant
 from quant.formats import FLOAT_SPECS, FloatFormat, QParams, decode, encode, float_max, round_to_float
+from quant.formats import safe_scale as _safe  # the one all-zero-block guard (quant.intgrid)
 
 __all__ = ["ZeroQuantFPConfig", "FPQuantizer", "pow2_scales", "pow2_exponent_range", "fp_act_quant",
            "zeroquant_fp_weight", "zeroquant_fp", "forward_a8", "embed_a8", "POW2_METHODS"]
@@ -111,10 +112,6 @@ def pow2_scales(scale, method: str, anchor=None, k_range: tuple[int, int] | None
     if k_range is not None:
         k = jnp.clip(k, k_range[0], k_range[1])
     return jnp.ldexp(base, k), k.astype(jnp.int32)
-
-
-def _safe(s):
-    return jnp.where(s > jnp.finfo(jnp.float32).tiny, s, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------- quantizer
@@ -296,10 +293,11 @@ def zeroquant_fp_weight(w, H=None, config: ZeroQuantFPConfig = ZeroQuantFPConfig
     """ZeroQuant-FP of one Flax kernel ``w[in, out]`` (``kernel_layout=False``: ``W[out, in]``): GPTQ on the FP grid
     with Hessian ``H[in, in]`` (``config.algorithm="gptq"``), or round-to-nearest (``"rtn"``, ``H`` unused).
 
-    Returns the dict of :func:`quant.ptq.gptq.gptq_quantize_weight` (``weight`` in ``w``'s layout and dtype,
-    ``codes`` = FP bit patterns, ``scale`` = the effective (power-of-two-mapped) scales ``[out, G]``, ``g_idx``,
-    ``perm``) plus ``anchor`` (M2's ``S_max[out]``, else ``None``), ``exponent`` (``k[out, G]``: ``Ŝ = 2^k`` (M1) or
-    ``S_max 2^k`` (M2), else ``None``) and ``cast_exact`` (every ``q · 2^k`` exactly representable in the
+    Returns the per-layer record of :mod:`quant.ptq` as :func:`quant.ptq.gptq.gptq_quantize_weight` (``weight`` in
+    ``w``'s layout and dtype, ``format`` = ``config.weight_format``, ``bits``, ``group_size``, ``sym=True``,
+    ``codes`` = FP bit patterns, ``scale`` = the effective (power-of-two-mapped) scales ``[out, G]``, ``zero=None``,
+    ``g_idx``, ``perm``) plus ``anchor`` (M2's ``S_max[out]``, else ``None``), ``exponent`` (``k[out, G]``:
+    ``Ŝ = 2^k`` (M1) or ``S_max 2^k`` (M2), else ``None``) and ``cast_exact`` (every ``q · 2^k`` exactly representable in the
     activation format, i.e. the FP4 -> FP8 cast is a pure exponent shift; ``None`` without pow2).
     """
     config.validate()
@@ -332,6 +330,8 @@ def zeroquant_fp_weight(w, H=None, config: ZeroQuantFPConfig = ZeroQuantFPConfig
         r["cast_exact"] = bool(exact)
     r["weight"] = (Q.T if kernel_layout else Q).astype(w_in.dtype)
     r["codes"] = jnp.asarray(codes.T if kernel_layout else codes).astype(jnp.uint8)
+    # the report schema of quant.ptq: FP codes (bit patterns of ``weight_format``), no zero point
+    r.update(format=config.weight_format, bits=qz.fmt.bits, group_size=config.group_size, sym=True, zero=None)
     return r
 
 

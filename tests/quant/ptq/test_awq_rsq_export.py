@@ -10,7 +10,7 @@ from quant.ptq.awq import AWQConfig, awq, search_clip, search_scale
 from quant.ptq.export import load_quantized, materialize, quantized_tree, save_quantized
 from quant.ptq.gptq import GPTQConfig, gptq
 from quant.ptq.rsq import RSQConfig, attention_concentration, hadamard, random_hadamard, rsq
-from quant.ptq.rtn import rtn
+from quant.ptq.rtn import RTNConfig, rtn
 
 from .toy import toy_bert
 
@@ -65,7 +65,7 @@ def test_awq_and_gptq_beat_rtn_on_toy_bert():
     model, params, batch = toy_bert()
     f = np.asarray(model.forward(params, batch))
     err = lambda p: float(np.mean((np.asarray(model.forward(p, batch)) - f) ** 2))
-    e_rtn = err(rtn(params, model, None, bits=3, group_size=16, progress=False)[0])
+    e_rtn = err(rtn(params, model, None, RTNConfig(3, 16), progress=False)[0])
     e_awq = err(awq(params, model, batch, AWQConfig(bits=3, group_size=16), progress=False)[0])
     e_gptq = err(gptq(params, model, batch, GPTQConfig(3, 16, act_order=True), progress=False)[0])
     # calibrated on the same batch it is measured on: both must reduce the output error of RTN
@@ -117,14 +117,12 @@ def test_export_round_trip_smaller_and_equal(tmp_path):
     model, params, batch = toy_bert(hidden=64, inter=128)
     fsize = save_safetensors(tmp_path / "float.safetensors", params).stat().st_size
     runs = {
-        "rtn": rtn(params, model, None, bits=4, group_size=32, progress=False),
+        "rtn": rtn(params, model, None, RTNConfig(4, 32), progress=False),
         "gptq": gptq(params, model, batch, GPTQConfig(4, 32, act_order=True), progress=False),
         "awq": awq(params, model, batch, AWQConfig(4, 32), progress=False),
         "rsq": rsq(params, model, batch, RSQConfig(GPTQConfig(4, 32, act_order=True)), progress=False),
     }
     for name, (qp, rep) in runs.items():
-        if name == "awq":
-            rep["config"]["bits"], rep["config"]["group_size"] = 4, 32
         tree = quantized_tree(qp, rep)
         size = save_quantized(tmp_path / f"{name}.safetensors", tree)
         loaded = load_quantized(tmp_path / f"{name}.safetensors")

@@ -269,14 +269,14 @@ def test_minilm_codebook_3bpw_beats_rtn_w3():
     from jaxmodels.models.bert import load_minilm
     from quant.ptq.evaluate import embed_batches, embedding_metrics
     from quant.ptq.minilm import bert_block_model, calibration_sentences, evaluation_sentences
-    from quant.ptq.rtn import rtn
+    from quant.ptq.rtn import RTNConfig, rtn
 
     emb = load_minilm(max_length=32)
     model, params = bert_block_model(emb), emb.params
     calib = emb.tokenizer(calibration_sentences(32))
     evb = [emb.tokenizer(evaluation_sentences(48))]
     e_float = embed_batches(model, params, evb)
-    cos_rtn = embedding_metrics(e_float, embed_batches(model, rtn(params, model, None, bits=3, group_size=128,
+    cos_rtn = embedding_metrics(e_float, embed_batches(model, rtn(params, model, None, RTNConfig(3, 128),
                                                                   progress=False)[0], evb))["cosine"]
     # 2-D vectors at 3 bits (k = 64) per 128×128 group: 3 + 16·64·2/16384 = 3.125 bits per weight, below RTN W3
     # g128's 3.1875 as stored (3 + 16-bit scale and 8-bit zero per 128)

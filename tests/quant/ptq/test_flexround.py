@@ -10,7 +10,7 @@ import pytest
 from jaxmodels.tree import flatten
 from quant.ptq.export import load_quantized, materialize, pack_layer, quantized_tree, save_quantized
 from quant.ptq.flexround import FlexRoundConfig, flexround, flexround_init, flexround_quantize_weight, flexround_weight
-from quant.ptq.rtn import rtn, rtn_quantize_weight
+from quant.ptq.rtn import RTNConfig, rtn, rtn_quantize_weight
 from quant.qarray import dequantize
 from quant.packing import unpack_bits
 
@@ -106,13 +106,13 @@ def test_zero_steps_is_rtn_exactly(toy):
     for gs, sym in ((16, False), (-1, False), (16, True)):
         # S2 = s3 = s4 = 1 and s1 = the RTN grid: FlexRound's rounding is round-to-nearest, bit for bit
         r = flexround_quantize_weight(w, x, FlexRoundConfig(3, gs, sym=sym, iters=0), progress=False)
-        ref = rtn_quantize_weight(w, 3, gs, sym)
+        ref = rtn_quantize_weight(w, None, RTNConfig(3, gs, sym))
         for k in ("weight", "codes", "scale", "zero", "g_idx"):
             np.testing.assert_array_equal(np.asarray(r[k]), np.asarray(ref[k]), err_msg=f"{k} gs={gs} sym={sym}")
         assert r["perm"] is None and r["loss"] == r["loss_rtn"] and r["beyond_nearest"] == 0
     model, params, batch = toy
     q, rep = flexround(params, model, batch, FlexRoundConfig(3, 16, iters=0, s4=True), progress=False)
-    q_rtn, rep_rtn = rtn(params, model, batch, bits=3, group_size=16, progress=False)
+    q_rtn, rep_rtn = rtn(params, model, batch, RTNConfig(3, 16), progress=False)
     for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(q_rtn)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for p, r in rep["layers"].items():
@@ -127,7 +127,7 @@ def test_single_layer_output_error_below_rtn(bits):
     err = lambda wq: float(np.mean((x @ w - x @ np.asarray(wq)) ** 2))
     cfg = FlexRoundConfig(bits, 16, iters=300, lr=3e-3, batch_size=512)  # the reference lr; full-batch steps
     r = flexround_quantize_weight(w, x, cfg, progress=False)
-    e_rtn, e_fr = err(rtn_quantize_weight(w, bits, 16)["weight"]), err(r["weight"])
+    e_rtn, e_fr = err(rtn_quantize_weight(w, None, RTNConfig(bits, 16))["weight"]), err(r["weight"])
     # Learning the rounding on the layer's own inputs. The STE dynamics are chaotic (rounding flips back and forth
     # until the cosine schedule freezes them), so the end point varies from layer to layer, and any change of
     # floating-point arithmetic (another backend) acts like another seed: over six random 64x128 layers (seeds 0-5)
@@ -139,7 +139,8 @@ def test_single_layer_output_error_below_rtn(bits):
     s = np.asarray(r["scale"])[:, r["g_idx"]].T
     z = np.asarray(r["zero"])[:, r["g_idx"]].T
     np.testing.assert_array_equal(s * (np.asarray(r["codes"], np.float32) - z), np.asarray(r["weight"]))
-    assert not np.allclose(np.asarray(r["scale"]), np.asarray(rtn_quantize_weight(w, bits, 16)["scale"]))  # s1 learned
+    s_rtn = rtn_quantize_weight(w, None, RTNConfig(bits, 16))["scale"]
+    assert not np.allclose(np.asarray(r["scale"]), np.asarray(s_rtn))  # s1 learned
     # the paper's qualitative claim: unlike AdaRound's up-or-down choice, element-wise division lets some weights move
     # beyond both neighbouring points of their grid (measured 0.4-0.7% at W3, 1.2-1.4% at W4, seeds 0-3)
     assert 0.001 < r["beyond_nearest"] < 0.1, r["beyond_nearest"]
@@ -166,7 +167,7 @@ def test_toy_bert_blockwise_below_rtn(toy_run):
         np.testing.assert_array_equal(np.asarray(a), b)
     f = np.asarray(model.forward(params, batch))
     err = lambda p: float(np.mean((np.asarray(model.forward(p, batch)) - f) ** 2))
-    e_rtn = err(rtn(params, model, None, bits=3, group_size=16, progress=False)[0])
+    e_rtn = err(rtn(params, model, None, RTNConfig(3, 16), progress=False)[0])
     e_fr = err(q)
     # Calibrated on the batch it is measured on, block reconstruction removes most of RTN's error on the random toy
     # model (measured 1.5-4.5% of RTN's at 100-200 steps, W3/W4; block objectives 3-9% of RTN's): demand at least a
@@ -185,7 +186,7 @@ def test_export_round_trip(toy_run, tmp_path):
     model, params, batch, _, q, rep = toy_run
     for p, r in rep["layers"].items():
         # float32 scales: the packed codes and the dequantized kernel are exactly the report's
-        ql = pack_layer(r, 3, 16, scale_dtype=jnp.float32)
+        ql = pack_layer(r, scale_dtype=jnp.float32)
         np.testing.assert_array_equal(np.asarray(dequantize(ql.q, jnp.float32)), np.asarray(r["weight"]))
         codes = unpack_bits(ql.q.packed, 3, ql.q.shape[-1])
         np.testing.assert_array_equal(np.asarray(codes), np.asarray(r["codes"]))
@@ -273,7 +274,7 @@ def test_minilm_w3_beats_rtn():
     ev = [emb.tokenizer(evaluation_sentences(64))]
     e_float = embed_batches(model, emb.params, ev)
     cos = lambda p: embedding_metrics(e_float, embed_batches(model, p, ev))["cosine"]
-    c_rtn = cos(rtn(emb.params, model, None, bits=3, group_size=128, progress=False)[0])
+    c_rtn = cos(rtn(emb.params, model, None, RTNConfig(3, 128), progress=False)[0])
     q, rep = flexround(emb.params, model, calib, FlexRoundConfig(3, 128, iters=16, lr=3e-3, batch_size=4),
                        progress=False)
     c_fr = cos(q)

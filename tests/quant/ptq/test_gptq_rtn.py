@@ -6,7 +6,7 @@ import pytest
 
 from quant.ptq._common import minmax_params
 from quant.ptq.gptq import GPTQConfig, damped_inverse_cholesky, gptq_quantize_weight, hessian_from_inputs
-from quant.ptq.rtn import rtn_format, rtn_quantize_weight
+from quant.ptq.rtn import RTNConfig, rtn_format, rtn_quantize_weight
 
 
 def _layer(rng, n=512, d_in=64, d_out=24, outliers=True):
@@ -90,7 +90,7 @@ def test_gptq_identity_hessian_equals_rtn():
     for gs in (-1, 16):
         # With H = I the inverse-Hessian Cholesky factor is diagonal: no error propagation, so GPTQ == RTN exactly.
         g = gptq_quantize_weight(w, np.eye(w.shape[0]), GPTQConfig(bits=4, group_size=gs, block_size=32))
-        r = rtn_quantize_weight(w, 4, gs)
+        r = rtn_quantize_weight(w, None, RTNConfig(4, gs))
         np.testing.assert_array_equal(np.asarray(g["weight"]), np.asarray(r["weight"]))
         np.testing.assert_array_equal(np.asarray(g["codes"]), np.asarray(r["codes"]))
 
@@ -101,7 +101,7 @@ def test_gptq_output_error_below_rtn(bits):
     x, w = _layer(rng)
     H = hessian_from_inputs(x)
     err = lambda wq: float(np.mean((x @ w - x @ np.asarray(wq)) ** 2))
-    e_rtn = err(rtn_quantize_weight(w, bits, 16)["weight"])
+    e_rtn = err(rtn_quantize_weight(w, None, RTNConfig(bits, 16))["weight"])
     for cfg in (GPTQConfig(bits, 16, block_size=32), GPTQConfig(bits, 16, act_order=True, block_size=32),
                 GPTQConfig(bits, 16, act_order=True, static_groups=True, block_size=32)):
         e = err(gptq_quantize_weight(w, H, cfg)["weight"])
@@ -181,7 +181,7 @@ def test_inputs_not_modified_and_rtn_formats():
     np.testing.assert_array_equal(H, H0)
     params = {"a": {"kernel": jnp.asarray(w), "bias": jnp.ones(24)}}
     for fmt in (IntFormat(4, False, "group", 16), FP4_E2M1, IntFormat(3, True, "channel")):
-        q = rtn_format(params, fmt)
+        q, _ = rtn_format(params, fmt)
         np.testing.assert_array_equal(np.asarray(q["a"]["kernel"]), np.asarray(round_trip(jnp.asarray(w), fmt)))
         np.testing.assert_array_equal(np.asarray(q["a"]["bias"]), 1.0)
 
@@ -199,5 +199,5 @@ def test_sharded_equals_single_device(mesh_2d):
     cfg = GPTQConfig(4, 16, act_order=True, block_size=16)
     np.testing.assert_array_equal(np.asarray(gptq_quantize_weight(ws, Hs, cfg)["weight"]),
                                   np.asarray(gptq_quantize_weight(w, H, cfg)["weight"]))
-    np.testing.assert_array_equal(np.asarray(rtn_quantize_weight(ws, 3, 16)["weight"]),
-                                  np.asarray(rtn_quantize_weight(w, 3, 16)["weight"]))
+    np.testing.assert_array_equal(np.asarray(rtn_quantize_weight(ws, None, RTNConfig(3, 16))["weight"]),
+                                  np.asarray(rtn_quantize_weight(w, None, RTNConfig(3, 16))["weight"]))

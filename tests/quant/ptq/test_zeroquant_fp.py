@@ -16,7 +16,7 @@ import pytest
 from quant.formats import FloatFormat, IntFormat, round_trip
 from quant.ptq.gptq import hessian_from_inputs
 from quant.ptq.lorc import lorc, lorc_bits_per_weight, lorc_factors, lorc_weight
-from quant.ptq.rtn import rtn
+from quant.ptq.rtn import RTNConfig, rtn
 from quant.ptq.zeroquant_fp import (ZeroQuantFPConfig, embed_a8, forward_a8, fp_act_quant, pow2_exponent_range,
                                     pow2_scales, zeroquant_fp, zeroquant_fp_weight)
 
@@ -322,7 +322,7 @@ def test_lorc_numpy_reference_rank_and_full_rank():
 def test_lorc_on_any_method_storage_and_validation(toy, toy_zq):
     model, params, batch = toy
     before = jax.tree_util.tree_map(np.array, params)
-    qs = {"rtn_int3": rtn(params, model, None, bits=3, group_size=16, progress=False)[0],
+    qs = {"rtn_int3": rtn(params, model, None, RTNConfig(3, 16), progress=False)[0],
           "zeroquant_fp_gptq": toy_zq[1], "zeroquant_fp_rtn": toy_zq[3]}
     f = np.asarray(model.forward(params, batch))
     for name, q in qs.items():
@@ -381,10 +381,10 @@ def test_minilm_w4a8_zeroquant_fp_and_lorc(minilm):
     cfg = ZeroQuantFPConfig(group_size=128, pow2="m2")  # W4 (FP4 E2M1 g128, M2 scales) A8 (FP8 E4M3 per token)
     q_zq, rep = zeroquant_fp(params, model, calib, cfg, progress=False)
     q_fp4, _ = zeroquant_fp(params, model, None, dataclasses.replace(cfg, algorithm="rtn"), progress=False)
-    q_int4, _ = rtn(params, model, None, bits=4, group_size=128, progress=False)
+    q_int4, _ = rtn(params, model, None, RTNConfig(4, 128), progress=False)
     c = {"zeroquant_fp_w4a8": cos(embed_a8(model, q_zq, ev)), "rtn_fp4_w4a8": cos(embed_a8(model, q_fp4, ev)),
          "rtn_int4_w4a16": cos(embed_batches(model, q_int4, ev))}
-    q3, _ = rtn(params, model, None, bits=3, group_size=128, progress=False)
+    q3, _ = rtn(params, model, None, RTNConfig(3, 128), progress=False)
     q3l, lrep = lorc(params, q3, 8, progress=False)
     c["rtn_int3"], c["rtn_int3_lorc8"] = cos(embed_batches(model, q3, ev)), cos(embed_batches(model, q3l, ev))
     print("\nMiniLM embedding cosine:", {k: round(v, 4) for k, v in c.items()},
