@@ -343,7 +343,10 @@ def compute_qparams(x: jax.Array, fmt: Format) -> QParams:
     else:
         raise TypeError(f"unknown format {fmt!r}")
     if not has_special_codes(fmt):  # traced non-finite input: NaN scale for its block (see module docstring)
-        bad = reduce_stats(~jnp.isfinite(x), fmt, jnp.any)
+        if isinstance(fmt, FloatFormat) and not fmt.scaled:  # one scale for the tensor, whatever the granularity
+            bad = jnp.any(~jnp.isfinite(x)).reshape((1,) * x.ndim)
+        else:
+            bad = reduce_stats(~jnp.isfinite(x), fmt, jnp.any)
         s = jnp.where(bad, jnp.nan, jnp.broadcast_to(s, bad.shape))
     return QParams(s, z)
 
