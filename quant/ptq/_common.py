@@ -1,5 +1,7 @@
 """Shared helpers of the PTQ methods: the uniform min/max grid used by GPTQ/RTN (IST-DASLab/gptq ``quant.py``),
-the AWQ grid (mit-han-lab/llm-awq ``pseudo_quantize_tensor``), progress bars and config validation.
+the AWQ grid (mit-han-lab/llm-awq ``pseudo_quantize_tensor``), progress bars and config validation. The grids are
+each reference's statistics (range widened to contain 0 or not, all-zero rows, floors) fed to the one grid
+definition of :mod:`quant.intgrid` (``quant.formats.minmax_grid`` / ``absmax_scale``), which ``IntFormat`` uses too.
 
 Weights here are in the *GPTQ layout* ``W[out, in]`` (rows = output channels, "columns" = input features);
 Flax ``Dense`` kernels are ``[in, out]`` and are transposed at the method boundary.
@@ -7,23 +9,11 @@ Flax ``Dense`` kernels are ``[in, out]`` and are transposed at the method bounda
 
 from __future__ import annotations
 
-import os
-from typing import Iterable
-
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
-
-def progress_disabled(progress: bool | None) -> bool:
-    """True when bars are off: ``progress=False`` or env ``WEIGHTLAB_NO_PROGRESS=1``."""
-    if os.environ.get("WEIGHTLAB_NO_PROGRESS", "") not in ("", "0"):
-        return True
-    return progress is False
-
-
-def pbar(it: Iterable, progress: bool | None = None, **kw):
-    return tqdm(it, disable=progress_disabled(progress), leave=False, **kw)
+from jaxmodels.progress import progress_bar as pbar  # the library's one bar helper, under its PTQ call sites' name
+from quant.formats import absmax_scale, minmax_grid
 
 
 def check_bits(bits: int, group_size: int) -> None:
@@ -37,10 +27,9 @@ def minmax_params(x: jax.Array, bits: int, sym: bool) -> tuple[jax.Array, jax.Ar
     """GPTQ ``Quantizer.find_params`` (weight=True, per channel) on rows of ``x[rows, cols]``.
 
     xmin = min(min_j x, 0), xmax = max(max_j x, 0); symmetric: xmax = max(|xmin|, xmax), xmin = -xmax;
-    all-zero rows get [-1, 1]; scale = (xmax - xmin) / maxq; zero = (maxq+1)/2 if sym else round(-xmin/scale).
-    Returns ``(scale[rows], zero[rows])``.
+    all-zero rows get [-1, 1]; then :func:`quant.formats.minmax_grid`: scale = (xmax - xmin) / maxq,
+    zero = (maxq+1)/2 if sym (the *GPTQ offset grid*) else round(-xmin/scale). Returns ``(scale[rows], zero[rows])``.
     """
-    maxq = 2**bits - 1
     xmin = jnp.minimum(x.min(axis=1), 0.0)
     xmax = jnp.maximum(x.max(axis=1), 0.0)
     if sym:
@@ -49,9 +38,7 @@ def minmax_params(x: jax.Array, bits: int, sym: bool) -> tuple[jax.Array, jax.Ar
     both0 = (xmin == 0) & (xmax == 0)
     xmin = jnp.where(both0, -1.0, xmin)
     xmax = jnp.where(both0, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
-    zero = jnp.full_like(scale, (maxq + 1) / 2) if sym else jnp.round(-xmin / scale)
-    return scale, zero
+    return minmax_grid(xmin, xmax, bits, offset_zero=sym)
 
 
 def quantize_codes(x, scale, zero, maxq):
@@ -88,13 +75,14 @@ def rtn_minmax(w: jax.Array, bits: int, group_size: int = -1, sym: bool = False)
     return w_hat, codes.reshape(w.shape).astype(jnp.uint8), scale, zero
 
 
+AWQ_MIN_RANGE = 1e-5  # llm-awq's floor on max - min (and on max|w| without a zero point)
+
+
 def awq_grid(w: jax.Array, bits: int, group_size: int = 128):
-    """Asymmetric llm-awq grid of ``w[out, in]``: ``(scale, zero)`` of shape ``[out, n_groups]``."""
+    """Asymmetric llm-awq grid of ``w[out, in]``: ``(scale, zero)`` of shape ``[out, n_groups]``:
+    :func:`quant.formats.minmax_grid` on ``[min, max]`` (not widened to contain 0) with ``min_range=1e-5``."""
     g = group_view(w, group_size)
-    mx, mn = g.max(-1), g.min(-1)
-    maxq = 2**bits - 1
-    scale = jnp.maximum(mx - mn, 1e-5) / maxq
-    return scale, jnp.clip(-jnp.round(mn / scale), 0, maxq)
+    return minmax_grid(g.min(-1), g.max(-1), bits, min_range=AWQ_MIN_RANGE)
 
 
 def awq_pseudo_quantize(w: jax.Array, bits: int, group_size: int = 128, zero_point: bool = True) -> jax.Array:
@@ -106,15 +94,12 @@ def awq_pseudo_quantize(w: jax.Array, bits: int, group_size: int = 128, zero_poi
     """
     g = group_view(w, group_size)
     if zero_point:
-        mx, mn = g.max(-1, keepdims=True), g.min(-1, keepdims=True)
         maxq = 2**bits - 1
-        scale = jnp.maximum(mx - mn, 1e-5) / maxq
-        zero = jnp.clip(-jnp.round(mn / scale), 0, maxq)
+        scale, zero = minmax_grid(g.min(-1, keepdims=True), g.max(-1, keepdims=True), bits, min_range=AWQ_MIN_RANGE)
         out = (jnp.clip(jnp.round(g / scale) + zero, 0, maxq) - zero) * scale
-    else:
-        mx = jnp.maximum(jnp.abs(g).max(-1, keepdims=True), 1e-5)
+    else:  # the absmax grid
         qmax = 2 ** (bits - 1) - 1
-        scale = mx / qmax
+        scale = absmax_scale(jnp.abs(g).max(-1, keepdims=True), bits, min_amax=AWQ_MIN_RANGE)
         out = jnp.clip(jnp.round(g / scale), -qmax - 1, qmax) * scale
     return out.reshape(w.shape)
 
