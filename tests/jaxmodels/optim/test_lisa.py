@@ -106,8 +106,8 @@ def test_lisa_sampling_is_uniform_without_replacement():
     sampler alone (identity inner, one scanned jit): 3000 periods of K=2 steps, L=6, γ=2 (15 subsets, 200 expected
     each). Fixed seed, so the statistics are fixed numbers (measured: subset chi² 14.6, overlap chi² 1.3); the bounds
     are the 0.999 quantiles, so any uniform sampler passes with probability 0.999 per check whatever the seed, while
-    e.g. one layer weighted 1.3x (simulated: subset chi² ~ 75, always > bound), a reused key (overlap always γ) or a deterministic
-    rotation fails."""
+    e.g. one layer weighted 1.3x (simulated: subset chi² ~ 75, always above the bound), a reused key (overlap always
+    γ) or a deterministic rotation fails."""
     import itertools
     from math import comb
 
