@@ -146,9 +146,9 @@ def test_gptq_static_groups_matches_numpy_reference(gs, bs, actorder, sym, dead)
     np.testing.assert_array_equal(r["g_idx"], g_ref)
     if actorder:
         np.testing.assert_array_equal(r["perm"], np.argsort(-np.diag(H), kind="stable"))
-    # the static group parameters come from the unquantized weight only (no error feedback). XLA CPU's float32
-    # division is not correctly rounded (jit(r / 7) differs from NumPy's IEEE r / 7 by 1 ulp for ~55% of inputs),
-    # so ~half the scales are 1 ulp off the reference's.
+    # the static group parameters come from the unquantized weight only (no error feedback). Under jit XLA rewrites
+    # the grid's r / maxq (a constant divisor) into r * float32(1/7), which is 1 ulp off the IEEE quotient (NumPy,
+    # torch) for ~55% of inputs, so about half the scales are 1 ulp off the reference's.
     np.testing.assert_allclose(np.asarray(r["scale"]), s_ref, rtol=2.5e-7)
     np.testing.assert_array_equal(np.asarray(r["zero"]), z_ref)
 
@@ -161,7 +161,7 @@ def test_gptq_static_groups_matches_numpy_reference(gs, bs, actorder, sym, dead)
     assert ok, same.mean()
     # ... and fully independent. With sym the weight at -amax of its group sits exactly on a rounding tie
     # (-amax/scale = -3.5); when it is the first column processed (no error fed into it yet) the 1-ulp scale decides
-    # the level (reference, IEEE division: -4; XLA CPU: -3 when its scale is 1 ulp larger) and the row then diverges.
+    # the level (reference, IEEE division: -4; here -3 when the scale is 1 ulp larger) and the row then diverges.
     # Asserted: every row that differs first differs at such a tie.
     ok, same = close(Q)
     if not sym:
