@@ -70,6 +70,20 @@ def _compensate(w, w_hat, Uh, Vh, factor_format):
     return new.astype(jnp.asarray(w_hat).dtype), Uh, Vh, err
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _pack_factor(f, factor_format):
+    from quant.qarray import quantize
+
+    return quantize(f, factor_format)
+
+
+@jax.jit
+def _same(qa, ref):
+    from quant.qarray import dequantize
+
+    return jnp.all(dequantize(qa, jnp.float32) == ref)
+
+
 def _lorc(w, w_hat, rank, factor_format):
     Uh, Vh, norm_e, norm_w = _svd_factors(w, w_hat, rank)
     new, Uh, Vh, err = _compensate(w, w_hat, Uh, Vh, factor_format)
@@ -138,7 +152,6 @@ def lorc(params_float, params_quant, rank: int, *, report: dict | None = None, f
     LoRC entries above. ``bits_per_weight`` of the report is the extra storage averaged over the compensated weights.
     """
     from jaxmodels.tree import check_compatible, flatten, unflatten
-    from quant.qarray import dequantize, quantize
 
     from ._common import pbar
 
@@ -170,10 +183,10 @@ def lorc(params_float, params_quant, rank: int, *, report: dict | None = None, f
         if factor_format is not None:
             # the factors' qparams are per rank component (column) or span all columns of the zero-padded factor
             # by max |.|: quantizing the r kept columns alone gives the same codes and values
-            packed = {"U_packed": quantize(Uf[:, :rank], factor_format),
-                      "V_packed": quantize(Vf[:, :rank], factor_format)}
+            packed = {"U_packed": _pack_factor(Uf[:, :rank], factor_format),
+                      "V_packed": _pack_factor(Vf[:, :rank], factor_format)}
             for k, ref in (("U_packed", U), ("V_packed", V)):
-                if not bool(jnp.all(dequantize(packed[k], jnp.float32) == ref)):
+                if not bool(_same(packed[k], ref)):
                     raise AssertionError(f"LoRC {p}: packed factor {k[0]} differs from the fake-quantized one")
         rec = {"U": U, "V": V, **packed, "factor_format": factor_format, "error_before": norm_e / norm_w,
                "error_after": float(norm_after) / norm_w, "bits_per_weight": bpw}
