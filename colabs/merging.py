@@ -61,7 +61,8 @@ from merging import registry  # noqa: E402
 from merging.adamerging import adamerging, entropy  # noqa: E402
 from merging.atlas import atlas  # noqa: E402
 from merging.fisher import diagonal_fisher, fisher_merge  # noqa: E402
-from merging.greedy_soup import greedy_soup, uniform_soup  # noqa: E402
+from merging.greedy_soup import greedy_soup  # noqa: E402
+from merging.linear import uniform_soup  # noqa: E402
 from merging.lmc import interpolate, interpolation_path  # noqa: E402
 from merging.permutation import (activation_matching, apply_permutation, mlp_permutation_spec,  # noqa: E402
                                  weight_matching)
@@ -175,7 +176,10 @@ def val_avg(p):
 soup = uniform_soup(experts)
 key = jax.random.key(0)
 data_free_names = []
-for name in registry.available():
+# --quick runs the methods the claim checks below need plus a few representatives (every compiled merge costs
+# seconds on a small CPU); the full run covers the whole registry.
+QUICK_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "model_stock", "breadcrumbs")
+for name in [n for n in registry.available() if not QUICK or n in QUICK_METHODS]:
     m = registry.get(name)
     kw = {}
     if "weight" in m.per_model:
@@ -184,10 +188,9 @@ for name in registry.available():
         kw["density"] = 0.5
     if m.stochastic:
         kw["key"] = key
-    b = base if m.needs_base else None
     label = name
     try:
-        merged = m(b, experts, **kw)
+        merged = m(base, experts, **kw)
     except Exception as e:  # noqa: BLE001 - pairwise or special-purpose methods
         try:
             merged = m(base, [soup], **kw)
@@ -206,7 +209,7 @@ if "task_arithmetic" in registry.available():
     rows.append((f"task_arithmetic (λ={best_l} on val)", task_accs(ta(base, experts, weights=best_l))))
 if "ties" in registry.available():
     ties = registry.get("ties")
-    cands = [(d, l) for d in (0.2, 0.5) for l in lambdas + [1.5, 2.0]]
+    cands = [(d, l) for d in ((0.5,) if QUICK else (0.2, 0.5)) for l in lambdas + [1.5, 2.0]]
     best_dl = max(cands, key=lambda c: val_avg(ties(base, experts, density=c[0], weights=1.0, lambda_=c[1])))
     rows.append((f"ties (density={best_dl[0]}, λ={best_dl[1]} on val)",
                  task_accs(ties(base, experts, density=best_dl[0], weights=1.0, lambda_=best_dl[1]))))
@@ -221,29 +224,31 @@ val_x = [[split[t]["val"][0]] for t in task_names]
 
 # Fisher merging (Matena & Raffel): empirical diagonal Fisher of each expert on its own validation data.
 fishers = [diagonal_fisher(apply_fn, e, vb, progress=False) for e, vb in zip(experts, val_batches)]
-rows.append(("fisher merging", task_accs(fisher_merge(experts, fishers))))
+rows.append(("fisher merging", task_accs(fisher_merge(base, experts, fishers).params)))
 lap("fisher")
 
 # RegMean (Jin et al.) and RegMean++ on the experts' own validation inputs, α = 0.9 as in the paper.
-rows.append(("regmean (α=0.9)", task_accs(regmean_from_data(apply_fn, experts, val_x, alpha=0.9, progress=False))))
+rows.append(("regmean (α=0.9)", task_accs(regmean_from_data(base, experts, apply_fn, val_x, alpha=0.9,
+                                                            progress=False).params)))
 lap("regmean")
-rows.append(("regmean++ (α=0.9)", task_accs(regmean_plusplus(apply_fn, experts, val_x, alpha=0.9, progress=False))))
+rows.append(("regmean++ (α=0.9)", task_accs(regmean_plusplus(base, experts, apply_fn, val_x, alpha=0.9,
+                                                              progress=False).params)))
 lap("regmean++")
 
 # Greedy soup (Wortsman et al.): ingredients = base + experts, held-out score = mean validation accuracy.
-gs = greedy_soup([base] + experts, val_avg, progress=False)
-rows.append((f"greedy soup (kept {len(gs.selected)}/{K + 1})", task_accs(gs.params)))
+gs = greedy_soup(None, [base] + experts, val_avg, progress=False)
+rows.append((f"greedy soup (kept {len(gs.info['selected'])}/{K + 1})", task_accs(gs.params)))
 lap("greedy soup")
 
 # AdaMerging (Yang et al.): entropy minimization on unlabeled test batches.
 ada_steps = 60 if QUICK else 300
 test_x = [[split[t]["test"][0][i:i + 150] for i in range(0, len(x_te), 150)] for t in task_names]
 for gran in ("task", "layer"):
-    res = adamerging(apply_fn, base, experts, test_x, granularity=gran, steps=ada_steps, learning_rate=1e-2,
+    res = adamerging(base, experts, apply_fn, test_x, granularity=gran, steps=ada_steps, learning_rate=1e-2,
                      progress=False)
     rows.append((f"adamerging ({gran}-wise)", task_accs(res.params)))
-    lam = np.concatenate([np.ravel(v) for v in res.coefficients.values()])
-    ent = [float(np.mean(res.losses[:5])), float(np.mean(res.losses[-5:]))]
+    lam = np.concatenate([np.ravel(v) for v in res.info["coefficients"].values()])
+    ent = [float(np.mean(res.info["losses"][:5])), float(np.mean(res.info["losses"][-5:]))]
     print(f"adamerging {gran}-wise: mean λ {lam.mean():.3f} (init 0.3), entropy objective {ent[0]:.3f} -> {ent[1]:.3f}")
     base_ent = sum(float(entropy(apply_jit(base, xs[0]))) for xs in test_x)
     print(f"  (entropy objective of the pre-trained base itself: {base_ent:.3f})")
@@ -251,12 +256,12 @@ lap("adamerging")
 
 # aTLAS (Zhang et al.): one coefficient per parameter block per task vector, 64 labeled validation examples per task.
 few = [[(split[t]["val"][0][:64], split[t]["val"][1][:64])] for t in task_names]
-at = atlas(apply_fn, base, experts, few, steps=ada_steps, learning_rate=2e-2, progress=False)
+at = atlas(base, experts, apply_fn, few, steps=ada_steps, learning_rate=2e-2, progress=False)
 rows.append(("atlas (64 labels/task)", task_accs(at.params)))
 lap("atlas")
 
 # Twin-Merging (Lu et al.): shared = uniform soup, exclusive = rank-16 SVD of (expert − shared), router on val inputs.
-tw = twin_merging(apply_fn, base, experts, val_x, rank=16, steps=200 if QUICK else 500, progress=False)
+tw = twin_merging(base, experts, apply_fn, val_x, rank=16, steps=200 if QUICK else 500, progress=False)
 twin_fn = jax.jit(lambda x: twin_apply(apply_fn, tw, x))
 rows.append(("twin-merging (rank 16, routed)",
              [float((np.argmax(twin_fn(split[t]["test"][0]), -1) == y_te).mean()) for t in task_names]))
@@ -307,10 +312,10 @@ spec = mlp_permutation_spec(2)
 t0 = time.perf_counter()
 perm_w = weight_matching(pa, pb, spec, progress=False)
 wm_time = time.perf_counter() - t0
-pb_w = apply_permutation(spec, perm_w, pb)
-perm_a = activation_matching(wide_apply, pa, pb, [x_tr[:512], x_tr[512:]], {"P_0": "Dense_0", "P_1": "Dense_1"},
+pb_w = apply_permutation(pb, spec, perm_w)
+perm_a = activation_matching(pa, pb, wide_apply, [x_tr[:512], x_tr[512:]], {"P_0": "Dense_0", "P_1": "Dense_1"},
                              activation=jax.nn.relu, progress=False)
-pb_a = apply_permutation(spec, perm_a, pb)
+pb_a = apply_permutation(pb, spec, perm_a)
 # permuting must not change B's function
 np.testing.assert_allclose(wide_jit(pb_w, x_te), wide_jit(pb, x_te), rtol=1e-4, atol=1e-4)
 
@@ -350,10 +355,10 @@ plt.close(fig)
 # %%
 pleas_acc = {}
 for r in ((1.0, 1.5, 2.0) if QUICK else (1.0, 1.25, 1.5, 1.75, 2.0)):
-    res = pleas_mlp(pa, pb, x_tr[:500], x_tr[500:1000], width_ratio=r)
-    merged_model = MLP(features=res.widths, num_outputs=10)
+    res = pleas_mlp(None, [pa, pb], [x_tr[:500], x_tr[500:1000]], width_ratio=r)
+    merged_model = MLP(features=res.info["widths"], num_outputs=10)
     pleas_acc[r] = float((np.argmax(merged_model.apply({"params": res.params}, x_te), -1) == y_te).mean())
-    print(f"PLeaS width ratio {r:4.2f}: widths {res.widths}, test acc {pleas_acc[r]:.4f}")
+    print(f"PLeaS width ratio {r:4.2f}: widths {res.info['widths']}, test acc {pleas_acc[r]:.4f}")
 wm_avg_acc = float((np.argmax(wide_jit(interpolate(pa, pb_w, jnp.float32(0.5)), x_te), -1) == y_te).mean())
 print(f"weight-matching average (same size as ratio 1.0): test acc {wm_avg_acc:.4f}")
 lap("pleas")
@@ -361,9 +366,27 @@ lap("pleas")
 # %% [markdown]
 # ## 8. Which of the papers' orderings does this benchmark reproduce?
 #
-# Each line compares two numbers computed above; nothing is hard-coded. A ✗ is reported, not hidden: on a 3-task,
-# 8x8-digits benchmark with 128-unit MLPs several of the papers' gaps (measured on ViTs, T5 and ResNets) need not
-# appear.
+# Each line compares two numbers computed above; nothing is hard-coded. The claims that hold at this scale are
+# **asserted** (in `--quick` mode too, so the test fails if one stops holding); the others are printed with a ✗.
+# Where the measured gap is within what a different float reduction order can move (a few test images), the
+# assertion is the weaker "not worse by more than `tol`" and says so.
+#
+# Measured in `--quick` mode (3 tasks, 8x8 digits, 128-unit MLPs; average test accuracy over the tasks):
+#
+# * hold and asserted: Fisher 0.486 > uniform average 0.268; RegMean 0.872 > Fisher 0.486 and > average;
+#   AdaMerging layer-wise 0.292 > task-wise 0.194; Twin-Merging 0.927 > best static merge 0.875; greedy soup
+#   0.483 ≥ uniform soup 0.268; Re-Basin barriers 0.029 (weight matching) and 0.026 (activation matching) < naive
+#   0.389; PLeaS at width 1.0 0.982 ≥ the weight-matching average 0.967.
+# * hold by less than the noise, asserted as "not worse by more than 1 point": RegMean++ 0.875 vs RegMean 0.872
+#   (the first layer is identical; only two deeper layers can differ), PLeaS width 2.0 0.984 vs 1.0 0.982 (both
+#   near the endpoints' 0.98).
+# * do **not** hold here: TIES 0.352 vs task arithmetic 0.434 (λ tuned on validation for both). The experts are fully
+#   fine-tuned on input transformations (rotation, mirror, inversion) that need nearly disjoint first-layer
+#   features, so their task vectors barely interfere in sign and trimming half of each removes signal rather than
+#   noise. AdaMerging task-wise 0.194 vs task arithmetic 0.434: entropy minimization drives λ to ~0.04 because the
+#   pre-trained base is *confidently wrong* on the transformed digits (entropy 0.64, accuracy 0.18), so low entropy
+#   is not a proxy for accuracy here (the paper's ViTs start from a zero-shot model that is roughly calibrated on
+#   the tasks). aTLAS 0.428 vs task arithmetic 0.434: a tie within noise with 64 labels and 60 steps per task.
 
 # %%
 def find(prefix):
@@ -373,37 +396,48 @@ def find(prefix):
     return None
 
 
+# (claim, a, b, assert?): the claim is a > b (or a >= b when the text says ">="); assert=None: reported only;
+# assert=tol (a float): asserted as a >= b - tol (a gap within noise); assert=True: asserted strictly.
 claims = [
-    ("TIES > task arithmetic (Yadav et al.)", find("ties (density"), find("task_arithmetic (λ")),
-    ("Fisher merging > uniform average (Matena & Raffel)", table["fisher merging"], find("linear")),
-    ("RegMean > Fisher merging (Jin et al.)", table["regmean (α=0.9)"], table["fisher merging"]),
-    ("RegMean > uniform average (Jin et al.)", table["regmean (α=0.9)"], find("linear")),
-    ("RegMean++ > RegMean (Nguyen et al.)", table["regmean++ (α=0.9)"], table["regmean (α=0.9)"]),
+    ("TIES > task arithmetic (Yadav et al.)", find("ties (density"), find("task_arithmetic (λ"), None),
+    ("Fisher merging > uniform average (Matena & Raffel)", table["fisher merging"], find("linear"), True),
+    ("RegMean > Fisher merging (Jin et al.)", table["regmean (α=0.9)"], table["fisher merging"], True),
+    ("RegMean > uniform average (Jin et al.)", table["regmean (α=0.9)"], find("linear"), True),
+    ("RegMean++ > RegMean (Nguyen et al.)", table["regmean++ (α=0.9)"], table["regmean (α=0.9)"], 0.01),
     ("AdaMerging layer-wise > task-wise (Yang et al.)", table["adamerging (layer-wise)"],
-     table["adamerging (task-wise)"]),
+     table["adamerging (task-wise)"], True),
     ("AdaMerging task-wise > task arithmetic (Yang et al.)", table["adamerging (task-wise)"],
-     find("task_arithmetic (λ")),
-    ("aTLAS > task arithmetic (Zhang et al.)", table["atlas (64 labels/task)"], find("task_arithmetic (λ")),
+     find("task_arithmetic (λ"), None),
+    ("aTLAS > task arithmetic (Zhang et al.)", table["atlas (64 labels/task)"], find("task_arithmetic (λ"), None),
     ("Twin-Merging > best static merge (Lu et al.)", table["twin-merging (rank 16, routed)"],
-     max(v for k, v in table.items() if not k.startswith(("twin", "experts")))),
+     max(v for k, v in table.items() if not k.startswith(("twin", "experts"))), True),
     ("greedy soup >= uniform soup (Wortsman et al.)", table[[k for k in table if k.startswith("greedy")][0]],
-     find("linear")),
+     find("linear"), True),
     ("Re-Basin: weight-matched barrier < naive barrier (Ainsworth et al.)", -paths["weight matching"].barrier,
-     -paths["naive"].barrier),
+     -paths["naive"].barrier, True),
     ("Re-Basin: activation-matched barrier < naive barrier (Ainsworth et al.)", -paths["activation matching"].barrier,
-     -paths["naive"].barrier),
-    ("PLeaS wider (2.0) > narrower (1.0) (Nasery et al.)", pleas_acc[2.0], pleas_acc[1.0]),
-    ("PLeaS (1.0) >= weight-matching average (Nasery et al.)", pleas_acc[1.0], wm_avg_acc),
+     -paths["naive"].barrier, True),
+    ("PLeaS wider (2.0) > narrower (1.0) (Nasery et al.)", pleas_acc[2.0], pleas_acc[1.0], 0.01),
+    ("PLeaS (1.0) >= weight-matching average (Nasery et al.)", pleas_acc[1.0], wm_avg_acc, True),
 ]
-n_ok = 0
-for text, a, b in claims:
+n_ok, failed, n_asserted = 0, [], 0
+for text, a, b, check in claims:
     if a is None or b is None:
         print(f"  ?  {text}: a method is missing from the registry")
+        if check is not None:
+            failed.append(f"{text}: missing")
         continue
     ok = a > b if ">=" not in text else a >= b
     n_ok += ok
-    print(f"  {'✓' if ok else '✗'}  {text}: {a:.4f} vs {b:.4f}")
+    note = "" if check is None else (" [asserted]" if check is True else f" [asserted: not worse by > {check}]")
+    print(f"  {'✓' if ok else '✗'}  {text}: {a:.4f} vs {b:.4f}{note}")
+    if check is not None:
+        n_asserted += 1
+        if not (ok if check is True else a >= b - check):
+            failed.append(f"{text}: {a:.4f} vs {b:.4f}")
 print(f"{n_ok}/{len(claims)} orderings reproduced")
+print(f"asserted claims: {n_asserted - len(failed)}/{n_asserted} hold")
+assert not failed, "paper claims that held at this scale no longer do: " + "; ".join(failed)
 print(f"plots saved in {OUT}")
 print("time per section [s]: " + ", ".join(f"{n} {t:.1f}" for n, t in timings))
 print(f"total wall time {time.perf_counter() - t_start:.1f} s")

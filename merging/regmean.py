@@ -137,10 +137,10 @@ def _merge_layer(layer, weights, grams, alpha, rcond, ranks, deficient):
         ranks[layer] = rank
         if rank < live:
             deficient.append(layer)
-            warnings.warn(f"regmean: layer {layer!r}: the Gram sum has rank {rank} < {live} live input dimensions "
-                          f"(alpha={float(alpha)}: fewer calibration tokens than inputs?); solved by least squares "
-                          "with the unconstrained directions kept at the average (see merging.regmean)",
-                          UserWarning, stacklevel=3)
+            warnings.warn(f"regmean: layer {layer!r}: the Gram sum has numerical rank {rank} < {live} live input "
+                          f"dimensions (alpha={float(alpha)}; eigenvalues below rcond·λ_max: fewer calibration tokens "
+                          "than inputs, or nearly dead inputs); solved by least squares with those directions kept "
+                          "at the average (see merging.regmean)", UserWarning, stacklevel=3)
     return W
 
 
