@@ -1,5 +1,6 @@
 """Regenerate tests/data/mergekit/: tiny random Llama-shaped checkpoints, mergekit configs, and the tensors mergekit
-writes for them (the reference that tests/merging/test_mergekit_parity.py compares `python -m merging` against).
+writes for them (the reference that tests/merging/test_cli.py::test_cli_reproduces_mergekit_outputs compares
+`python -m merging` against).
 
 Run OUTSIDE the project venv, in a throwaway venv with mergekit (never install torch/mergekit into .venv)::
 
@@ -7,8 +8,18 @@ Run OUTSIDE the project venv, in a throwaway venv with mergekit (never install t
     /tmp/mkenv/bin/python scripts/make_mergekit_reference.py
 
 Generated with mergekit 0.1.5, torch 2.13.0+cpu, safetensors 0.8.0 (recorded in tests/data/mergekit/VERSIONS.json).
-Only deterministic methods (or random ones at density 1) can be compared tensor for tensor: mergekit draws its
-DARE/DELLA masks from torch's RNG.
+Two families: ``base, m0..m2`` (float32, H=16) and ``bf16/base, bf16/m0, bf16/m1`` (bfloat16, with a 2048 x 16
+embedding: 32768 entries, above the 2^14-entry radix-select threshold; bf16 deltas tie constantly).
+
+mergekit runs in a child process of this script (``--child``) with two patches, both recorded here:
+
+- torch.sort / torch.argsort are made ``stable=True``. mergekit calls them with the default unstable sort, whose
+  order among equal magnitudes is an implementation detail of torch (on CPU not index order); weightlab documents
+  index order (a stable sort). With the patch the fixtures pin the exact kept set on tied bf16 deltas.
+- DARE / DELLA masks: mergekit draws them with ``torch.bernoulli``; for the ``*_mask`` configs the draw returns a
+  mask generated here with NumPy and saved as ``masks/<config>.safetensors`` (``np.packbits`` of the flat mask per
+  ``"<tensor>|<model>"``). The test feeds the same mask to weightlab (its uniforms become 0 where kept, 1 where
+  dropped), so DARE/DELLA at density < 1 are compared given the mask.
 """
 
 import json
@@ -190,7 +201,162 @@ dtype: float32
 }
 
 
+BF16_V, BF16_L = 2048, 1
+BF16_CONFIG = dict(LLAMA_CONFIG, vocab_size=BF16_V, num_hidden_layers=BF16_L, torch_dtype="bfloat16")
+
+# bf16 family, partial per-model parameters (mergekit fills density 1.0 / gamma 0.01 / epsilon 0.15), and masks
+EXTRA_CONFIGS = {
+    "ties_bf16": """
+merge_method: ties
+base_model: bf16/base
+models:
+  - model: bf16/m0
+    parameters: {weight: 1.0, density: 0.3}
+  - model: bf16/m1
+    parameters: {weight: 0.6, density: 0.7}
+dtype: float32
+out_dtype: bfloat16
+""",
+    "breadcrumbs_ties_bf16": """
+merge_method: breadcrumbs_ties
+base_model: bf16/base
+models:
+  - model: bf16/m0
+    parameters: {weight: 1.0, density: 0.5, gamma: 0.1}
+  - model: bf16/m1
+    parameters: {weight: 0.7, density: 0.4}
+parameters: {normalize: true}
+dtype: float32
+out_dtype: bfloat16
+""",
+    "dare_ties_bf16_mask": """
+merge_method: dare_ties
+base_model: bf16/base
+models:
+  - model: bf16/m0
+    parameters: {weight: 1.0, density: 0.3}
+  - model: bf16/m1
+    parameters: {weight: 0.5, density: 0.6}
+dtype: float32
+out_dtype: bfloat16
+""",
+    "della_bf16_mask": """
+merge_method: della
+base_model: bf16/base
+models:
+  - model: bf16/m0
+    parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}
+  - model: bf16/m1
+    parameters: {weight: 0.8, density: 0.4}
+dtype: float32
+out_dtype: bfloat16
+""",
+    "ties_partial": """
+merge_method: ties
+base_model: base
+models:
+  - model: m0
+    parameters: {weight: 1.0, density: 0.5}
+  - model: m1
+    parameters: {weight: 0.8}
+  - model: m2
+    parameters: {weight: 0.6, density: [{filter: mlp, value: 0.2}]}
+dtype: float32
+""",
+    "dare_linear_mask": """
+merge_method: dare_linear
+base_model: base
+models:
+  - model: m0
+    parameters: {weight: 1.0, density: 0.4}
+  - model: m1
+    parameters: {weight: 0.5, density: 0.7}
+dtype: float32
+""",
+    "della_linear_partial_mask": """
+merge_method: della_linear
+base_model: base
+models:
+  - model: m0
+    parameters: {weight: 1.0, density: 0.5, epsilon: 0.2}
+  - model: m1
+    parameters: {weight: 0.5, density: 0.6}
+  - model: m2
+    parameters: {weight: 0.3}
+dtype: float32
+""",
+}
+CONFIGS.update(EXTRA_CONFIGS)
+MASK_DENSITY = 0.5  # the given masks: Bernoulli(0.5) per entry (any mask works: the comparison is given the mask)
+
+
+def _child(cfg, out, mask_file):
+    """Run mergekit-yaml in this process with the stable-sort and given-mask patches (module docstring)."""
+    import re
+
+    import torch
+
+    _sort, _argsort = torch.sort, torch.argsort
+    torch.sort = lambda input, dim=-1, descending=False, stable=None: _sort(input, dim=dim, descending=descending,
+                                                                           stable=True)
+    torch.argsort = lambda input, dim=-1, descending=False, stable=None: _argsort(input, dim=dim,
+                                                                                 descending=descending, stable=True)
+    masks = None
+    if mask_file != "-":
+        from safetensors.numpy import load_file
+        masks = load_file(mask_file)
+    import mergekit.merge_methods.generalized_task_arithmetic as G
+
+    ctx = {}
+    orig_group, orig_sparsify = G.GeneralizedTaskArithmeticMerge.merge_group, G.sparsify
+
+    def merge_group(self, group, /, **parameters):
+        ctx["name"] = group.metadata.name
+        ctx["models"] = [re.findall(r"(m\d+)", str(e.id))[-1] for e in group.non_base]
+        ctx["i"] = 0
+        return orig_group(self, group, **parameters)
+
+    def sparsify(tensor, **kw):
+        ctx["cur"] = ctx["models"][ctx["i"]]
+        ctx["i"] += 1
+        return orig_sparsify(tensor, **kw)
+
+    def bernoulli(p, *a, **k):
+        if masks is None:
+            raise RuntimeError("a random draw in a config without given masks")
+        packed = masks[f"{ctx['name']}|{ctx['cur']}"]
+        m = np.unpackbits(packed, count=p.numel()).astype(np.float32).reshape(tuple(p.shape))
+        return torch.from_numpy(m).to(p.dtype)
+
+    G.GeneralizedTaskArithmeticMerge.merge_group = merge_group
+    G.sparsify = sparsify
+    torch.bernoulli = bernoulli
+    from mergekit.scripts.run_yaml import main as run_yaml
+
+    sys.argv = ["mergekit-yaml", cfg, out, "--quiet", "--no-copy-tokenizer"]
+    try:
+        run_yaml()
+    except SystemExit as e:
+        if e.code:
+            raise
+
+
+def bf16_shapes():
+    s = {"model.embed_tokens.weight": (BF16_V, H), "model.norm.weight": (H,), "lm_head.weight": (32, H)}
+    for i in range(BF16_L):
+        p = f"model.layers.{i}."
+        s.update({p + "self_attn.q_proj.weight": (H, H), p + "self_attn.k_proj.weight": (H, H),
+                  p + "self_attn.v_proj.weight": (H, H), p + "self_attn.o_proj.weight": (H, H),
+                  p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
+                  p + "mlp.down_proj.weight": (H, I), p + "input_layernorm.weight": (H,),
+                  p + "post_attention_layernorm.weight": (H,)})
+    return s
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return _child(*sys.argv[2:5])
+    import ml_dtypes
     import mergekit
     import safetensors
     import torch
@@ -209,6 +375,20 @@ def main():
         d.mkdir()
         save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
         (d / "config.json").write_text(json.dumps(LLAMA_CONFIG, indent=1))
+    # bf16 family: base ~N(0, 0.02^2), fine-tunes + N(0, 1e-3^2), rounded to bf16 (few distinct delta values)
+    bshapes = bf16_shapes()
+    bbase = {k: (0.02 * rng.standard_normal(s)).astype(np.float32) for k, s in bshapes.items()}
+    bmodels = {"base": bbase}
+    for i in range(2):
+        bmodels[f"m{i}"] = {k: v + 1e-3 * rng.standard_normal(v.shape) for k, v in bbase.items()}
+    bf16_trees = {}
+    for name, tensors in bmodels.items():
+        d = ROOT / "bf16" / name
+        d.mkdir(parents=True)
+        bf16_trees[name] = {k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+        save_file(bf16_trees[name], str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(BF16_CONFIG, indent=1))
+    (ROOT / "masks").mkdir()
     (ROOT / "configs").mkdir()
     (ROOT / "expected").mkdir()
     for name, text in CONFIGS.items():
@@ -218,14 +398,22 @@ def main():
         out = ROOT / "expected" / name
         # mergekit gets absolute model paths (a bare relative name would be taken for a Hugging Face repo id)
         abs_text = text
-        for m in models:
+        for m in list(models) + [f"bf16/{m}" for m in bmodels]:
             abs_text = abs_text.replace(f"model: {m}\n", f"model: {ROOT / m}\n")
             abs_text = abs_text.replace(f"base_model: {m}\n", f"base_model: {ROOT / m}\n")
+        mask_file = "-"
+        if name.endswith("_mask"):  # one mask per (tensor, non-base model), from a NumPy generator
+            fam = bf16_trees if "bf16/" in text else models
+            labels = [m for m in ("m0", "m1", "m2") if f"model: {'bf16/' if fam is bf16_trees else ''}{m}\n" in text]
+            mrng = np.random.default_rng(sum(map(ord, name)))
+            masks = {f"{t}|{m}": np.packbits(mrng.random(v.size) < MASK_DENSITY)
+                     for t, v in fam["base"].items() for m in labels}
+            mask_file = str(ROOT / "masks" / f"{name}.safetensors")
+            save_file(masks, mask_file)
         tmp_cfg = Path("/tmp") / f"mergekit_ref_{name}.yaml"
         tmp_cfg.write_text(abs_text)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(tmp_cfg), str(out), "--quiet",
-                        "--no-copy-tokenizer"],
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(tmp_cfg), str(out), mask_file],
                        cwd=ROOT, check=True, env=env)
         # keep only the tensors (drop config.json / README the merge writes)
         for f in out.iterdir():
@@ -234,7 +422,9 @@ def main():
     (ROOT / "VERSIONS.json").write_text(json.dumps({
         "mergekit": mergekit.__version__ if hasattr(mergekit, "__version__") else
         __import__("importlib.metadata").metadata.version("mergekit"),
-        "torch": torch.__version__, "safetensors": safetensors.__version__, "numpy": np.__version__}, indent=1))
+        "torch": torch.__version__, "safetensors": safetensors.__version__, "numpy": np.__version__,
+        "ml_dtypes": ml_dtypes.__version__,
+        "patches": "torch.sort/argsort stable=True; *_mask configs: torch.bernoulli returns masks/<config>"}, indent=1))
     total = sum(f.stat().st_size for f in ROOT.rglob("*") if f.is_file())
     print(f"wrote {ROOT} ({total / 1e6:.2f} MB)")
 

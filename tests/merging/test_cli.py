@@ -21,7 +21,9 @@ from merging.ties import ties
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "mergekit"
-CONFIGS = sorted(p.stem for p in (DATA / "configs").glob("*.yaml"))
+# the *_mask configs (DARE/DELLA given the mask, see scripts/make_mergekit_reference.py) need the mask fed to
+# weightlab's draw; their test is not written yet
+CONFIGS = sorted(p.stem for p in (DATA / "configs").glob("*.yaml") if not p.stem.endswith("_mask"))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
