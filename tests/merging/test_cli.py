@@ -21,9 +21,10 @@ from merging.ties import ties
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "mergekit"
-# the *_mask configs (DARE/DELLA given the mask, see scripts/make_mergekit_reference.py) need the mask fed to
-# weightlab's draw; their test is not written yet
+# the *_mask configs (DARE/DELLA given the mask, see scripts/make_mergekit_reference.py) feed the mask to
+# weightlab's draw: test_cli_reproduces_mergekit_dare_della_given_the_mask
 CONFIGS = sorted(p.stem for p in (DATA / "configs").glob("*.yaml") if not p.stem.endswith("_mask"))
+MASK_CONFIGS = sorted(p.stem for p in (DATA / "configs").glob("*.yaml") if p.stem.endswith("_mask"))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -40,6 +41,58 @@ def test_cli_reproduces_mergekit_outputs(name, tmp_path):
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=2e-6, err_msg=k)
     assert (out / "config.json").exists()  # the reference model's config travels with the merge
+
+
+@pytest.mark.parametrize("name", MASK_CONFIGS)
+def test_cli_reproduces_mergekit_dare_della_given_the_mask(name, tmp_path, monkeypatch):
+    """DARE / DELLA at density < 1 against mergekit 0.1.5 given the same drop mask (issue 13, "Done when").
+
+    The generator patched mergekit's ``torch.bernoulli`` to return ``masks/<config>.safetensors`` (one packed mask
+    per ``"<tensor>|<model>"``, 1 = keep). Here weightlab's one draw, ``merging.sparsify.random_uniform``, returns
+    0 where that mask keeps and 1 where it drops, so ``u < p`` (``0 < p <= 1``) reproduces it exactly. The merge runs
+    eagerly (``jax.disable_jit``) so that each draw is made in order (model 0, 1, ... of the tensor being merged,
+    which ``merging.cli._call`` names); the shape-only validation pass (``jax.eval_shape``) keeps the real draw.
+    The rescale is mergekit's L1 matching (``rescale: true``), the CLI default. Tolerance as in
+    test_cli_reproduces_mergekit_outputs (float32 formulas in another order)."""
+    import re
+
+    import yaml
+
+    import merging.cli as cli_mod
+    import merging.sparsify as S
+    from safetensors.numpy import load_file
+
+    cfg_text = (DATA / "configs" / f"{name}.yaml").read_text()
+    labels = [re.findall(r"(m\d+)", m["model"])[-1] for m in yaml.safe_load(cfg_text)["models"]]
+    masks = load_file(str(DATA / "masks" / f"{name}.safetensors"))
+    ctx = {"name": None, "i": 0, "draws": 0}
+    real_uniform, real_call = S.random_uniform, cli_mod._call
+
+    def given_uniform(key, shape):
+        if isinstance(key, jax.core.Tracer):  # validate_all's abstract pass: shapes only
+            return real_uniform(key, shape)
+        packed = masks[f"{ctx['name']}|{labels[ctx['i']]}"]
+        ctx["i"] += 1
+        ctx["draws"] += 1
+        keep = np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
+        return jnp.asarray(np.where(keep, 0.0, 1.0).astype(np.float32))
+
+    def named_call(cfg, tensor, base, xs, kwargs, key):
+        ctx["name"], ctx["i"] = tensor, 0
+        return real_call(cfg, tensor, base, xs, kwargs, key)
+
+    monkeypatch.setattr(S, "random_uniform", given_uniform)
+    monkeypatch.setattr(cli_mod, "_call", named_call)
+    out = tmp_path / "out"
+    with jax.disable_jit():
+        run_merge(DATA / "configs" / f"{name}.yaml", out, progress=False, root=DATA)
+    assert ctx["draws"] > 0  # the given masks were used
+    got = load_safetensors(out / "model.safetensors", as_numpy=True)
+    want = load_safetensors(DATA / "expected" / name / "model.safetensors", as_numpy=True)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k], np.float32), np.asarray(want[k], np.float32), rtol=0,
+                                   atol=2e-6, err_msg=k)
 
 
 def _write_family(d: Path, n=3, shapes=None, seed=0, dtype=np.float32):
