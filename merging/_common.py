@@ -66,8 +66,11 @@ def check_all_finite(trees: Sequence[PyTree], names: Sequence[str], method: str)
             d = getattr(leaf, "dtype", None)
             if d is None or not jnp.issubdtype(d, jnp.inexact):
                 continue
+            n_bad = _count_nonfinite(leaf)
+            if isinstance(n_bad, jax.core.Tracer):  # a concrete leaf closed over inside a trace: no value here
+                continue
             where.append((name, p))
-            counts.append(_count_nonfinite(leaf))
+            counts.append(n_bad)
     if not counts:
         return
     bad = np.asarray(jax.device_get(counts))

@@ -302,7 +302,10 @@ def _refuse_non_finite(x, fmt: Format, what: str) -> None:
     """Eager inputs only (a traced value cannot raise): ``ValueError`` on NaN/inf for formats without codes."""
     if has_special_codes(fmt) or isinstance(x, jax.core.Tracer):
         return
-    if not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
+    finite = jnp.all(jnp.isfinite(jnp.asarray(x)))
+    if isinstance(finite, jax.core.Tracer):  # a concrete constant inside a jit trace: staged out, no value either
+        return
+    if not bool(finite):
         raise ValueError(f"{what}: input has NaN or inf values, which {type(fmt).__name__}"
                          f"{'(' + fmt.name + ')' if isinstance(fmt, FloatFormat) else ''} cannot represent")
 

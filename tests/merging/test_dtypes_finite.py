@@ -171,6 +171,9 @@ def test_finite_check_is_skipped_for_traced_inputs_and_jit_matches_eager():
     bad = _with(models[0], ("scale",), np.nan, index=0)
     g = jax.jit(lambda b, ms: task_arithmetic(b, ms))
     assert bool(jnp.isnan(g(base, [bad, models[1]])["scale"][0]))  # not checked under jit: NaN passes through
+    # concrete arrays closed over by a jitted function are staged out too (the count is a tracer): no crash
+    h = jax.jit(lambda: ties(base, models, density=0.5))
+    assert_trees_close(h(), ties(base, models, density=0.5), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
