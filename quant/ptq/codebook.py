@@ -69,6 +69,10 @@ jit-able. Everything computes in float32 (matmuls at HIGHEST precision); dequant
 
 Not implemented: GPTVQ's integer quantization of the codebooks, its block-wise weight scaling and SVD codebook
 compression; AQLM's sum of several codebooks per vector (M > 1) and beam search with beam width > 1.
+
+Modules: this one (config, GPTVQ assignment, the per-weight and whole-model entry points),
+:mod:`~quant.ptq.codebook_kmeans` (step 1), :mod:`~quant.ptq.codebook_finetune` (steps 3-4) and
+:mod:`~quant.ptq.codebook_storage` (layout, dequantization, packed storage); every public name is importable from here.
 """
 
 from __future__ import annotations
@@ -76,23 +80,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from quant.packing import pack_bits, packed_last_dim, unpack_bits
+from quant.packing import packed_last_dim
 
 from ._common import pbar
+from .codebook_finetune import _block_finetune, _layer_finetune, _layer_loss
+from .codebook_kmeans import _kmeans, assign, kmeans, kmeans_step, weighted_distances
+from .codebook_storage import (_HI, CodebookWeight, Layout, _argmin_quadratic, _codes_from_points, _f16, _to_points,
+                               codebook_tree, dequantize_codes, materialize_codebooks, pack_codebook)
 from .gptq import damped_inverse_cholesky
 
 __all__ = ["CodebookConfig", "CodebookWeight", "codebook_quantize", "codebook_quantize_weight", "kmeans",
            "kmeans_step", "assign", "weighted_distances", "dequantize_codes", "pack_codebook", "codebook_tree",
            "materialize_codebooks", "bits_per_weight_formula", "check_model", "Layout"]
-
-_HI = jax.lax.Precision.HIGHEST  # exact float32 products also on GPUs that would use TF32 by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,28 +186,6 @@ class CodebookConfig:
         return Layout(out_f, in_f, self.dim, gr, gc, self.k)
 
 
-class Layout(NamedTuple):
-    """Static shape information: ``W[R, C]``, vectors of ``d`` columns, groups of ``gr`` rows × ``gc`` columns,
-    ``k`` codebook entries."""
-
-    R: int
-    C: int
-    d: int
-    gr: int
-    gc: int
-    k: int
-
-    @property
-    def n(self) -> int:  # vectors per row
-        return self.C // self.d
-
-    @property
-    def n_rg(self) -> int:
-        return self.R // self.gr
-
-    @property
-    def n_cg(self) -> int:
-        return self.C // self.gc
 
 
 def bits_per_weight_formula(config: CodebookConfig, out_f: int, in_f: int) -> float:
@@ -214,136 +197,6 @@ def bits_per_weight_formula(config: CodebookConfig, out_f: int, in_f: int) -> fl
     code_bits = 8 * row_bytes * lay.R
     book_bits = 16 * lay.k * lay.d * lay.n_rg * lay.n_cg
     return (code_bits + book_bits) / (lay.R * lay.C)
-
-
-# ------------------------------------------------------------------------------------------- weighted k-means (1)
-
-def weighted_distances(x, h, c):
-    """D[..., i, c] = Σ_j h_ij (x_ij − C_cj)² for points ``x[..., N, d]``, importances ``h[..., N, d]`` and
-    centroids ``c[..., k, d]`` (summed coordinate by coordinate: exact zeros for coinciding vectors)."""
-    x, h, c = (jnp.asarray(a, jnp.float32) for a in (x, h, c))
-    dist = 0.0
-    for j in range(x.shape[-1]):
-        dist = dist + h[..., :, j, None] * (x[..., :, j, None] - c[..., None, :, j]) ** 2
-    return dist
-
-
-def assign(x, h, c):
-    """E-step: a_i = argmin_c Σ_j h_ij (x_ij − C_cj)² (first minimum on ties)."""
-    return jnp.argmin(weighted_distances(x, h, c), axis=-1).astype(jnp.int32)
-
-
-def kmeans_step(x, h, c):
-    """One weighted Lloyd step (GPTVQ ``kmeans_vq`` iteration): E-step ``a = assign(x, h, c)``, then
-    C_cj = Σ_{i: a_i=c} h_ij x_ij / Σ_{i: a_i=c} h_ij, an entry with zero total importance kept as it is.
-    Any leading batch axes (one codebook each). Returns ``(new centroids, assignments)``."""
-    x, h, c = (jnp.asarray(a, jnp.float32) for a in (x, h, c))
-    a = assign(x, h, c)
-    k, d = c.shape[-2:]
-    lead = a.shape[:-1]
-    G = int(np.prod(lead))
-    ids = (a.reshape(G, -1) + k * jnp.arange(G, dtype=jnp.int32)[:, None]).reshape(-1)  # cluster id per point
-    num = jax.ops.segment_sum((h * x).reshape(-1, d), ids, num_segments=G * k).reshape(*lead, k, d)
-    den = jax.ops.segment_sum(h.reshape(-1, d), ids, num_segments=G * k).reshape(*lead, k, d)
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), c), a
-
-
-def _kpp_one(x, h, k, u):
-    """Weighted k-means++ (D² sampling, as GPTVQ ``kpp_parallel_sampled``) for one group ``x[N, d]`` with uniforms
-    ``u[k]``: the first seed drawn ∝ the point's total importance, each next one ∝ its importance-weighted squared
-    distance to the nearest seed, by inverse CDF (a point at distance 0 is never drawn while another is farther; when
-    all are at 0 the first point is taken — a harmless duplicate)."""
-    N, d = x.shape
-
-    def draw(p, ui):
-        cdf = jnp.cumsum(p)
-        idx = jnp.sum(cdf <= ui * cdf[-1])  # first i with cdf_i > u·total: p_i > 0
-        last = N - 1 - jnp.argmax(p[::-1] > 0)  # u·total rounded up to the total: the last point with p > 0
-        return jnp.where(cdf[-1] > 0, jnp.where(idx < N, idx, last), 0)
-
-    i0 = draw(h.sum(-1), u[0])
-    c = jnp.zeros((k, d), jnp.float32).at[0].set(x[i0])
-    d2 = (h * (x - x[i0]) ** 2).sum(-1)
-
-    def body(i, carry):
-        c, d2 = carry
-        idx = draw(d2, u[i])
-        return c.at[i].set(x[idx]), jnp.minimum(d2, (h * (x - x[idx]) ** 2).sum(-1))
-
-    return jax.lax.fori_loop(1, k, body, (c, d2))[0]
-
-
-def _mahalanobis_one(x, k):
-    """GPTVQ ``mahalanobis_init`` for one group: the points at ranks round(linspace(0, N−1, k)) of
-    (x − μ)ᵀ Σ⁻¹ (x − μ), Σ = Σ_i (x_i − μ)(x_i − μ)ᵀ (pseudo-inverse when singular)."""
-    xc = x - x.mean(0, keepdims=True)
-    lam = jnp.linalg.pinv(jnp.matmul(xc.T, xc, precision=_HI))
-    dist = (jnp.matmul(xc, lam, precision=_HI) * xc).sum(-1)
-    order = jnp.argsort(dist)
-    idx = jnp.round(jnp.linspace(0, x.shape[0] - 1, k)).astype(jnp.int32)
-    return x[order[idx]]
-
-
-@functools.partial(jax.jit, static_argnames=("iters", "init"))
-def _kmeans(x, h, u, iters: int, init: str):
-    k = u.shape[-1]
-    if init == "kpp":
-        c = jax.vmap(_kpp_one, in_axes=(0, 0, None, 0))(x, h, k, u)
-    else:
-        c = jax.vmap(_mahalanobis_one, in_axes=(0, None))(x, k)
-    return jax.lax.fori_loop(0, iters, lambda i, c: kmeans_step(x, h, c)[0], c)
-
-
-def kmeans(x, h, k: int, iters: int = 10, init: str = "kpp", seed: int = 0):
-    """Weighted k-means on ``x[G, N, d]`` with importances ``h[G, N, d]``: one codebook ``[k, d]`` per group,
-    seeded by ``init`` ("kpp": weighted k-means++ with uniforms from ``numpy.random.default_rng(seed)``;
-    "mahalanobis": GPTVQ's deterministic init), ``iters`` Lloyd steps (:func:`kmeans_step`), then a final E-step.
-    Returns ``(centroids[G, k, d], assignments[G, N])``."""
-    x = jnp.asarray(x, jnp.float32)
-    h = jnp.asarray(h, jnp.float32)
-    u = jnp.asarray(np.random.default_rng(seed).random((x.shape[0], k)), jnp.float32)
-    c = _kmeans(x, h, u, iters, init)
-    return c, assign(x, h, c)
-
-
-# ------------------------------------------------------------------------------------------------ layout helpers
-
-def _group_index(lay: Layout):
-    rg = jnp.arange(lay.R) // lay.gr
-    cg = (jnp.arange(lay.n) * lay.d) // lay.gc
-    return rg, cg
-
-
-def dequantize_codes(codebooks, codes, lay: Layout):
-    """Ŵ[r, v·d:(v+1)·d] = codebooks[r // gr, (v·d) // gc, codes[r, v]]: ``codebooks[n_rg, n_cg, k, d]``,
-    ``codes[R, C/d]`` -> ``Ŵ[R, C]`` (GPTQ layout)."""
-    rg, cg = _group_index(lay)
-    return codebooks[rg[:, None], cg[None, :], codes].reshape(lay.R, lay.C)
-
-
-def _to_points(a, lay: Layout):
-    """``[R, C]`` -> ``[n_rg, n_cg, gr·gc/d, d]``: the vectors of each group."""
-    return (a.reshape(lay.n_rg, lay.gr, lay.n_cg, lay.gc // lay.d, lay.d).transpose(0, 2, 1, 3, 4)
-            .reshape(lay.n_rg, lay.n_cg, lay.gr * lay.gc // lay.d, lay.d))
-
-
-def _codes_from_points(a, lay: Layout):
-    """``[n_rg, n_cg, gr·gc/d]`` -> ``[R, C/d]``."""
-    return (a.reshape(lay.n_rg, lay.n_cg, lay.gr, lay.gc // lay.d).transpose(0, 2, 1, 3)
-            .reshape(lay.R, lay.n))
-
-
-def _f16(c):
-    return c.astype(jnp.float16).astype(jnp.float32)
-
-
-def _argmin_quadratic(cb, v, A, gr: int):
-    """argmin_c c A cᵀ − 2 c·v_r for every row r, over the entries ``cb[r // gr]`` of its row group
-    (``cb[n_rg, k, d]``, ``v[R, d]``, ``A[d, d]`` symmetric)."""
-    n_rg = cb.shape[0]
-    quad = jnp.einsum("gkd,de,gke->gk", cb, A, cb, precision=_HI)
-    lin = jnp.einsum("gkd,grd->grk", cb, v.reshape(n_rg, gr, -1), precision=_HI)
-    return jnp.argmin(quad[:, None, :] - 2.0 * lin, axis=-1).reshape(-1).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------------------------------ initial quantization
@@ -433,196 +286,6 @@ def _initial(W, Hn, lay: Layout, cfg: CodebookConfig, rng: np.random.Generator):
     return jnp.stack(cbs, axis=1), jnp.concatenate(codes, axis=1), pd
 
 
-# ---------------------------------------------------------------------------------- layer fine-tuning (3)
-
-def _proxy(W, H, What):
-    D = W - What
-    return jnp.sum(jnp.matmul(D, H, precision=_HI) * D)
-
-
-def _rel_layer_loss(W, H, codebooks, codes, lay: Layout):
-    return _proxy(W, H, dequantize_codes(codebooks, codes, lay)) / jnp.maximum(_proxy(W, H, 0.0), 1e-30)
-
-
-_layer_loss = jax.jit(_rel_layer_loss, static_argnames=("lay",))
-
-
-def _rms(W):
-    return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(W))), 1e-12)
-
-
-def _adam_best(loss_fn, th0, lr, steps):
-    """``steps`` Adam steps from ``th0``; the best parameters seen (the start included) by ``loss_fn``."""
-    opt = optax.adam(lr)
-    pick = lambda c, a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(c, x, y), a, b)
-
-    def step(carry, _):
-        th, st, best, best_l = carry
-        l, g = jax.value_and_grad(loss_fn)(th)
-        better = l < best_l
-        upd, st = opt.update(g, st, th)
-        return (optax.apply_updates(th, upd), st, pick(better, th, best), jnp.where(better, l, best_l)), None
-
-    (th, _, best, best_l), _ = jax.lax.scan(step, (th0, opt.init(th0), th0, jnp.float32(jnp.inf)), None,
-                                            length=steps)
-    return pick(loss_fn(th) < best_l, th, best)
-
-
-@functools.partial(jax.jit, static_argnames=("lay", "steps"))
-def _layer_adam(W, H, codebooks, codes, lr, lay: Layout, steps: int):
-    """Adam on the codebooks (codes fixed, in units of RMS(W)) minimising the relative layer error; returns the best
-    codebooks rounded to float16 and their loss."""
-    s = _rms(W)
-    th = _adam_best(lambda th: _rel_layer_loss(W, H, th * s, codes, lay), codebooks / s, lr, steps)
-    cb = _f16(th * s)
-    return cb, _rel_layer_loss(W, H, cb, codes, lay)
-
-
-def _remap_block(lay: Layout) -> int:
-    """Columns per lazy block of the remap sweep: the largest multiple of d dividing C that is <= max(128, d)."""
-    return max(b for b in range(lay.d, max(128, lay.d) + 1, lay.d) if lay.C % b == 0)
-
-
-@functools.partial(jax.jit, static_argnames=("lay",))
-def _remap(W, H, codebooks, codes, lay: Layout):
-    """Greedy coordinate descent on tr(R H Rᵀ), R = W − Ŵ, over the code slots left to right (AQLM's code search
-    with beam 1): slot S of row r takes argmin_c e_c H_SS e_cᵀ + 2 e_c·g_r, e_c = W[r, S] − C_c,
-    g_r = Σ_{j∉S} R[r, j] H[j, S]; keeping the current code is a candidate, so the loss never increases.
-    G = R H is kept exact inside a lazy block of columns and updated for the rest once per block (as GPTQ's lazy
-    batches). Returns the new codes and their relative layer error."""
-    d, R, C = lay.d, lay.R, lay.C
-    B = _remap_block(lay)
-    nb = B // d
-    rg, cg = _group_index(lay)
-    Rm = W - dequantize_codes(codebooks, codes, lay)
-    G = jnp.matmul(Rm, H, precision=_HI)
-
-    def block(bi, carry):
-        Rm, G, A = carry
-        c1 = bi * B
-        R0 = jax.lax.dynamic_slice(Rm, (0, c1), (R, B))
-        W1 = jax.lax.dynamic_slice(W, (0, c1), (R, B))
-        H1 = jax.lax.dynamic_slice(H, (c1, c1), (B, B))
-
-        def slot(s, carry):
-            R1, G1, A = carry
-            c0 = s * d
-            cb = codebooks[:, cg[bi * nb + s]]  # [n_rg, k, d]
-            e0 = jax.lax.dynamic_slice(R1, (0, c0), (R, d))
-            hss = jax.lax.dynamic_slice(H1, (c0, c0), (d, d))
-            g = jax.lax.dynamic_slice(G1, (0, c0), (R, d)) - jnp.matmul(e0, hss, precision=_HI)
-            w = jax.lax.dynamic_slice(W1, (0, c0), (R, d))
-            # e H eᵀ + 2 e·g with e = w − c equals c H cᵀ − 2 c·(H w + g) + terms without c
-            a = _argmin_quadratic(cb, jnp.matmul(w, hss, precision=_HI) + g, hss, lay.gr)
-            enew = w - cb[rg, a]
-            G1 = G1 + jnp.matmul(enew - e0, jax.lax.dynamic_slice(H1, (c0, 0), (d, B)), precision=_HI)
-            return jax.lax.dynamic_update_slice(R1, enew, (0, c0)), G1, A.at[:, bi * nb + s].set(a)
-
-        G1 = jax.lax.dynamic_slice(G, (0, c1), (R, B))
-        R1, _, A = jax.lax.fori_loop(0, nb, slot, (R0, G1, A))
-        G = G + jnp.matmul(R1 - R0, jax.lax.dynamic_slice(H, (c1, 0), (B, C)), precision=_HI)
-        return jax.lax.dynamic_update_slice(Rm, R1, (0, c1)), G, A
-
-    _, _, A = jax.lax.fori_loop(0, C // B, block, (Rm, G, codes))
-    return A, _rel_layer_loss(W, H, codebooks, A, lay)
-
-
-def _layer_finetune(W, H, cb, codes, lay: Layout, cfg: CodebookConfig):
-    """Rounds of (Adam on the codebooks → float16 → accept if better) and (remap → accept if better)."""
-    best = float(_layer_loss(W, H, cb, codes, lay))
-    history = [best]
-    for _ in range(cfg.layer_rounds):
-        if cfg.layer_steps:
-            cb_new, l = _layer_adam(W, H, cb, codes, jnp.float32(cfg.lr), lay, cfg.layer_steps)
-            if float(l) < best:
-                cb, best = cb_new, float(l)
-        if cfg.remap:
-            codes_new, l = _remap(W, H, cb, codes, lay)
-            if float(l) < best:
-                codes, best = codes_new, float(l)
-        history.append(best)
-    return cb, codes, history
-
-
-# ------------------------------------------------------------------------------------------------------ storage
-
-@jax.tree_util.register_pytree_with_keys_class
-class CodebookWeight:
-    """A codebook-quantized kernel as stored: bit-packed codes (``packed``: one ``uint8`` array of b·d-bit codes per
-    row, or for b·d > 8 a low-byte array and a high-bits array) and ``codebooks[n_rg, n_cg, k, d]`` in float16.
-    ``shape`` is the Flax kernel shape ``(in, out)``; ``dequantize()`` returns that kernel (jit-able)."""
-
-    def __init__(self, packed: tuple, codebooks, shape, dim: int, index_bits: int, group_rows: int,
-                 group_cols: int, dtype):
-        self.packed, self.codebooks = tuple(packed), codebooks
-        self.shape, self.dim, self.index_bits = tuple(shape), int(dim), int(index_bits)
-        self.group_rows, self.group_cols, self.dtype = int(group_rows), int(group_cols), np.dtype(dtype)
-
-    def tree_flatten_with_keys(self):
-        K = jax.tree_util.GetAttrKey
-        ch = [(K(f"packed{i}"), p) for i, p in enumerate(self.packed)] + [(K("codebooks"), self.codebooks)]
-        return ch, (len(self.packed), self.shape, self.dim, self.index_bits, self.group_rows, self.group_cols,
-                    self.dtype.name)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        npk, shape, dim, nb, gr, gc, dt = aux
-        return cls(tuple(children[:npk]), children[npk], shape, dim, nb, gr, gc, dt)
-
-    @property
-    def layout(self) -> Layout:
-        n_in, n_out = self.shape
-        return Layout(n_out, n_in, self.dim, self.group_rows, self.group_cols, 2 ** self.index_bits)
-
-    @property
-    def nbytes(self) -> int:
-        """Stored bytes: packed codes + float16 codebooks."""
-        return sum(int(np.prod(l.shape)) * np.dtype(l.dtype).itemsize for l in jax.tree_util.tree_leaves(self))
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Measured: 8 · stored bytes / number of weights."""
-        return 8.0 * self.nbytes / int(np.prod(self.shape))
-
-    def codes(self) -> jax.Array:
-        """The ``int32`` codes ``[out, in/d]``."""
-        return _unpack_codes(self.packed, self.index_bits, self.shape[0] // self.dim)
-
-    def dequantize(self, dtype=None) -> jax.Array:
-        w = dequantize_codes(jnp.asarray(self.codebooks, jnp.float32), self.codes(), self.layout)
-        return w.T.astype(self.dtype if dtype is None else dtype)
-
-    def __repr__(self):
-        return (f"CodebookWeight(shape={self.shape}, dim={self.dim}, index_bits={self.index_bits}, groups="
-                f"{self.group_rows}x{self.group_cols}, bpw={self.bits_per_weight:.4f})")
-
-
-def _pack_codes_impl(codes, index_bits: int):
-    codes = jnp.asarray(codes, jnp.int32)
-    if index_bits <= 8:
-        return (pack_bits(codes.astype(jnp.uint8), index_bits),)
-    return (pack_bits((codes & 255).astype(jnp.uint8), 8), pack_bits((codes >> 8).astype(jnp.uint8), index_bits - 8))
-
-
-def _unpack_codes_impl(packed, index_bits: int, n: int):
-    if index_bits <= 8:
-        return unpack_bits(packed[0], index_bits, n).astype(jnp.int32)
-    lo = unpack_bits(packed[0], 8, n).astype(jnp.int32)
-    return lo | (unpack_bits(packed[1], index_bits - 8, n).astype(jnp.int32) << 8)
-
-
-_pack_codes = jax.jit(_pack_codes_impl, static_argnums=1)
-_unpack_codes = jax.jit(_unpack_codes_impl, static_argnums=(1, 2))
-
-
-def pack_codebook(codes, codebooks, kernel_shape, dim: int, index_bits: int, group_rows: int, group_cols: int,
-                  dtype=jnp.float32) -> CodebookWeight:
-    """Pack ``codes[out, in/d]`` (values < 2^index_bits; b·d bits each, above 8 bits as a low byte + the high bits)
-    with :func:`quant.packing.pack_bits` and store ``codebooks`` as float16."""
-    return CodebookWeight(_pack_codes(codes, index_bits), jnp.asarray(codebooks, jnp.float16), kernel_shape, dim,
-                          index_bits, group_rows, group_cols, dtype)
-
-
 # -------------------------------------------------------------------------------------------------- one weight
 
 def codebook_quantize_weight(w: Any, H: Any, config: CodebookConfig = CodebookConfig(), *,
@@ -676,58 +339,6 @@ def _result(w_in, cb, codes, lay: Layout, cfg: CodebookConfig, kernel_layout, hi
         "history": history,
         "percdamp": pd,
     }
-
-
-# ------------------------------------------------------------------------------------------- whole model (4)
-
-def _block_rel_loss(cbs, codes, block_params, h, ctx, target, tok, block, lays):
-    """Σ_t m_t ‖f(h_t; Ŵ) − y_t‖² / Σ_t m_t ‖y_t‖², Ŵ from the codebooks ``cbs`` and ``codes`` of each linear."""
-    from .blocks import set_kernels
-
-    kern = {n: dequantize_codes(cbs[n], codes[n], lay).T for n, lay in lays}
-    y = block.apply({"params": set_kernels(block_params, kern)}, h, **ctx)
-    m = tok[..., None]
-    return jnp.sum(m * (y - target) ** 2) / jnp.maximum(jnp.sum(m * target ** 2), 1e-30)
-
-
-_block_loss = jax.jit(_block_rel_loss, static_argnames=("block", "lays"))
-
-
-@functools.partial(jax.jit, static_argnames=("block", "lays", "steps"))
-def _block_adam(cbs, codes, Ws, block_params, h, ctx, target, tok, lr, block, lays, steps):
-    """Adam on all codebooks of the block (units RMS(W) of each linear), codes fixed; returns the best codebooks
-    rounded to float16 and their block error."""
-    s = {n: _rms(Ws[n]) for n, _ in lays}
-    loss_fn = lambda th: _block_rel_loss({n: th[n] * s[n] for n in th}, codes, block_params, h, ctx, target, tok,
-                                         block, lays)
-    th = _adam_best(loss_fn, {n: cbs[n] / s[n] for n in cbs}, lr, steps)
-    new = {n: _f16(th[n] * s[n]) for n in th}
-    return new, _block_rel_loss(new, codes, block_params, h, ctx, target, tok, block, lays)
-
-
-def _block_finetune(model, block, state, Ws, Hs, h, ctx, target, tok, cfg: CodebookConfig):
-    """Step (4) on one block. ``state``: {name: (codebooks, codes, lay)}. Moves are accepted only if they lower the
-    block error with float16 codebooks."""
-    names = tuple(state)
-    lays = tuple((n, state[n][2]) for n in names)
-    cbs = {n: state[n][0] for n in names}
-    codes = {n: state[n][1] for n in names}
-    ctx = dict(ctx)
-    best = float(_block_loss(cbs, codes, block, h, ctx, target, tok, model.block, lays))
-    history = [best]
-    for _ in range(cfg.block_rounds):
-        if cfg.block_steps:
-            new, l = _block_adam(cbs, codes, Ws, block, h, ctx, target, tok, jnp.float32(cfg.lr), model.block, lays,
-                                 cfg.block_steps)
-            if float(l) < best:
-                cbs, best = new, float(l)
-        if cfg.remap:
-            new_codes = {n: _remap(Ws[n], Hs[n], cbs[n], codes[n], state[n][2])[0] for n in names}
-            l = float(_block_loss(cbs, new_codes, block, h, ctx, target, tok, model.block, lays))
-            if l < best:
-                codes, best = new_codes, l
-        history.append(best)
-    return {n: (cbs[n], codes[n], state[n][2]) for n in names}, history
 
 
 def check_model(params, model, config: CodebookConfig) -> None:
@@ -798,19 +409,3 @@ def codebook_quantize(params, model, calib_batch, config: CodebookConfig = Codeb
     nweights = sum(int(np.prod(r["packed"].shape)) for r in layers.values())
     return out, {"method": "codebook", "config": dataclasses.asdict(config), "layers": layers, "blocks": blocks,
                  "bits_per_weight": 8.0 * nbytes / max(nweights, 1)}
-
-
-def codebook_tree(params, report: dict):
-    """``params`` with every layer of ``report["layers"]`` replaced by its packed :class:`CodebookWeight`."""
-    from jaxmodels.tree import flatten, unflatten
-
-    flat = dict(flatten(params))
-    for p, rec in report["layers"].items():
-        flat[p] = rec["packed"]
-    return unflatten(flat)
-
-
-def materialize_codebooks(tree, dtype=None):
-    """Float params from a tree with :class:`CodebookWeight` leaves (jit-able: dequantize on the fly)."""
-    is_cb = lambda l: isinstance(l, CodebookWeight)
-    return jax.tree_util.tree_map(lambda l: l.dequantize(dtype) if is_cb(l) else l, tree, is_leaf=is_cb)
