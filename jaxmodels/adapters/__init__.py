@@ -1,0 +1,41 @@
+"""Parameter-efficient fine-tuning as pure functions over params: LoRA, rsLoRA, DoRA, QLoRA's hook, PEFT files.
+
+Calling convention (works with every model in :mod:`jaxmodels.models`, no model code changed)::
+
+    from jaxmodels import adapters as ad
+    cfg = ad.LoraConfig(rank=8, alpha=16, target=r"attention/(query|value)$")   # module-path regex
+    lora = ad.init_lora(key, params, cfg)             # the adapter pytree: the only thing optax sees
+    y = ad.apply(model, params, lora, cfg, x)         # unmerged forward (rng=key for adapter dropout)
+    merged = ad.merge(params, lora, cfg)              # W + s A B, same tree as params
+    params = ad.unmerge(merged, lora, cfg)            # W again (DoRA: norms=ad.dora_norms(params, lora, cfg))
+    ad.save_adapter(out_dir, lora, cfg, model_type="llama")  # PEFT's adapter_model.safetensors + adapter_config.json
+    lora, cfg = ad.load_adapter(out_dir)              # PEFT-trained adapters too
+    merged = ad.merge_adapter(params, lora, cfg)
+
+Training: differentiate w.r.t. the adapters only, the base is a constant argument, e.g. with
+``jaxmodels.train.make_train_step(..., has_model_state=True)`` and the frozen params as ``model_state``
+(:func:`lora_train_apply`). Adapter leaves live under the targeted module's path (``.../query/lora_A [in, r]``,
+``lora_B [r, out]``, DoRA's ``lora_magnitude [out]``), so :func:`adapter_rules` derives their sharding from the
+model's rules. A frozen quantized base (QLoRA, :mod:`quant.qlora`) plugs in through ``materialize=``.
+"""
+
+from jaxmodels.adapters.lora import (
+    ADAPTER_LEAVES,
+    LoraConfig,
+    adapter_modules,
+    column_norm,
+    dora_norms,
+    init_lora,
+    inject,
+    lora_delta,
+    merge,
+    scaling,
+    split_adapters,
+    unmerge,
+)
+from jaxmodels.adapters.forward import DROPOUT_RNG, apply, lora_interceptor
+
+__all__ = [
+    "ADAPTER_LEAVES", "LoraConfig", "adapter_modules", "column_norm", "dora_norms", "init_lora", "inject",
+    "lora_delta", "merge", "scaling", "split_adapters", "unmerge", "DROPOUT_RNG", "apply", "lora_interceptor",
+]
