@@ -116,12 +116,15 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{f} must be >= 1, got {getattr(self, f)}")
         if self.model_type not in _MODEL_TYPES:
             raise ValueError(f"LlamaConfig.model_type must be one of {sorted(_MODEL_TYPES)}, got {self.model_type!r}")
-        if self.num_attention_heads % self.kv_heads:
-            raise ValueError(f"LlamaConfig: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.kv_heads}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"LlamaConfig: hidden_size={self.hidden_size} not divisible by "
                              f"num_attention_heads={self.num_attention_heads} (give head_dim)")
+        # normalize the implicit defaults, so that equal models compare (and hash) equal
+        object.__setattr__(self, "num_key_value_heads", self.kv_heads)
+        object.__setattr__(self, "head_dim", self.dim_head)
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(f"LlamaConfig: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.kv_heads}")
         if self.dim_head % 2:
             raise ValueError(f"LlamaConfig: head_dim={self.dim_head} must be even for rotary embeddings")
         if not self.rms_norm_eps > 0:
@@ -242,6 +245,7 @@ class LlamaConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope,
+            "rope_scaling": self.rope_scaling_dict,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
