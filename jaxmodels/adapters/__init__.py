@@ -34,8 +34,10 @@ from jaxmodels.adapters.lora import (
     unmerge,
 )
 from jaxmodels.adapters.forward import DROPOUT_RNG, apply, lora_interceptor
+from jaxmodels.adapters.peft_io import NAME_MAPS, hf_module_name, linen_module_name, load_adapter, merge_adapter, save_adapter
 
 __all__ = [
     "ADAPTER_LEAVES", "LoraConfig", "adapter_modules", "column_norm", "dora_norms", "init_lora", "inject",
     "lora_delta", "merge", "scaling", "split_adapters", "unmerge", "DROPOUT_RNG", "apply", "lora_interceptor",
+    "NAME_MAPS", "hf_module_name", "linen_module_name", "load_adapter", "merge_adapter", "save_adapter",
 ]

@@ -1,0 +1,119 @@
+"""PEFT interop of jaxmodels.adapters against peft 0.21.2 / transformers 5.24.0 (fixtures: scripts/make_peft_reference.py).
+
+- PEFT-saved LoRA (incl. an embedding LoRA) and DoRA+rsLoRA adapters on a tiny random Llama load with
+  ``load_adapter`` and our unmerged and merged forwards reproduce PEFT's logits (<= 1e-5 absolute; logits are
+  O(1), float32, the two libraries sum in different orders).
+- Our ``save_adapter`` files: same tensor names / shapes / values as PEFT's for the same adapters; the committed
+  ``ours_*`` folders are what ``save_adapter`` writes now (checked tensor by tensor) and PEFT loads them to our
+  logits (``peft_check.json``, written by the script's ``--check`` on those folders).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmodels import adapters as ad
+from jaxmodels.io import load_safetensors
+from jaxmodels.models.pretrained import load_pretrained
+
+DATA = Path(__file__).resolve().parents[2] / "data" / "peft"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def base():
+    model, params = load_pretrained(DATA / "llama", progress=False)
+    ids = jnp.asarray(np.load(DATA / "input_ids.npy"), jnp.int32)
+    return model, params, ids
+
+
+
+
+def forward(model, params, lora, cfg, ids):
+    return np.asarray(jax.jit(lambda p, l, x: ad.apply(model, p, l, cfg, x))(params, lora, ids))
+
+
+def test_base_matches_transformers(base):
+    model, params, ids = base
+    got = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids))
+    np.testing.assert_allclose(got, np.load(DATA / "llama" / "logits.npy"), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_peft_adapter_forward_matches_peft(base, name):
+    model, params, ids = base
+    lora, cfg = ad.load_adapter(DATA / name)
+    assert cfg.use_dora == (name == "dora") and cfg.use_rslora == (name == "dora")
+    if name == "lora":
+        assert "embed_tokens" in lora and lora["embed_tokens"]["lora_A"].shape == (64, 4)
+    want = np.load(DATA / name / "logits.npy")
+    np.testing.assert_allclose(forward(model, params, lora, cfg, ids), want, atol=TOL, rtol=0)
+    merged = ad.merge_adapter(params, lora, cfg)
+    got = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(merged, ids))
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_save_adapter_writes_peft_files(tmp_path, name):
+    lora, cfg = ad.load_adapter(DATA / name)
+    ad.save_adapter(tmp_path / "out", lora, cfg)
+    ours, peft = load_safetensors(tmp_path / "out" / "adapter_model.safetensors"), \
+        load_safetensors(DATA / name / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(peft)
+    for k in peft:
+        np.testing.assert_array_equal(np.asarray(ours[k]), np.asarray(peft[k]), err_msg=k)
+    raw = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    ref = json.loads((DATA / name / "adapter_config.json").read_text())
+    for key in ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "bias", "fan_in_fan_out"):
+        assert raw[key] == ref[key], key
+    again, cfg2 = ad.load_adapter(tmp_path / "out")
+    assert jax.tree.structure(again) == jax.tree.structure(lora)
+    assert (cfg2.rank, cfg2.alpha, cfg2.use_dora, cfg2.use_rslora) == (cfg.rank, cfg.alpha, cfg.use_dora, cfg.use_rslora)
+    with pytest.raises(FileExistsError):
+        ad.save_adapter(tmp_path / "out", lora, cfg)
+
+
+def _ours(params, name):
+    """Adapters made here (not by PEFT): non-zero B, per-module rank and alpha patterns, DoRA on one."""
+    if name == "ours_lora":
+        cfg = ad.LoraConfig(rank=4, alpha=8, target=r"(q_proj|v_proj|up_proj|embed_tokens)$",
+                            rank_pattern={r"up_proj$": 2}, alpha_pattern={r"layers_1/self_attn/v_proj$": 3.0})
+    else:
+        cfg = ad.LoraConfig(rank=3, alpha=6, target=r"(k_proj|o_proj|down_proj)$", use_dora=True, use_rslora=True)
+    lora = ad.init_lora(jax.random.key(7), params, cfg)
+    keys = iter(jax.random.split(jax.random.key(8), 64))
+    lora = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape), lora)
+    return lora, cfg
+
+
+@pytest.mark.parametrize("name", ["ours_lora", "ours_dora"])
+def test_our_files_load_in_peft(base, tmp_path, name):
+    model, params, ids = base
+    lora, cfg = _ours(params, name)
+    want = forward(model, params, lora, cfg, ids)
+    out = tmp_path / name
+    ad.save_adapter(out, lora, cfg, base_model_name_or_path="tests/data/peft/llama")
+    if os.environ.get("WEIGHTLAB_WRITE_PEFT_FIXTURES") == "1":  # then run the script's --check
+        ad.save_adapter(DATA / name, lora, cfg, base_model_name_or_path="tests/data/peft/llama", overwrite=True)
+        np.save(DATA / name / "logits.npy", want)
+    committed = load_safetensors(DATA / name / "adapter_model.safetensors")
+    fresh = load_safetensors(out / "adapter_model.safetensors")
+    assert sorted(committed) == sorted(fresh)
+    for k in fresh:  # same init + perturbation on any machine: equal up to float rounding of the RNG transform
+        np.testing.assert_allclose(np.asarray(fresh[k]), np.asarray(committed[k]), atol=1e-6, rtol=0, err_msg=k)
+    assert json.loads((out / "adapter_config.json").read_text()) == \
+        json.loads((DATA / name / "adapter_config.json").read_text())
+    np.testing.assert_allclose(want, np.load(DATA / name / "logits.npy"), atol=TOL, rtol=0)
+    check = json.loads((DATA / "peft_check.json").read_text())[name]
+    assert check["pass"] and check["max_abs_diff"] <= TOL
+    # the round trip through our own loader gives the same adapters and per-module scalings
+    again, cfg2 = ad.load_adapter(out)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again, lora)
+    for m, leaves in ad.adapter_modules(lora).items():
+        r = leaves["lora_A"].shape[-1]
+        assert ad.scaling(cfg2, m, r) == pytest.approx(ad.scaling(cfg, m, r), rel=1e-12), m
