@@ -33,11 +33,10 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxmodels.models.llama import _check_ids, block_mask, causal_attention, update_cache
+from jaxmodels.models.decoder import block_mask, causal_attention, check_input_ids, update_cache
 
 __all__ = ["GPT2Config", "GPT2", "GPT2Block", "GPT2_RULES_DP", "GPT2_RULES_TP", "GPT2_RULES_FSDP"]
 
@@ -199,7 +198,7 @@ class GPT2(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None):
         c = self.config
-        _check_ids("GPT2", input_ids, c.vocab_size)
+        check_input_ids("GPT2", input_ids)
         b, t = input_ids.shape
         if cache is None and t > c.n_positions:
             raise ValueError(f"GPT2: sequence length {t} exceeds n_positions={c.n_positions}")
