@@ -198,7 +198,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None, shardings: Any =
         target = np.dtype(dtype) if dtype is not None else src.dtype
 
         def shard(index, src=src, target=target):
-            return np.ascontiguousarray(src[index]).astype(target, copy=False)
+            # a fresh copy of this device's slice only (never an alias of the read-only file mapping)
+            return np.array(src[index], dtype=target, order="C", copy=True)
 
         out[p] = jax.make_array_from_callback(tuple(expected[p].shape), placed[p], shard)
         del src

@@ -95,6 +95,18 @@ def test_bf16_load_and_save(tmp_path):
     _same(again, p16)
 
 
+def test_gpt2_names_without_prefix_and_buffers(tmp_path):
+    """The original GPT-2 checkpoints name tensors without ``transformer.`` and carry ``attn.bias`` mask buffers;
+    a tied Llama may still store ``lm_head.weight``: all load as the canonical folder."""
+    f = _copy("gpt2", tmp_path)
+    _edit_tensors(f, lambda t: t.update({**{k.removeprefix("transformer."): t.pop(k) for k in list(t)},
+                                         "h.0.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32))}))
+    _same(load_pretrained(f, progress=False)[1], load_pretrained(DATA / "gpt2", progress=False)[1])
+    f = _copy("llama_tied", tmp_path)
+    _edit_tensors(f, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    _same(load_pretrained(f, progress=False)[1], load_pretrained(DATA / "llama_tied", progress=False)[1])
+
+
 def _copy(name, tmp_path):
     dst = tmp_path / name
     shutil.copytree(DATA / name, dst)
