@@ -15,6 +15,13 @@ DATA = Path(__file__).resolve().parents[2] / "data" / "hf"
 TOL = 1e-5  # float32 vs torch float32 (measured max error 1.7e-6)
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    """The parity is float32 against torch float32 (TF32 off); GPUs may run float32 matmuls in TF32 by default."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 @functools.lru_cache(maxsize=1)
 def ref():
     return dict(np.load(DATA / "reference.npz"))

@@ -22,6 +22,13 @@ NAMES = ["llama", "llama_tied", "mistral", "qwen2"]
 TOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    """The parity is float32 against torch float32 (TF32 off); GPUs may run float32 matmuls in TF32 by default."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 @functools.lru_cache(maxsize=1)
 def ref():
     return dict(np.load(DATA / "reference.npz"))
