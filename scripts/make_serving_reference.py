@@ -143,8 +143,27 @@ def export_case(inputs: dict, case: str, out: Path, overwrite: bool = True) -> P
     return export_hf(out, tensors, report, format=fmt, config=config, overwrite=overwrite, progress=False, **kw)
 
 
+def write_cli_inputs():
+    """A calibration text (the first 12000 characters of jaxmodels.text's train split, the pydoc topics) and a
+    128-token BPE tokenizer.json for the tiny Llama of tests/data/hf (vocab_size 128: too small for byte-level)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from jaxmodels.text import load_corpus
+
+    text = load_corpus("train")[:12000]
+    (DATA / "calib.txt").write_text(text)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.BPEDecoder()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60,
+                                  show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    tok.save(str(DATA / "tokenizer.json"))
+
+
 def write():
     DATA.mkdir(parents=True, exist_ok=True)
+    write_cli_inputs()
     inputs = draw_inputs()
     np.savez_compressed(DATA / "inputs.npz", **inputs)
     for case in [*INT_CASES, FP8_CASE]:

@@ -160,9 +160,10 @@ def quantization_config(fmt, layers, unquantized, checkpoint_format="gptq") -> d
 
 def export_hf(out_dir, model, report: dict, *, format: str = "gptq", names=None, config: dict | None = None,
               checkpoint_format: str = "gptq", fold_in_scale: dict | None = None, overwrite: bool = False,
-              progress: bool | None = None) -> Path:
+              progress: bool | None = None, extra_files: dict | None = None) -> Path:
     """Write ``report``'s layers in ``format`` with every other tensor of ``model`` (module docstring). Returns
-    the folder."""
+    the folder. ``extra_files``: ``{file name: bytes | str | source path}`` written into the folder too (a
+    tokenizer, a report), inside the same atomic step."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if not isinstance(report, dict) or not isinstance(report.get("layers"), dict) or not report["layers"]:
@@ -201,6 +202,13 @@ def export_hf(out_dir, model, report: dict, *, format: str = "gptq", names=None,
             for f in sorted(src.iterdir()):
                 if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP_FILES:
                     shutil.copy2(f, out.path / f.name)
+        for fname, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (out.path / fname).write_bytes(content)
+            elif isinstance(content, str):
+                (out.path / fname).write_text(content)
+            else:
+                shutil.copy2(content, out.path / fname)
         (out.path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if format == "gptq":
             (out.path / "quantize_config.json").write_text(
