@@ -153,6 +153,11 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None, shardings: Any =
     its sharding as it is read.
     """
     path = Path(path)
+    if dtype is not None and not jnp.issubdtype(np.dtype(dtype), jnp.floating):
+        raise ValueError(f"load_pretrained: dtype must be a floating dtype (e.g. jnp.bfloat16), got {dtype}")
+    if mesh is not None and shardings is None:
+        raise ValueError("load_pretrained: mesh= is used with sharding rules (shardings=LLAMA_RULES_TP, ...); "
+                         "pass shardings too")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (a Hugging Face model folder is expected)")
     config = config_from_hf(_read_config(path), str(path / "config.json"))

@@ -142,6 +142,8 @@ def test_errors_name_the_problem(tmp_path):
     _edit_config(f, intermediate_size=48)
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight' has shape"):
         load_pretrained(f)
+    with pytest.raises(ValueError, match="floating"):
+        load_pretrained(DATA / "llama", dtype=jnp.int8)
     with pytest.raises(CheckpointError, match="not a directory"):
         load_pretrained(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
