@@ -203,6 +203,8 @@ class GPT2(nn.Module):
         if cache is None and t > c.n_positions:
             raise ValueError(f"GPT2: sequence length {t} exceeds n_positions={c.n_positions}")
         index = 0 if cache is None else cache["index"]
+        if cache is not None and t > cache["layers"][0]["k"].shape[1]:
+            raise ValueError(f"GPT2: {t} tokens do not fit a cache of {cache['layers'][0]['k'].shape[1]} slots")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t)[None] + index, (b, t))
         wte = nn.Embed(c.vocab_size, c.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -403,6 +403,8 @@ class Llama(nn.Module):
         check_input_ids("Llama", input_ids)
         b, t = input_ids.shape
         index = 0 if cache is None else cache["index"]
+        if cache is not None and t > cache["layers"][0]["k"].shape[1]:
+            raise ValueError(f"Llama: {t} tokens do not fit a cache of {cache['layers'][0]['k'].shape[1]} slots")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t)[None] + index, (b, t))
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
