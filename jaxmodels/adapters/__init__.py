@@ -14,7 +14,7 @@ Calling convention (works with every model in :mod:`jaxmodels.models`, no model 
 
 Training: differentiate w.r.t. the adapters only, the base is a constant argument, e.g. with
 ``jaxmodels.train.make_train_step(..., has_model_state=True)`` and the frozen params as ``model_state``
-(:func:`lora_train_apply`). Adapter leaves live under the targeted module's path (``.../query/lora_A [in, r]``,
+(see tests/jaxmodels/adapters/test_lora.py::test_train_step). Adapter leaves live under the targeted module's path (``.../query/lora_A [in, r]``,
 ``lora_B [r, out]``, DoRA's ``lora_magnitude [out]``), so :func:`adapter_rules` derives their sharding from the
 model's rules. A frozen quantized base (QLoRA, :mod:`quant.qlora`) plugs in through ``materialize=``.
 """
@@ -34,10 +34,11 @@ from jaxmodels.adapters.lora import (
     unmerge,
 )
 from jaxmodels.adapters.forward import DROPOUT_RNG, apply, lora_interceptor
+from jaxmodels.adapters.sharding import adapter_rules
 from jaxmodels.adapters.peft_io import NAME_MAPS, hf_module_name, linen_module_name, load_adapter, merge_adapter, save_adapter
 
 __all__ = [
     "ADAPTER_LEAVES", "LoraConfig", "adapter_modules", "column_norm", "dora_norms", "init_lora", "inject",
     "lora_delta", "merge", "scaling", "split_adapters", "unmerge", "DROPOUT_RNG", "apply", "lora_interceptor",
-    "NAME_MAPS", "hf_module_name", "linen_module_name", "load_adapter", "merge_adapter", "save_adapter",
+    "adapter_rules", "NAME_MAPS", "hf_module_name", "linen_module_name", "load_adapter", "merge_adapter", "save_adapter",
 ]

@@ -1,0 +1,118 @@
+"""jaxmodels.adapters core: the unmerged interceptor forward equals the merged forward on GPT (tied embedding
+LoRA, scanned layers, DoRA), ViT (conv patch embedding) and BERT; unmerge inverts merge up to one float rounding;
+LoRA training under jaxmodels.train.make_train_step changes only the adapters, sharded == single device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxmodels import adapters as ad
+from jaxmodels.models import GPT, GPT_RULES_TP, BertConfig, BertEncoder, ViT
+from jaxmodels.train import init_train_state, make_train_step
+
+TOK = jnp.arange(16).reshape(2, 8) % 50
+GPT_KW = dict(vocab_size=50, max_len=8, width=16, depth=2, num_heads=2, mlp_dim=32)
+CASES = {
+    "gpt_tied_embed": (GPT(**GPT_KW), TOK, ad.LoraConfig(rank=4, alpha=8, target=r"(query|value|fc1|embed)$")),
+    "gpt_scanned": (GPT(**GPT_KW, scan_layers=True), TOK,
+                    ad.LoraConfig(rank=4, alpha=8, target=r"(query|value|fc1)$", stacked="^layers/")),
+    "gpt_dora_rslora": (GPT(**GPT_KW), TOK, ad.LoraConfig(rank=4, alpha=8, target=r"(query|fc2)$", use_dora=True,
+                                                        use_rslora=True)),
+    "vit_conv": (ViT(patch_size=2, width=16, depth=1, num_heads=2, mlp_dim=32, num_classes=3), jnp.ones((2, 8, 8, 1)),
+                 ad.LoraConfig(rank=2, target=r"(patch_embed|query)$")),
+    "bert": (BertEncoder(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, max_position_embeddings=16)), TOK,
+             ad.LoraConfig(rank=2, target=r"(query|value|word_embeddings)$", rank_pattern={"value$": 3})),
+}
+
+
+def _perturbed(params, cfg):
+    lora = ad.init_lora(jax.random.key(1), params, cfg)
+    keys = iter(jax.random.split(jax.random.key(2), 64))
+    return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), lora)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unmerged_equals_merged_and_unmerge(case):
+    model, x, cfg = CASES[case]
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    lora = _perturbed(params, cfg)
+    norms = ad.dora_norms(params, lora, cfg) if cfg.use_dora else None
+
+    @jax.jit
+    def run(params, lora):
+        merged = ad.merge(params, lora, cfg)
+        return (ad.apply(model, params, lora, cfg, x), model.apply({"params": merged}, x),
+                model.apply({"params": params}, x), merged, ad.unmerge(merged, lora, cfg, norms=norms))
+
+    unmerged, merged_out, base_out, merged, back = run(params, lora)
+    assert float(jnp.abs(unmerged - base_out).max()) > 1e-3  # the adapters do something
+    # the two forwards sum the same terms in a different order: float32 rounding of O(1) activations
+    np.testing.assert_allclose(np.asarray(unmerged), np.asarray(merged_out), atol=1e-5, rtol=0)
+    # unmerge(merge(W)): W + d rounded once, then - d rounded once: within one ulp of max(|W|, |W + d|)
+    # (DoRA also rescales by m/n and back: a few ulps)
+    for w, w2, wm in zip(jax.tree.leaves(params), jax.tree.leaves(back), jax.tree.leaves(merged)):
+        w, w2, wm = np.asarray(w), np.asarray(w2), np.asarray(wm)
+        ulps = 8 if cfg.use_dora else 1
+        assert np.all(np.abs(w2 - w) <= ulps * np.spacing(np.maximum(np.abs(w), np.abs(wm)))), case
+    untouched = [k for k in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert len(untouched) == len(jax.tree.leaves(back))
+
+
+def test_dropout_and_bad_input():
+    model, x, cfg = CASES["gpt_tied_embed"]
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    cfg_d = ad.LoraConfig(rank=4, alpha=8, target=r"(query|value)$", dropout=0.5)
+    lora = _perturbed(params, cfg_d)
+    y0 = ad.apply(model, params, lora, cfg_d, x)
+    y1 = ad.apply(model, params, lora, cfg_d, x, rng=jax.random.key(3))
+    assert float(jnp.abs(y0 - y1).max()) > 1e-4  # dropout only with an rng
+    np.testing.assert_array_equal(np.asarray(ad.apply(model, params, lora, cfg_d, x)), np.asarray(y0))
+    with pytest.raises(ValueError, match="rank"):
+        ad.LoraConfig(rank=0)
+    with pytest.raises(ValueError, match="dropout"):
+        ad.LoraConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="selects no"):
+        ad.init_lora(jax.random.key(0), params, ad.LoraConfig(target="nothing_here"))
+    bad = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), lora)
+    with pytest.raises(ValueError, match="NaN"):
+        ad.merge(params, bad, cfg_d)
+
+
+def test_train_step_only_adapters_sharded(mesh_2d):
+    model = GPT(**GPT_KW)
+    params = jax.jit(model.init)(jax.random.key(0), TOK)["params"]
+    cfg = ad.LoraConfig(rank=4, alpha=8, target=r"(query|value|fc1|fc2)$")
+    lora0 = ad.init_lora(jax.random.key(1), params, cfg)
+    tx = optax.adam(3e-2)
+    x = jnp.tile(TOK, (4, 1))  # batch 8 divides the data axis
+    y = (x + 1) % 50
+
+    def apply_fn(lora, frozen, tokens):  # frozen base as model_state: carried, not differentiated
+        return ad.apply(model, frozen, lora, cfg, tokens), frozen
+
+    loss = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    results = []
+    for mesh in (None, mesh_2d):
+        rules = ad.adapter_rules(lora0, params, GPT_RULES_TP, mesh_2d) + GPT_RULES_TP
+        state = init_train_state(lora0, tx, mesh, rules if mesh is not None else None, model_state=params)
+        step = make_train_step(apply_fn, tx, loss, mesh=mesh, rules=rules if mesh is not None else None,
+                               donate=False, has_model_state=True)
+        losses = []
+        for _ in range(5):
+            state, metrics = step(state, x, y)
+            losses.append(float(metrics["loss"]))
+        assert losses[-1] < losses[0] - 0.1, losses
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                     state.model_state, params)  # the base did not move
+        assert jax.tree.structure(state.params) == jax.tree.structure(lora0)
+        if mesh is not None:
+            qa = state.params["block_0"]["attn"]["query"]["lora_B"]
+            assert qa.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+        results.append((losses, state.params))
+    # sharded vs single device: the same math with reductions split across devices (float32 reassociation)
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), results[0][1],
+                 results[1][1])
