@@ -30,9 +30,14 @@ exports.
 
 from . import zeroq
 from .awq import AWQConfig, awq
+from .block_models import block_model
 from .blocks import AWQGroup, BlockModel, capture_dense
 from .codebook import (
     CodebookConfig, CodebookWeight, codebook_quantize, codebook_quantize_weight, codebook_tree, materialize_codebooks,
+)
+from .engine import (
+    LAYER_QUANTIZERS, BlockView, LayerStats, LayerTransform, LoRCTransform, RotationTransform, quantize_layers,
+    walk_blocks,
 )
 from .evaluate import embed_quantized, embedding_metrics, format_table, ptq_table, real_bits_per_weight, run_method
 from .export import QuantizedLinear, load_quantized, materialize, quantized_tree, save_quantized
@@ -62,5 +67,6 @@ __all__ = [
     "DistillConfig", "calibrate_ranges", "distill_data", "quantized_apply", "FPQuantizer", "ZeroQuantFPConfig",
     "embed_a8", "forward_a8", "fp_act_quant", "pow2_scales", "zeroquant_fp", "zeroquant_fp_weight",
     "CodebookConfig", "CodebookWeight", "codebook_quantize", "codebook_quantize_weight", "codebook_tree",
-    "materialize_codebooks",
+    "materialize_codebooks", "LAYER_QUANTIZERS", "BlockView", "LayerStats", "LayerTransform", "LoRCTransform",
+    "RotationTransform", "quantize_layers", "walk_blocks", "block_model",
 ]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._common import awq_grid, awq_pseudo_quantize, check_bits, group_view, pbar, quantize_codes
-from .blocks import capture_dense, get_sub, set_kernels, set_sub
+from .blocks import get_sub, set_kernels, set_sub
 from .gptq import layer_error
 
 __all__ = ["AWQConfig", "awq", "awq_codes", "search_scale", "search_clip"]
@@ -44,7 +44,8 @@ class AWQConfig:
     n_sample_token: int = 512
     auto_scale: bool = True
     auto_clip: bool = True
-    no_clip: tuple[str, ...] = ("query", "key")   # llm-awq: q/k are not clipped (their bmm is hard to model)
+    # llm-awq: q/k are not clipped (their bmm is hard to model): BERT/GPT, Llama and GPT-2's fused q|k|v names
+    no_clip: tuple[str, ...] = ("query", "key", "q_proj", "k_proj", "c_attn")
 
     def validate(self):
         check_bits(self.bits, self.group_size)
@@ -146,21 +147,24 @@ def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress
     one), i.e. exactly the function the deployed model computes; the report holds per layer the stored
     quantized kernel ``Q(s·W)``, its grid, and the explicit input scale ``in_scale`` (``x/s`` at run time) or None.
     """
+    from .engine import walk_blocks
+
     config.validate()
     if not model.awq_groups:
         raise ValueError("awq: the BlockModel defines no awq_groups")
-    h, ctx = model.embed(params, calib_batch)
-    tok = model.token_weight(ctx)
-    valid = np.asarray(tok).reshape(-1) > 0
-    out = params
-    layers = {}
-    for bp in pbar(model.block_paths, progress, desc=f"AWQ w{config.bits}"):
-        block = get_sub(params, bp)
-        y_float, rec = capture_dense(model, block, h, ctx)
+    if calib_batch is None:
+        raise ValueError("awq needs a calibration batch")
+    alphas = {}
+
+    def step(view):
+        block = view.params
+        h, ctx, tok = view.hidden(), view.block_ctx(), view.tok()
+        valid = np.asarray(tok).reshape(-1) > 0
+        y_float, rec = view.capture()
         kern = {n: jnp.asarray(get_sub(block, n)["kernel"], jnp.float32) for g in model.awq_groups for n in g.linears}
         bias = {n: jnp.asarray(get_sub(block, n)["bias"], jnp.float32) for n in kern if "bias" in get_sub(block, n)}
         xs = {n: jnp.asarray(rec[n][0], jnp.float32).reshape(-1, kern[n].shape[0])[valid] for n in kern}
-        in_scale, alphas = {}, {}
+        in_scale = {}
         # 1) scale search on the float block (all groups searched before any is applied, as auto_scale_block)
         scales = {}
         for g in model.awq_groups:
@@ -181,21 +185,32 @@ def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress
                                for n in eff) / sum(_sub[n].shape[1] for n in eff)
             s, alpha, _ = search_scale(loss_fn, sub, x_mean, config)
             scales[g] = s
-            alphas[g.linears] = alpha
-        # 2) apply: W ← diag(s) W; x ← x / s; fold 1/s into prev or keep it as an input scale
+            alphas[view.path, g.linears] = alpha
+        # 2) apply: W ← diag(s) W; x ← x / s; fold 1/s into prev (a linear's output features or a norm's
+        #    scale/bias, the Pre-LN decoders' case) or keep it as an input scale
+        norms = {}
         for g, s in scales.items():
             for n in g.linears:
                 kern[n] = kern[n] * s[:, None]
                 xs[n] = xs[n] / s[None, :]
-            if g.prev is not None:
+            if g.prev is not None and g.prev in kern:
                 kern[g.prev] = kern[g.prev] / s[None, :]
                 if g.prev in bias:
                     bias[g.prev] = bias[g.prev] / s
+            elif g.prev is not None:  # a norm (LayerNorm / RMSNorm): y = n(h)·γ (+ β) -> γ/s, β/s
+                nrm = dict(norms.get(g.prev, get_sub(block, g.prev)))
+                if "scale" not in nrm:
+                    raise ValueError(f"awq: {view.path}/{g.prev} is neither a linear of an AWQ group nor a norm "
+                                     "with a scale")
+                for key in ("scale", "bias"):
+                    if key in nrm:
+                        nrm[key] = (jnp.asarray(nrm[key], jnp.float32) / s).astype(jnp.asarray(nrm[key]).dtype)
+                norms[g.prev] = nrm
             else:
                 for n in g.linears:
                     in_scale[n] = s
         # 3) clip search and quantization
-        eff_k = {}
+        eff_k, recs = {}, {}
         for n in kern:
             w_oi = kern[n].T  # scaled float weight: the deployed linear computes (x / s) @ Q(diag(s) W)
             if config.auto_clip and n.split("/")[-1] not in config.no_clip:
@@ -207,13 +222,17 @@ def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress
             eff_k[n] = k_eff
             C = w_oi.shape[1]
             gs = C if config.group_size == -1 else config.group_size
-            layers[f"{bp}/{n}/kernel"] = {"weight": k_eff, "format": "int", "bits": config.bits,
-                                          "group_size": config.group_size, "sym": config.sym, "codes": codes.T,
-                                          "scale": sc, "zero": zr, "g_idx": (jnp.arange(C) // gs).astype(jnp.int32),
-                                          "perm": None, "stored": q_oi.T, "in_scale": in_scale.get(n),
-                                          "error": layer_error(xs[n], kern[n], q_oi.T)}
+            recs[n] = {"weight": k_eff, "format": "int", "bits": config.bits, "group_size": config.group_size,
+                       "sym": config.sym, "codes": codes.T, "scale": sc, "zero": zr,
+                       "g_idx": (jnp.arange(C) // gs).astype(jnp.int32), "perm": None, "stored": q_oi.T,
+                       "in_scale": in_scale.get(n), "error": layer_error(xs[n], kern[n], q_oi.T)}
         qblock = set_kernels(block, eff_k, {n: b for n, b in bias.items()})
-        out = set_sub(out, bp, qblock)
-        h = y_float  # next block sees float activations (run_awq)
+        for nm, nrm in norms.items():
+            qblock = set_sub(qblock, nm, nrm)
+        return qblock, recs, None
+
+    # the next block sees float activations (run_awq)
+    out, layers, _ = walk_blocks(params, model, calib_batch, step, feed="float", streaming=False,
+                                 progress=progress, desc=f"AWQ w{config.bits}")
     return out, {"method": "awq", "config": dataclasses.asdict(config), "layers": layers,
-                 "alphas": {"/".join(k): v for k, v in alphas.items()}}
+                 "alphas": {f"{bp}:" + "/".join(k): v for (bp, k), v in alphas.items()}}

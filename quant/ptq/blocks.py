@@ -41,7 +41,16 @@ class BlockModel:
     """``embed(params, batch) -> (hidden, ctx)``; ``block.apply({"params": p}, hidden, **ctx)``;
     ``head(params, hidden, ctx) -> output``; ``token_weight(ctx) -> [B, T]`` (1 = real token, 0 = padding);
     ``block_paths``: path prefix of each block's parameters in ``flatten(params)``; ``num_heads``: attention heads
-    (RSQ's attention-concentration weights); ``attention``: names of the query/key linears; ``awq_groups``."""
+    (RSQ's attention-concentration weights); ``attention``: names of the query/key linears; ``awq_groups``.
+
+    ``ctx`` (from ``embed``) is the batch's context (masks, token weights); ``block_kwargs(i, ctx)`` gives the
+    keyword arguments of block ``i`` (default: all of ``ctx``, e.g. BERT's padding mask; a causal decoder passes its
+    layer index and keeps its token mask out of the block). :meth:`block_ctx` applies it; every ``apply_block`` /
+    :func:`capture_dense` call takes the block keyword arguments, not the raw ``ctx``.
+    ``causal``: the blocks attend causally (RSQ's attention concentration masks future keys); ``attention_fn(
+    records) -> (q, k)`` ``[B, T, heads·d_head]`` from a block's captured linears, when they are not simply the
+    outputs of the two ``attention`` linears (fused q|k|v, RoPE, grouped kv heads).
+    :func:`quant.ptq.block_models.block_model` builds one from a model."""
 
     embed: Callable[[PyTree, Any], tuple[jax.Array, dict]]
     block: nn.Module
@@ -52,11 +61,18 @@ class BlockModel:
     num_heads: int = 1
     attention: tuple[str, str] = ("attention/query", "attention/key")
     attention_mask: Callable[[dict], jax.Array] | None = None
+    block_kwargs: Callable[[int, dict], dict] | None = None
+    causal: bool = False
+    attention_fn: Callable[[dict], tuple[jax.Array, jax.Array]] | None = None
+
+    def block_ctx(self, index: int, ctx: dict) -> dict:
+        """Keyword arguments of block ``index`` (``block.apply(..., h, **block_ctx(index, ctx))``)."""
+        return dict(ctx) if self.block_kwargs is None else dict(self.block_kwargs(index, ctx))
 
     def forward(self, params: PyTree, batch: Any) -> jax.Array:
         h, ctx = self.embed(params, batch)
-        for p in self.block_paths:
-            h = self.apply_block(get_sub(params, p), h, ctx)
+        for i, p in enumerate(self.block_paths):
+            h = self.apply_block(get_sub(params, p), h, self.block_ctx(i, ctx))
         return self.head(params, h, ctx)
 
     def apply_block(self, block_params: PyTree, h: jax.Array, ctx: dict) -> jax.Array:

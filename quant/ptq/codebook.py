@@ -371,40 +371,43 @@ def codebook_quantize(params, model, calib_batch, config: CodebookConfig = Codeb
     codebooks, packed, bits_per_weight, error, loss_init, loss}}, "blocks": {path: {error_init, error, history}},
     "bits_per_weight"}``, the last the measured bits per weight over all quantized linears.
     """
-    from .blocks import capture_dense, dense_names, get_sub, set_kernels, set_sub
-    from .gptq import hessian_from_inputs, layer_error
+    from .blocks import get_sub, set_kernels
+    from .engine import walk_blocks
 
     config.validate()
     check_model(params, model, config)
-    h, ctx = model.embed(params, calib_batch)
-    tok = model.token_weight(ctx)
-    out = params
-    layers, blocks = {}, {}
-    for bi, bp in enumerate(pbar(model.block_paths, progress, desc=f"codebook {config.bits}b d{config.dim}")):
-        block = get_sub(params, bp)
-        y_float, rec = capture_dense(model, block, h, ctx)
+    if calib_batch is None:
+        raise ValueError("codebook_quantize needs a calibration batch")
+
+    def step(view):
+        bi = view.index
+        block = view.params
+        hs = view.hessians()  # H per linear (streamed over the batches)
         state, Ws, Hs, hist, pds = {}, {}, {}, {}, {}
-        for li, name in enumerate(dense_names(block)):
+        for li, name in enumerate(view.names):
             W = np.asarray(get_sub(block, name)["kernel"], np.float32).T
             lay = config.layout(*W.shape)
-            W, Hn = _prepare(W, hessian_from_inputs(rec[name][0], tok))
+            W, Hn = _prepare(W, hs[name].H)
             Ws[name], Hs[name] = W, Hn
             cb, codes, pds[name] = _initial(W, Hn, lay, config, np.random.default_rng([config.seed, bi, li]))
             cb, codes, hist[name] = _layer_finetune(W, Hn, cb, codes, lay, config)
             state[name] = (cb, codes, lay)
-        state, bhist = _block_finetune(model, block, state, Ws, Hs, h, ctx, y_float, tok, config)
-        new_k = {}
+        y_float = view.capture()[0]
+        state, bhist = _block_finetune(view.model, block, state, Ws, Hs, view.hidden(), view.block_ctx(), y_float,
+                                       view.tok(), config)
+        new_k, recs = {}, {}
         for name, (cb, codes, lay) in state.items():
             k = get_sub(block, name)["kernel"]
             r = _result(jnp.asarray(k), cb, codes, lay, config, True, hist[name], pds[name])
             r["loss"] = float(_layer_loss(Ws[name], Hs[name], cb, codes, lay))
-            r["error"] = layer_error(rec[name][0], k, r["weight"], tok)
-            layers[f"{bp}/{name}/kernel"] = r
+            recs[name] = r
             new_k[name] = r["weight"]
-        qblock = set_kernels(block, new_k)
-        out = set_sub(out, bp, qblock)
-        blocks[bp] = {"error_init": bhist[0], "error": bhist[-1], "history": bhist}
-        h = model.apply_block(qblock, h, ctx)
+        for name, e in view.errors({n: (get_sub(block, n)["kernel"], recs[n]["weight"]) for n in recs}).items():
+            recs[name]["error"] = e
+        return set_kernels(block, new_k), recs, {"error_init": bhist[0], "error": bhist[-1], "history": bhist}
+
+    out, layers, blocks = walk_blocks(params, model, calib_batch, step, streaming=False, progress=progress,
+                                      desc=f"codebook {config.bits}b d{config.dim}")
     nbytes = sum(r["packed"].nbytes for r in layers.values())
     nweights = sum(int(np.prod(r["packed"].shape)) for r in layers.values())
     return out, {"method": "codebook", "config": dataclasses.asdict(config), "layers": layers, "blocks": blocks,

@@ -333,41 +333,35 @@ def flexround(params, model, calib_batch, config: FlexRoundConfig = FlexRoundCon
     output error ‖XW − XŴ‖² / ‖XW‖² of the layer on its (quantized-stream) calibration inputs, ``beyond_nearest`` as
     in :func:`flexround_quantize_weight`, ``loss_rtn``/``loss`` the block objective before and after learning.
     """
-    from .blocks import capture_dense, dense_names, get_sub, set_kernels, set_sub
-    from .gptq import layer_error
+    from .blocks import dense_names, get_sub, set_kernels
+    from .engine import walk_blocks
 
     config.validate()
+    if calib_batch is None:
+        raise ValueError("flexround needs a calibration batch")
     for bp in model.block_paths:  # shapes are checked before any work
         for name in dense_names(get_sub(params, bp)):
             _check_group(get_sub(get_sub(params, bp), name)["kernel"].shape[0], config.group_size, f"{bp}/{name}")
-    h_fp, ctx = model.embed(params, calib_batch)
-    h_fp = jnp.asarray(h_fp, jnp.float32)
-    tok = jnp.asarray(model.token_weight(ctx), jnp.float32)
-    h_q = h_fp
     fn = _BlockFn(model.block)
     key = jax.random.PRNGKey(config.seed)
-    out = params
-    layers, blocks = {}, {}
-    for li, bp in enumerate(pbar(model.block_paths, progress, desc=f"FlexRound w{config.bits}")):
-        block = get_sub(params, bp)
-        frozen = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), block)
-        y_fp = jnp.asarray(model.apply_block(frozen, h_fp, ctx), jnp.float32)
-        _, rec = capture_dense(model, frozen, h_q, ctx)
-        names = dense_names(block)
-        weights = {n: get_sub(frozen, n)["kernel"].T for n in names}
-        res, l0, l1 = _reconstruct(fn, frozen, weights, h_q, ctx, y_fp, tok, config, jax.random.fold_in(key, li),
-                                   progress, bp)
-        blocks[bp] = {"loss_rtn": l0, "loss": l1}
-        new_k = {}
-        for n in names:
+
+    def step(view):
+        frozen, block = view.params, view.source  # float32 copy / the block in its own dtype
+        h_q, ctx, tok = view.hidden(), view.block_ctx(), jnp.asarray(view.tok(), jnp.float32)
+        y_fp = jnp.asarray(view.model.apply_block(frozen, view.hidden(stream="float"), ctx), jnp.float32)
+        view.float_outputs[0] = y_fp
+        weights = {n: get_sub(frozen, n)["kernel"].T for n in view.names}
+        res, l0, l1 = _reconstruct(fn, frozen, weights, h_q, ctx, y_fp, tok, config,
+                                   jax.random.fold_in(key, view.index), progress, view.path)
+        new_k, recs = {}, {}
+        for n in view.names:
             k = get_sub(block, n)["kernel"]
-            r = _record(jnp.asarray(k), *res[n], config)
-            r["error"] = layer_error(rec[n][0], k, r["weight"], tok)
-            layers[f"{bp}/{n}/kernel"] = r
-            new_k[n] = r["weight"]
-        qblock = set_kernels(block, new_k)
-        out = set_sub(out, bp, qblock)
-        h_q = jnp.asarray(model.apply_block(jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), qblock),
-                                            h_q, ctx), jnp.float32)
-        h_fp = y_fp
+            recs[n] = _record(jnp.asarray(k), *res[n], config)
+            new_k[n] = recs[n]["weight"]
+        for n, e in view.errors({n: (get_sub(block, n)["kernel"], recs[n]["weight"]) for n in recs}).items():
+            recs[n]["error"] = e
+        return set_kernels(block, new_k), recs, {"loss_rtn": l0, "loss": l1}
+
+    out, layers, blocks = walk_blocks(params, model, calib_batch, step, feed="both", streaming=False,
+                                      float32=True, progress=progress, desc=f"FlexRound w{config.bits}")
     return out, {"method": "flexround", "config": dataclasses.asdict(config), "layers": layers, "blocks": blocks}

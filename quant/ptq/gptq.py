@@ -75,7 +75,9 @@ class MinMaxQuantizer:
         return None
 
     def params(self, groups, aux):
-        return jax.vmap(lambda g: minmax_params(g, self.bits, self.sym), in_axes=1, out_axes=1)(groups)
+        R, G, gs = groups.shape  # one call on [R·G, gs] rows (no vmap: the grid's IEEE division, quant.intgrid)
+        s, z = minmax_params(groups.reshape(R * G, gs), self.bits, self.sym)
+        return s.reshape(R, G), z.reshape(R, G)
 
     def quantize(self, w, scale, zero):
         return quantize_codes(w, scale, zero, 2**self.bits - 1)
@@ -302,47 +304,41 @@ def layer_error(x, w, w_hat, weights=None) -> float:
 
 
 def gptq(params, model, calib_batch, config: GPTQConfig = GPTQConfig(), *, progress: bool | None = None,
-         token_weights_fn=None, transform=None, quantizer=None):
-    """GPTQ every linear layer of ``model`` (a :class:`quant.ptq.blocks.BlockModel`), block by block.
+         token_weights_fn=None, transform=None, quantizer=None, transforms=()):
+    """GPTQ every linear layer of ``model`` (a :class:`quant.ptq.blocks.BlockModel`), block by block, on the one
+    walk of :mod:`quant.ptq.engine`.
 
     Each block sees the outputs of the already-quantized previous blocks (reference ``opt_sequential``); the Hessian
     of every linear is ``2 Σ_t w_t x_t x_tᵀ / Σ_t w_t`` over the block's calibration tokens (w_t = 1, 0 for padding;
-    RSQ passes attention-concentration weights via ``token_weights_fn(records, ctx)``). ``transform`` (RSQ) maps
-    ``(name, kernel, H) -> (kernel', H', undo)`` before GPTQ; ``undo(kernel_hat)`` brings the result back.
-    ``quantizer``: the per-layer grid (see :func:`gptq_quantize_weight`).
+    RSQ passes attention-concentration weights via ``token_weights_fn(records, ctx)``), accumulated batch by batch
+    when ``calib_batch`` is a list of batches. ``transform`` maps ``(path, kernel, H) -> (kernel', H', undo)``
+    before GPTQ (``undo(kernel_hat)`` brings the result back); ``transforms``: :class:`quant.ptq.engine.
+    LayerTransform` s (RSQ's rotation, LoRC). ``quantizer``: the per-layer grid (see :func:`gptq_quantize_weight`).
 
     Returns ``(quantized_params, report)``: the params with dequantized kernels (a drop-in float model) and a report
-    ``{"layers": {path: {...codes, scale, zero, g_idx, perm, error}}, "config": ...}``.
+    ``{"layers": {path: {...codes, scale, zero, g_idx, perm, stored, error}}, "config": ...}``.
     """
-    from .blocks import capture_dense, get_sub, set_kernels, set_sub, dense_names
-    from ._common import pbar
+    from .engine import LayerTransform, quantize_layers
 
     config.validate()
-    h, ctx = model.embed(params, calib_batch)
-    tok = model.token_weight(ctx)
-    out = params
-    layers = {}
-    for bp in pbar(model.block_paths, progress, desc=f"GPTQ w{config.bits}"):
-        block = get_sub(params, bp)
-        _, rec = capture_dense(model, block, h, ctx)
-        tw = tok if token_weights_fn is None else token_weights_fn(rec, ctx)
-        new_k = {}
-        for name in dense_names(block):
-            x = rec[name][0]
-            k = get_sub(block, name)["kernel"]
-            H = hessian_from_inputs(x, tw)
-            undo = None
-            kq, Hq = k, H
-            if transform is not None:
-                kq, Hq, undo = transform(f"{bp}/{name}", k, H)
-            r = gptq_quantize_weight(kq, Hq, config, quantizer=quantizer)
-            w_hat = r["weight"] if undo is None else undo(r["weight"])
-            r["error"] = layer_error(x, k, w_hat, tok)
-            r["stored"] = r["weight"]  # what the codes dequantize to (in the transformed basis, if any)
-            r["weight"] = w_hat
-            layers[f"{bp}/{name}/kernel"] = r
-            new_k[name] = w_hat
-        qblock = set_kernels(block, new_k)
-        out = set_sub(out, bp, qblock)
-        h = model.apply_block(qblock, h, ctx)
-    return out, {"method": "gptq", "config": dataclasses.asdict(config), "layers": layers}
+    if calib_batch is None:
+        raise ValueError("GPTQ needs a calibration batch")
+    ts = list(transforms)
+    if transform is not None:
+        class _Fn(LayerTransform):
+            def before(self, path, w, stats):
+                import dataclasses as dc
+
+                k2, H2, undo = transform(path, w, stats.H)
+                return k2, dc.replace(stats, H=H2), undo
+
+        ts.insert(0, _Fn())
+
+    def layer(w, stats, cfg):
+        r = gptq_quantize_weight(w, stats.H, cfg, quantizer=quantizer)
+        r["stored"] = r["weight"]  # what the codes dequantize to (in the transformed basis, if any)
+        return r
+
+    return quantize_layers(params, model, calib_batch, layer, config, transforms=ts,
+                           token_weights_fn=token_weights_fn, progress=progress, desc=f"GPTQ w{config.bits}",
+                           method="gptq", needs="hessian")

@@ -71,9 +71,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._common import check_bits, grid_record, pbar, rtn_minmax
-from .blocks import capture_dense, dense_names, get_sub, set_kernels, set_sub
 from .export import needs_perm, packed_bytes
-from .gptq import GPTQConfig, gptq_quantize_weight, hessian_from_inputs, layer_error
+from .gptq import GPTQConfig, gptq_quantize_weight
 # the seams of the method, in their own modules (their names stay importable from here)
 from .mixed_precision_allocation import allocate_knapsack, allocate_ranked, default_levels, reverse_ranks
 from .mixed_precision_scores import (
@@ -265,36 +264,21 @@ def mixed_precision(params, model, calib_batch, config: MixedPrecisionConfig = M
         report["sensitivity"] = sens
         report["traces"] = tr
 
-    # quantize, block by block
-    out = params
-    layers = {}
-    h = ctx = tok = None
-    if calib_batch is not None:
-        h, ctx = model.embed(params, calib_batch)
-        tok = model.token_weight(ctx)
-    for bp in pbar(model.block_paths, progress, desc=f"{config.method} mixed {config.budget}b"):
-        block = get_sub(params, bp)
-        rec = capture_dense(model, block, h, ctx)[1] if h is not None else None
-        new_k = {}
-        for name in dense_names(block):
-            p = f"{bp}/{name}/kernel"
-            k = flat_k[p]
-            b = bits[p]
-            if config.method == "rtn":
-                r = _rtn_record(k, b, gs, sym)
-            else:
-                H = hessian_from_inputs(rec[name][0], tok)
-                r = gptq_quantize_weight(k, H, GPTQConfig(b, gs, sym, config.act_order, percdamp=config.percdamp))
-            if rec is not None:
-                r["error"] = layer_error(rec[name][0], k, r["weight"], tok)
-            r["bits"] = b
-            layers[p] = r
-            new_k[name] = r["weight"]
-        qblock = set_kernels(block, new_k)
-        out = set_sub(out, bp, qblock)
-        if h is not None:
-            h = model.apply_block(qblock, h, ctx)
+    # quantize, block by block, on the one walk (quant.ptq.engine): the allocation is a per-layer config
+    from .engine import quantize_layers
 
+    def layer(w, stats, b):
+        if config.method == "rtn":
+            r = _rtn_record(w, b, gs, sym)
+        else:
+            r = gptq_quantize_weight(w, stats.H, GPTQConfig(b, gs, sym, config.act_order, percdamp=config.percdamp))
+        r["bits"] = b
+        return r
+
+    out, rep = quantize_layers(params, model, calib_batch, layer, None, layer_config=lambda p: bits[p],
+                               progress=progress, desc=f"{config.method} mixed {config.budget}b",
+                               needs="hessian" if config.method == "gptq" else None)
+    layers = rep["layers"]
     n_total = sum(sizes.values())
     report["bits"] = bits
     report["average_bits"] = sum(sizes[p] * bits[p] for p in bits) / n_total

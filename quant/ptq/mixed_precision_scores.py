@@ -56,8 +56,8 @@ def lim_scores(params, model, calib_batch, *, progress: bool | None = None) -> d
     h, ctx = model.embed(params, calib_batch)
     tok = model.token_weight(ctx)
     out = {}
-    for bp in pbar(model.block_paths, progress, desc="LIM"):
-        h2 = model.apply_block(get_sub(params, bp), h, ctx)
+    for i, bp in enumerate(pbar(model.block_paths, progress, desc="LIM")):
+        h2 = model.apply_block(get_sub(params, bp), h, model.block_ctx(i, ctx))
         out[bp] = float(_lim_jit(h, h2, tok))
         h = h2
     return out

@@ -84,16 +84,20 @@ def random_hadamard(n: int, seed: int) -> np.ndarray:
     return (H * s[None, :] / np.sqrt(n)).astype(np.float32)
 
 
-def attention_concentration(q, k, num_heads: int, token_mask, min_value=1.0, max_value=3.0):
-    """r[b, t] = Σ_heads Σ_queries softmax(q kᵀ/√d_h)[b, h, :, t], min/max-normalized over each sequence's real tokens
-    to [min_value, max_value]; padding tokens get 0."""
+def attention_concentration(q, k, num_heads: int, token_mask, min_value=1.0, max_value=3.0, causal: bool = False):
+    """r[b, t] = Σ_heads Σ_queries softmax(q kᵀ/√d_h + M)[b, h, :, t], min/max-normalized over each sequence's real
+    tokens to [min_value, max_value]; padding tokens get 0. M masks padded keys, and future keys (key > query) when
+    ``causal`` (decoders)."""
     B, T, D = q.shape
     dh = D // num_heads
     qh = q.reshape(B, T, num_heads, dh)
     kh = k.reshape(B, T, num_heads, dh)
     logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh).astype(jnp.float32) / jnp.sqrt(jnp.float32(dh))
     valid = token_mask > 0
-    logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    allowed = valid[:, None, None, :]
+    if causal:
+        allowed = allowed & jnp.tril(jnp.ones((T, T), bool))[None, None]
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     a = jax.nn.softmax(logits, axis=-1) * valid[:, None, :, None]  # only real queries count
     r = a.sum(axis=(1, 2))
     lo = jnp.where(valid, r, jnp.inf).min(1, keepdims=True)
@@ -106,29 +110,34 @@ def rsq(params, model, calib_batch, config: RSQConfig = RSQConfig(), *, progress
     """RSQ every linear of ``model``. Returns ``(quantized_params, report)``; the params hold the effective kernels
     R·Q(RᵀW) (the function of the deployed model with its online rotations); the report per layer also holds the
     stored rotated kernel's grid and ``rotation_seed`` (R = ``random_hadamard(n, rotation_seed)``)."""
-    config.validate()
-    rotations = {}
+    from .engine import RotationTransform
 
-    def transform(path, k, H):
-        if not config.rotate:
-            return k, H, None
-        n = k.shape[0]
-        seed = config.seed * 1000003 + len(rotations)
-        R = jnp.asarray(random_hadamard(n, seed))
-        rotations[path.rsplit("/kernel", 1)[0] if path.endswith("/kernel") else path] = seed
-        return R.T @ k, R.T @ H @ R, lambda kh, R=R: R @ kh
+    config.validate()
+    transforms = []
+    if config.rotate:
+        count = [0]
+
+        def rotation(path, n):
+            seed = config.seed * 1000003 + count[0]
+            count[0] += 1
+            return random_hadamard(n, seed), seed
+
+        transforms.append(RotationTransform(rotation))
 
     weights_fn = None
     if config.scale_tokens:
         qn, kn = model.attention
 
         def weights_fn(rec, ctx):
-            return attention_concentration(rec[qn][1], rec[kn][1], model.num_heads, model.token_weight(ctx),
-                                           config.min_value, config.max_value)
+            q, k = (rec[qn][1], rec[kn][1]) if model.attention_fn is None else model.attention_fn(rec)
+            return attention_concentration(q, k, model.num_heads, model.token_weight(ctx), config.min_value,
+                                           config.max_value, causal=model.causal)
 
     out, rep = gptq(params, model, calib_batch, config.gptq, progress=progress, token_weights_fn=weights_fn,
-                    transform=transform)
-    for p, seed in rotations.items():
-        rep["layers"][p + "/kernel"]["rotation_seed"] = seed
+                    transforms=transforms)
+    for t in transforms:
+        for p, seed in t.seeds.items():
+            rep["layers"][p]["rotation_seed"] = seed
     rep["method"] = "rsq"
+    rep["config"] = dataclasses.asdict(config)
     return out, rep

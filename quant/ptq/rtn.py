@@ -64,8 +64,6 @@ def rtn(params, model=None, calib_batch=None, config: RTNConfig = RTNConfig(), *
     from jaxmodels.tree import flatten, unflatten
 
     from ._common import pbar
-    from .blocks import capture_dense, dense_names, get_sub
-    from .gptq import layer_error
 
     if not isinstance(config, RTNConfig):
         raise TypeError(f"config must be an RTNConfig (rtn(params, model, calib, RTNConfig(bits, group_size))), "
@@ -84,23 +82,15 @@ def rtn(params, model=None, calib_batch=None, config: RTNConfig = RTNConfig(), *
             layers[p] = rtn_quantize_weight(flat[p], None, config)
             flat[p] = layers[p]["weight"]
         return unflatten(flat, like=params), report
-    h = ctx = tok = None
-    if calib_batch is not None:
-        h, ctx = model.embed(params, calib_batch)
-        tok = model.token_weight(ctx)
-    for bp in pbar(model.block_paths, progress, desc=f"RTN w{config.bits}"):
-        block = get_sub(params, bp)
-        rec = capture_dense(model, block, h, ctx)[1] if h is not None else None
-        for name in dense_names(block):
-            p = f"{bp}/{name}/kernel"
-            r = rtn_quantize_weight(flat[p], None, config)
-            if rec is not None:
-                r["error"] = layer_error(rec[name][0], flat[p], r["weight"], tok)
-            layers[p] = r
-            flat[p] = r["weight"]
-        if h is not None:
-            h = model.apply_block(block, h, ctx)
-    return unflatten(flat, like=params), report
+    from .engine import quantize_layers
+
+    def layer(w, stats, cfg):
+        return rtn_quantize_weight(w, None, cfg)
+
+    # the float stream feeds the blocks (RTN's weights need no data; its errors are judged on float inputs)
+    out, rep = quantize_layers(params, model, calib_batch, layer, config, feed="float", progress=progress,
+                               desc=f"RTN w{config.bits}", method="rtn", needs=None)
+    return out, rep
 
 
 def rtn_format(params, fmt, include: str = r"kernel$"):

@@ -254,8 +254,8 @@ def forward_a8(model, params, batch, act_format: str | None = "e4m3", granularit
     h, ctx = model.embed(params, batch)
     from .blocks import get_sub
 
-    for p in model.block_paths:
-        h = _a8(model, get_sub(params, p), h, ctx, act)[0]
+    for i, p in enumerate(model.block_paths):
+        h = _a8(model, get_sub(params, p), h, model.block_ctx(i, ctx), act)[0]
     return model.head(params, h, ctx)
 
 
@@ -351,9 +351,7 @@ def zeroquant_fp(params, model, calib_batch, config: ZeroQuantFPConfig = ZeroQua
     {weight, codes, scale, anchor, exponent, cast_exact, g_idx, perm, error}}, "cast_exact"}`` where ``error`` is
     ``‖X̂W − X̂Ŵ‖² / ‖X̂W‖²`` on the calibration tokens.
     """
-    from ._common import pbar
-    from .blocks import dense_names, get_sub, set_kernels, set_sub
-    from .gptq import hessian_from_inputs, layer_error
+    from .blocks import dense_names, get_sub
 
     config.validate()
     if config.algorithm == "gptq" and calib_batch is None:
@@ -364,28 +362,15 @@ def zeroquant_fp(params, model, calib_batch, config: ZeroQuantFPConfig = ZeroQua
             if config.group_size != -1 and c % config.group_size:
                 raise ValueError(f"{bp}/{name}: input features {c} not divisible by group_size {config.group_size}")
     act = (config.act_format, config.act_granularity) if config.act_format and config.calib_act_quant else None
-    h = ctx = tok = None
-    if calib_batch is not None:
-        h, ctx = model.embed(params, calib_batch)
-        tok = model.token_weight(ctx)
-    out, layers = params, {}
-    for bp in pbar(model.block_paths, progress, desc=f"ZeroQuant-FP {config.weight_format}"):
-        block = get_sub(params, bp)
-        rec = _a8(model, block, h, ctx, act)[1] if h is not None else None
-        new_k = {}
-        for name in dense_names(block):
-            k = get_sub(block, name)["kernel"]
-            x = None if rec is None else rec[name][0]
-            H = hessian_from_inputs(x, tok) if config.algorithm == "gptq" else None
-            r = zeroquant_fp_weight(k, H, config)
-            if x is not None:
-                r["error"] = layer_error(x, k, r["weight"], tok)
-            layers[f"{bp}/{name}/kernel"] = r
-            new_k[name] = r["weight"]
-        qblock = set_kernels(block, new_k)
-        out = set_sub(out, bp, qblock)
-        if h is not None:
-            h = _a8(model, qblock, h, ctx, act)[0]
+    from .engine import quantize_layers
+
+    def layer(w, stats, cfg):
+        return zeroquant_fp_weight(w, stats.H if cfg.algorithm == "gptq" else None, cfg)
+
+    out, rep = quantize_layers(params, model, calib_batch, layer, config, act=None if act is None else _FPAct(*act),
+                               progress=progress, desc=f"ZeroQuant-FP {config.weight_format}", method="zeroquant_fp",
+                               needs="hessian" if config.algorithm == "gptq" else None)
+    layers = rep["layers"]
     exact = [r["cast_exact"] for r in layers.values() if r["cast_exact"] is not None]
     return out, {"method": "zeroquant_fp", "config": dataclasses.asdict(config), "layers": layers,
                  "cast_exact": all(exact) if exact else None}
