@@ -23,6 +23,13 @@ is widened to contain 0, what an all-zero block gets, a floor on the range) and 
 The two symmetric grids are both legitimate and give different weights (``rtn(sym=True)`` vs
 ``rtn_format(IntFormat(b, symmetric=True))``); they are named apart here on purpose.
 
+The divisions by the constants ``2^b - 1`` / ``2^(b-1) - 1`` are IEEE quotients (as NumPy / torch compute them):
+the divisor is a full array of ``c`` behind ``jax.lax.optimization_barrier``, because XLA otherwise rewrites
+``r / c`` (also ``r / broadcast(scalar)``, even a runtime scalar) into ``r * (1/c)``, 1 ulp off for about half
+the inputs (under a caller's ``jax.vmap`` the divisor is unbatched and the rewrite comes back: call the grid on
+the stacked rows instead) -- enough to flip a rounding tie (GPTQ ``sym``'s ``-amax``
+lands exactly on ``-2^(b-1) + 1/2`` of the offset grid).
+
 A scale that comes out ``<= float32 tiny`` (an all-zero block) is replaced by ``1`` (:func:`safe_scale`), so
 ``x / s`` is always finite. ``pow2=True`` rounds the scale up to a power of two, ``s = 2^ceil(log2 s)`` (before the
 zero point is computed), as ZeroQuant-FP's shift-friendly scales.
@@ -54,6 +61,13 @@ def pow2_ceil(scale: jax.Array) -> jax.Array:
     return jnp.exp2(jnp.ceil(jnp.log2(scale)))
 
 
+def _divide(x: jax.Array, c: int) -> jax.Array:
+    """``x / c`` as the IEEE quotient (see module docstring): the divisor is an array of x's shape that XLA's
+    algebraic simplifier cannot see through."""
+    x = jnp.asarray(x, jnp.float32)
+    return x / jax.lax.optimization_barrier(jnp.full(x.shape, c, jnp.float32))
+
+
 def minmax_grid(lo: jax.Array, hi: jax.Array, bits: int, *, min_range: float = 0.0, offset_zero: bool = False,
                 pow2: bool = False) -> tuple[jax.Array, jax.Array]:
     """Scale and zero point ``(s, z)`` of the min/max grid on ``[lo, hi]`` (see module docstring); float32, the
@@ -62,7 +76,7 @@ def minmax_grid(lo: jax.Array, hi: jax.Array, bits: int, *, min_range: float = 0
     r = hi - lo
     if min_range:
         r = jnp.maximum(r, min_range)
-    s = safe_scale(r / maxq)
+    s = safe_scale(_divide(r, maxq))
     if pow2:
         s = pow2_ceil(s)
     if offset_zero:
@@ -74,5 +88,5 @@ def absmax_scale(amax: jax.Array, bits: int, *, min_amax: float = 0.0, pow2: boo
     """Scale of the absmax grid, ``s = max(amax, min_amax) / (2^(b-1) - 1)`` (see module docstring)."""
     if min_amax:
         amax = jnp.maximum(amax, min_amax)
-    s = safe_scale(amax / (2 ** (bits - 1) - 1))
+    s = safe_scale(_divide(amax, 2 ** (bits - 1) - 1))
     return pow2_ceil(s) if pow2 else s

@@ -33,83 +33,39 @@ def _np_quant_params(w, bits, sym):
     return scale, zero
 
 
-def _np_gptq(W, H, bits, gs, blocksize, percdamp=0.01, actorder=False):
-    """Line-by-line NumPy transcription of IST-DASLab/gptq ``fasterquant`` (W[out, in])."""
-    W = W.astype(np.float64).copy()
-    H = H.astype(np.float64).copy()
+def _np_gptq(W, H, bits, gs, blocksize, percdamp=0.01, actorder=False, sym=False, static_groups=False,
+             given=None, dtype=np.float32):
+    """Line-by-line NumPy transcription of IST-DASLab/gptq ``fasterquant`` (W[out, in]; gptq.py at 2d65066), in
+    ``dtype`` (the reference runs in float32: ``W = W.float()``).
+
+    Groups: dynamic (``static_groups=False``): the quantizer of a group is found when its first column is reached,
+    on the current ``W`` (error-updated between lazy blocks only); ``gs=-1``: one quantizer per row from the full
+    ``W``. ``static_groups=True``: one quantizer per contiguous group of the ORIGINAL columns, found on the full
+    ``W`` (dead columns zeroed) BEFORE the act-order permutation; column ``i`` of the processing order uses
+    ``groups[perm[i] // gs]``, and ``g_idx`` follows AutoGPTQ's packing rule for this path (``perm[i] // gs`` in
+    processing order, then ``[invperm]``). ``given=(scale, zero)`` ([out, n_groups]) replaces the static group
+    parameters (to compare the column loop given the same grid). Returns ``(Q, group scales, group zeros, g_idx)``
+    (the last three None for dynamic groups)."""
+    W = W.astype(dtype).copy()
+    H = H.astype(dtype).copy()
     cols = W.shape[1]
-    maxq = 2**bits - 1
-    scale, zero = _np_quant_params(W, bits, False)
+    maxq = dtype(2**bits - 1)
     dead = np.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    if actorder:
-        perm = np.argsort(-np.diag(H), kind="stable")
-        W, H = W[:, perm], H[perm][:, perm]
-    Q = np.zeros_like(W)
-    H = H + percdamp * np.mean(np.diag(H)) * np.eye(cols)
-    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].copy()
-        Q1, Err1 = np.zeros_like(W1), np.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            if gs != -1 and (i1 + i) % gs == 0:
-                scale, zero = _np_quant_params(W[:, i1 + i:i1 + i + gs], bits, False)
-            q = scale * (np.clip(np.round(w / scale) + zero, 0, maxq) - zero)
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= np.outer(err, Hinv1[i, i:])
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    if actorder:
-        Q = Q[:, np.argsort(perm)]
-    return Q
-
-
-@pytest.mark.parametrize("gs,bs,actorder", [(-1, 16, False), (8, 16, False), (16, 8, False), (8, 16, True)])
-def test_gptq_matches_numpy_reference(gs, bs, actorder):
-    rng = np.random.default_rng(0)
-    x, w = _layer(rng, n=256, d_in=32, d_out=12)
-    H = np.asarray(hessian_from_inputs(x))
-    got = gptq_quantize_weight(w, H, GPTQConfig(bits=3, group_size=gs, block_size=bs, act_order=actorder))["weight"]
-    ref = _np_gptq(w.T, H, 3, gs, bs, actorder=actorder).T
-    # float32 JAX vs float64 NumPy: a rounding tie can flip one level in rare elements; demand >= 99% identical
-    # elements and the rest within one grid step (scale <= 2*max|w|/7 ~ 0.1).
-    same = np.isclose(np.asarray(got), ref, atol=1e-4)
-    assert same.mean() >= 0.99, same.mean()
-    assert np.abs(np.asarray(got) - ref).max() < 0.2
-
-
-def _np_gptq_static(W, H, bits, gs, blocksize, percdamp=0.01, actorder=False, sym=False, given=None):
-    """NumPy transcription of IST-DASLab/gptq ``fasterquant(static_groups=True)`` (W[out, in]; gptq.py at 2d65066):
-    one quantizer per contiguous group of the ORIGINAL columns, found on the full ``W`` (dead columns zeroed) BEFORE
-    the act-order permutation; column ``i`` of the processing order uses ``groups[perm[i] // gs]``. ``g_idx`` follows
-    AutoGPTQ's packing rule for this path (``perm[i] // gs`` in processing order, then ``[invperm]``).
-    Runs in float32 as the reference does (``W = W.float()``): with ``sym`` the group extreme -amax sits exactly on a
-    rounding tie (-amax/scale = -3.5 at 3 bits), which float64 resolves differently from float32, and the flipped level
-    then propagates along its whole row. ``given=(scale, zero)`` ([out, n_groups]) replaces the group parameters
-    (to compare the column loop given the same grid). Returns ``(Q, group scales, group zeros, g_idx)``."""
-    W = W.astype(np.float32).copy()
-    H = H.astype(np.float32).copy()
-    cols = W.shape[1]
-    maxq = np.float32(2**bits - 1)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    groups = [_np_quant_params(W[:, i:i + gs], bits, sym) for i in range(0, cols, gs)]
-    if given is not None:
-        groups = [(np.asarray(given[0], np.float32)[:, g], np.asarray(given[1], np.float32)[:, g])
-                  for g in range(len(groups))]
+    scale, zero = _np_quant_params(W, bits, sym)
+    groups = None
+    if static_groups:
+        groups = [_np_quant_params(W[:, i:i + gs], bits, sym) for i in range(0, cols, gs)]
+        if given is not None:
+            groups = [(np.asarray(given[0], dtype)[:, g], np.asarray(given[1], dtype)[:, g])
+                      for g in range(len(groups))]
     perm = np.arange(cols)
     if actorder:
         perm = np.argsort(-np.diag(H), kind="stable")
         W, H = W[:, perm], H[perm][:, perm]
     Q = np.zeros_like(W)
-    H = H + np.float32(percdamp) * np.mean(np.diag(H)) * np.eye(cols, dtype=np.float32)
+    H = H + dtype(percdamp) * np.mean(np.diag(H)) * np.eye(cols, dtype=dtype)
     Hinv = np.linalg.cholesky(np.linalg.inv(H)).T
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -118,7 +74,10 @@ def _np_gptq_static(W, H, bits, gs, blocksize, percdamp=0.01, actorder=False, sy
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w, d = W1[:, i], Hinv1[i, i]
-            scale, zero = groups[perm[i1 + i] // gs]
+            if static_groups:
+                scale, zero = groups[perm[i1 + i] // gs]
+            elif gs != -1 and (i1 + i) % gs == 0:
+                scale, zero = _np_quant_params(W[:, i1 + i:i1 + i + gs], bits, sym)
             q = scale * (np.clip(np.round(w / scale) + zero, 0, maxq) - zero)
             Q1[:, i] = q
             err = (w - q) / d
@@ -127,8 +86,24 @@ def _np_gptq_static(W, H, bits, gs, blocksize, percdamp=0.01, actorder=False, sy
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     invperm = np.argsort(perm)
+    if not static_groups:
+        return Q[:, invperm], None, None, None
     g_idx = (perm // gs)[invperm]
     return Q[:, invperm], np.stack([g[0] for g in groups], 1), np.stack([g[1] for g in groups], 1), g_idx
+
+
+@pytest.mark.parametrize("gs,bs,actorder", [(-1, 16, False), (8, 16, False), (16, 8, False), (8, 16, True)])
+def test_gptq_matches_numpy_reference(gs, bs, actorder):
+    rng = np.random.default_rng(0)
+    x, w = _layer(rng, n=256, d_in=32, d_out=12)
+    H = np.asarray(hessian_from_inputs(x))
+    got = gptq_quantize_weight(w, H, GPTQConfig(bits=3, group_size=gs, block_size=bs, act_order=actorder))["weight"]
+    ref = _np_gptq(w.T, H, 3, gs, bs, actorder=actorder, dtype=np.float64)[0].T
+    # float32 JAX vs float64 NumPy: a rounding tie can flip one level in rare elements; demand >= 99% identical
+    # elements and the rest within one grid step (scale <= 2*max|w|/7 ~ 0.1).
+    same = np.isclose(np.asarray(got), ref, atol=1e-4)
+    assert same.mean() >= 0.99, same.mean()
+    assert np.abs(np.asarray(got) - ref).max() < 0.2
 
 
 @pytest.mark.parametrize("gs,bs,actorder,sym,dead", [(8, 16, True, False, False), (16, 8, True, False, True),
@@ -141,35 +116,27 @@ def test_gptq_static_groups_matches_numpy_reference(gs, bs, actorder, sym, dead)
     H = np.asarray(hessian_from_inputs(x))
     r = gptq_quantize_weight(w, H, GPTQConfig(bits=3, group_size=gs, block_size=bs, act_order=actorder,
                                               static_groups=True, sym=sym))
-    Q, s_ref, z_ref, g_ref = _np_gptq_static(w.T, H, 3, gs, bs, actorder=actorder, sym=sym)
+    Q, s_ref, z_ref, g_ref = _np_gptq(w.T, H, 3, gs, bs, actorder=actorder, sym=sym, static_groups=True)
     got = np.asarray(r["weight"]).T  # [out, in]
     np.testing.assert_array_equal(r["g_idx"], g_ref)
     if actorder:
         np.testing.assert_array_equal(r["perm"], np.argsort(-np.diag(H), kind="stable"))
-    # the static group parameters come from the unquantized weight only (no error feedback). Under jit XLA rewrites
-    # the grid's r / maxq (a constant divisor) into r * float32(1/7), which is 1 ulp off the IEEE quotient (NumPy,
-    # torch) for ~55% of inputs, so about half the scales are 1 ulp off the reference's.
-    np.testing.assert_allclose(np.asarray(r["scale"]), s_ref, rtol=2.5e-7)
+    # the static group parameters come from the unquantized weight only (no error feedback); the grid's r / maxq is
+    # the IEEE quotient (quant.intgrid keeps XLA from turning it into r * (1/maxq)), so they equal the reference's
+    np.testing.assert_array_equal(np.asarray(r["scale"]), s_ref)
     np.testing.assert_array_equal(np.asarray(r["zero"]), z_ref)
 
     def close(ref):  # the bar of the dynamic-group transcription: >= 99% identical, the rest within ~2 grid steps
         same = np.isclose(got, ref, atol=1e-4)
         return same.mean() >= 0.99 and np.abs(got - ref).max() < 0.2, same
 
-    # the column loop (perm, groups[perm[i] // gs], error feedback), given the code's grid
-    ok, same = close(_np_gptq_static(w.T, H, 3, gs, bs, actorder=actorder, sym=sym, given=(r["scale"], r["zero"]))[0])
-    assert ok, same.mean()
-    # ... and fully independent. With sym the weight at -amax of its group sits exactly on a rounding tie
-    # (-amax/scale = -3.5); when it is the first column processed (no error fed into it yet) the 1-ulp scale decides
-    # the level (reference, IEEE division: -4; here -3 when the scale is 1 ulp larger) and the row then diverges.
-    # Asserted: every row that differs first differs at such a tie.
-    ok, same = close(Q)
-    if not sym:
+    # the column loop (perm, groups[perm[i] // gs], error feedback), given the code's grid, and fully independent
+    # (with sym the weight at -amax of its group sits exactly on a rounding tie, -amax/scale = -3.5: the equal
+    # scales now decide it as the reference does)
+    given = _np_gptq(w.T, H, 3, gs, bs, actorder=actorder, sym=sym, static_groups=True, given=(r["scale"], r["zero"]))
+    for ref in (given[0], Q):
+        ok, same = close(ref)
         assert ok, same.mean()
-    order = r["perm"] if actorder else np.arange(w.shape[0])
-    for row in np.flatnonzero(~same.all(1)):
-        col = order[np.argmax(~same[row, order])]
-        assert np.float32(w.T[row, col]) / s_ref[row, col // gs] == -3.5, (row, col)
 
 
 def test_gptq_identity_hessian_equals_rtn():
