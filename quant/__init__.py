@@ -67,6 +67,7 @@ from quant.formats import (
     has_special_codes, int_range, minmax_grid, quantize_levels, reduce_stats, representable_range, round_to_float,
     round_trip, safe_scale,
 )
+from quant import serving  # GPTQ / AutoAWQ / compressed-tensors FP8 folders (export_hf, load_hf_quantized)
 from quant.mx import MXFP4_E2M1, MXFP6_E2M3, MXFP6_E3M2, MXFP8_E4M3, MXFP8_E5M2, e8m0_to_float
 from quant.packing import pack_bits, packed_last_dim, unpack_bits
 from quant.qarray import (
@@ -84,5 +85,5 @@ __all__ = [
     "reduce_stats", "representable_range", "round_to_float", "float_max", "int_range",
     "pack_bits", "unpack_bits", "packed_last_dim",
     "QuantizedArray", "quantize", "dequantize", "quantize_tree", "dequantize_tree", "match_rule", "is_quantized",
-    "fake_quant", "ste_round", "STE_MODES",
+    "fake_quant", "ste_round", "STE_MODES", "serving",
 ]
