@@ -320,5 +320,39 @@ def reference():
     print("wrote", DATA / "reference.npz", meta, len(out), "arrays")
 
 
+def check_transformers(folder: str, float_folder: str):
+    """One-off (h3env): transformers loads a ``python -m quant ... format: fp8`` folder through compressed-tensors
+    and its logits equal those of the float model with every quantized linear replaced by compressed-tensors'
+    own dequantization of our file; records the result in tests/data/serving/transformers_check.json."""
+    import compressed_tensors
+    import torch
+    import transformers
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    q = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(float_folder, dtype=torch.float32)
+    t = load_file(str(folder / "model.safetensors"))
+    sd = ref.state_dict()
+    n = 0
+    for group in QuantizationConfig.model_validate(qc).config_groups.values():
+        for m in group.targets:
+            sd[f"{m}.weight"] = dequantize(t[f"{m}.weight"], t[f"{m}.weight_scale"], args=group.weights)
+            n += 1
+    ref.load_state_dict(sd)
+    ids = torch.arange(1, 25).reshape(2, 12) % 128
+    with torch.no_grad():
+        a, b = q(ids).logits, ref(ids).logits
+    res = {"folder": str(folder), "quantized_linears": n, "max_abs_logit_diff": float((a - b).abs().max()),
+           "max_abs_logit": float(b.abs().max()), "loaded_class": type(q).__name__,
+           "transformers": transformers.__version__, "compressed_tensors": compressed_tensors.__version__,
+           "torch": torch.__version__}
+    (DATA / "transformers_check.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(res)
+
+
 if __name__ == "__main__":
-    {"write": write, "reference": reference}[sys.argv[1]]()
+    {"write": write, "reference": reference, "check": lambda: check_transformers(*sys.argv[2:4])}[sys.argv[1]]()
