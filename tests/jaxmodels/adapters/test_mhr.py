@@ -1,0 +1,144 @@
+"""Polytropon / MHR: the routed task adapters against a NumPy transcription of PEFT's poly forward, the
+relaxed-Bernoulli routing, MHR-μ, validation, jit + 8-device sharding, and the routing claim on digits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmodels.adapters import merge
+from jaxmodels.adapters.mhr import (MhrConfig, add_task, init_mhr, mhr_merge, mhr_mu, mhr_num_params,
+                                    routing_weights)
+from jaxmodels.models.mlp import MLP_RULES_TP
+from jaxmodels.sharding import shard
+from tests.jaxmodels.adapters import papers_helpers as H
+
+
+def _setup(h=2, S=3, T=2, r=2, seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    params = {"Dense_0": {"kernel": f(8, 6), "bias": f(6)}, "Dense_1": {"kernel": f(6, 4), "bias": f(4)}}
+    mhr = init_mhr(jax.random.PRNGKey(0), params, MhrConfig(n_tasks=T, n_skills=S, n_splits=h, rank=r,
+                                                            target=r"^Dense_[01]$"))
+    mhr = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), mhr)
+    return params, mhr, rng
+
+
+def poly_forward_numpy(x, W, A, B, logits, task):
+    """PEFT's poly Linear.forward (eval): mixing weights σ(Z_t) normalised per head, einsum over skills,
+    A reshaped to [d_in, r], B transposed to [r, h, d_out/h] and reshaped, then x A B / r."""
+    h, S, di, r = A.shape
+    z = 1 / (1 + np.exp(-logits[task].reshape(h, S).astype(np.float64)))
+    w = z / (z.sum(-1, keepdims=True) + 1e-12)
+    At = np.einsum("qs,qsdr->qdr", w, A).reshape(h * di, r)
+    Bt = np.einsum("qs,qsrd->qrd", w, B).transpose(1, 0, 2).reshape(r, -1)
+    return x @ W + x @ At @ Bt / r
+
+
+def test_task_merge_matches_numpy_poly_forward():
+    for h in (1, 2):  # Polytropon and MHR
+        params, mhr, rng = _setup(h=h)
+        x = rng.standard_normal((5, 8))
+        merge_t = jax.jit(mhr_merge)  # one compile per inventory shape (task traced)
+        for t in (0, 1):
+            merged = merge_t(params, mhr, t)
+            for name, xin in (("Dense_0", x), ("Dense_1", x[:, :6])):
+                e = {k: np.asarray(v, np.float64) for k, v in mhr[name].items()}
+                ref = poly_forward_numpy(xin, np.asarray(params[name]["kernel"], np.float64), e["A"], e["B"],
+                                         e["logits"], t)
+                np.testing.assert_allclose(xin @ np.asarray(merged[name]["kernel"], np.float64), ref, rtol=1e-5,
+                                           atol=1e-5)
+    np.testing.assert_array_equal(merged["Dense_0"]["bias"], params["Dense_0"]["bias"])
+
+
+def test_routing_sampling_and_mhr_mu():
+    params, mhr, rng = _setup()
+    z = mhr["Dense_0"]["logits"][1]
+    w = routing_weights(z, 2, jax.random.PRNGKey(3))
+    np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-6)
+    assert not np.allclose(w, routing_weights(z, 2))  # a relaxed-Bernoulli sample, not σ
+    # with equal logits every skill weighs 1/S: the routed task adapter IS the average adapter (MHR-μ)
+    flat = {m: {**e, "logits": jnp.zeros_like(e["logits"])} for m, e in mhr.items()}
+    mu, cfg = mhr_mu(flat)
+    for m in mhr:
+        np.testing.assert_allclose(mu[m]["lora_A"].reshape(2, -1, 2), np.asarray(mhr[m]["A"]).mean(1), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 merge(params, mu, cfg), mhr_merge(params, flat, 0))
+    grown = add_task(jax.random.PRNGKey(4), mhr)
+    assert grown["Dense_0"]["logits"].shape == (3, 6)
+    np.testing.assert_array_equal(grown["Dense_0"]["logits"][:2], mhr["Dense_0"]["logits"])
+    assert mhr_num_params(mhr, "logits") == 2 * 6 * 2
+
+
+def test_validation():
+    params, mhr, _ = _setup()
+    with pytest.raises(ValueError, match="n_splits"):
+        MhrConfig(n_splits=0)
+    with pytest.raises(ValueError, match="not divisible"):
+        init_mhr(jax.random.PRNGKey(0), params, MhrConfig(n_splits=4, target="Dense_1"))
+    with pytest.raises(ValueError, match="selects no"):
+        init_mhr(jax.random.PRNGKey(0), params, MhrConfig(target="nothing"))
+    with pytest.raises(ValueError, match="out of range"):
+        mhr_merge(params, mhr, 2)
+    bad = {**mhr, "Dense_1": {**mhr["Dense_1"], "A": mhr["Dense_1"]["A"].at[0, 0, 0, 0].set(jnp.inf)}}
+    with pytest.raises(ValueError, match="non-finite.*Dense_1/A"):
+        mhr_merge(params, bad, 0)
+    with pytest.raises(ValueError, match="do not fit"):
+        mhr_merge(params, {"Dense_0": mhr["Dense_1"]}, 0)
+
+
+def test_jit_sharded_equals_single_device(mesh_2d):
+    params, mhr, _ = _setup()
+    ref = jax.vmap(lambda t: mhr_merge(params, mhr, t))(jnp.arange(2))
+    sp = shard(params, MLP_RULES_TP, mesh_2d)
+    out = jax.jit(jax.vmap(lambda t, p: mhr_merge(p, mhr, t), in_axes=(0, None)))(jnp.arange(2), sp)
+    # the same einsums over skills and the rank-r product: float32 rounding of the same sums
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5), out, ref)
+
+
+def _tasks(x):
+    im = x.reshape(-1, 8, 8)
+    return jnp.stack([im[:, :, ::-1], im[:, ::-1, :], jnp.transpose(im, (0, 2, 1))], 1).reshape(-1, 3, 64)
+
+
+@pytest.mark.slow
+def test_claim_multi_head_routing_beats_polytropon_routing_only_adaptation():
+    """MHR's claim (finer-grained routing beats Polytropon; tuning only the routing, MHR-z, adapts with extreme
+    parameter efficiency) on digits. Inventory: 4 skills, rank 4, on Dense_0/Dense_1, trained jointly on three
+    tasks (digits mirrored, flipped upside down, transposed; 250 Adam steps) for Poly (1 head) and MHR (8 heads).
+    Held-out task: digits rotated 180°, 100 training rows; only the new task's router row is trained (Poly 8,
+    MHR 64 parameters, 150 steps). Measured: MHR-z 0.52 vs Poly-z 0.46 test accuracy (the base: 0.40). That
+    MHR-μ (the average adapter, fine-tuned) beats a fresh LoRA in this few-shot setting does NOT hold here
+    (0.82 vs 0.84), so it is not asserted."""
+    base = H.base_params()
+    xo, yo, xot, yot = H.digits()
+    X, Xt = _tasks(xo), _tasks(xot)
+    inv = {name: init_mhr(jax.random.PRNGKey(0), base, MhrConfig(n_tasks=3, n_skills=4, n_splits=h, rank=4,
+                                                                target=r"^Dense_[01]$"))
+           for name, h in (("poly", 1), ("mhr", 8))}
+
+    def mt_loss(inv, xb, yb):  # both inventories in one scan: independent params, summed losses
+        out = 0.0
+        for m in inv.values():
+            def task_loss(t, m=m):
+                return H.xent(H.MODEL.apply({"params": mhr_merge(base, m, t)}, xb[:, t]), yb)
+            out = out + jnp.mean(jax.vmap(task_loss)(jnp.arange(3)))
+        return out
+
+    inv, _ = H.fit(mt_loss, inv, X, yo, 250, 1e-2)
+    for m in inv.values():  # multi-task training worked for both
+        assert min(H.accuracy(mhr_merge(base, m, t), Xt[:, t], yot) for t in range(3)) > 0.6
+    grown = {name: add_task(jax.random.PRNGKey(5), m) for name, m in inv.items()}
+    z0 = {name: {k: e["logits"][-1] for k, e in m.items()} for name, m in grown.items()}
+
+    def with_z(m, z):
+        return {k: {**e, "logits": e["logits"].at[-1].set(z[k])} for k, e in m.items()}
+
+    def z_loss(z, xb, yb):
+        return sum(H.xent(H.MODEL.apply({"params": mhr_merge(base, with_z(grown[n], z[n]), 3)}, xb), yb) for n in z)
+
+    xr, xrt = (a.reshape(-1, 8, 8)[:, ::-1, ::-1].reshape(-1, 64) for a in (xo, xot))
+    z, _ = H.fit(z_loss, z0, xr[:100], yo[:100], 150, 1e-1, batch=50)
+    acc = {n: H.accuracy(mhr_merge(base, with_z(grown[n], z[n]), 3), xrt, yot) for n in z}
+    assert sum(v.size for v in jax.tree.leaves(z["mhr"])) == 64
+    assert acc["mhr"] > acc["poly"] + 0.03 and acc["poly"] > H.accuracy(base, xrt, yot), acc
