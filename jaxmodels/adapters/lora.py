@@ -29,6 +29,7 @@ adapter is ``adapters["layer_0"]["attention"]["query"]["lora_A"]``. It is the on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Mapping
@@ -197,7 +198,7 @@ def base_weight(leaves: Mapping[str, Any], materialize: Callable | None = None) 
 def _check_finite(name: str, x) -> None:
     if isinstance(x, jax.core.Tracer):
         return
-    if not bool(np.all(np.isfinite(np.asarray(jnp.asarray(x, jnp.float32))))):
+    if not bool(np.all(np.isfinite(np.asarray(x).astype(np.float32)))):  # on the host: no XLA op to compile
         raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -213,19 +214,32 @@ def init_lora(key: jax.Array, params: PyTree, config: LoraConfig, *, dtype: Any 
             if ("kernel" in lv or "embedding" in lv) and config.selects(m)}
     if not mods:
         raise ValueError(f"LoraConfig.target={config.target!r} selects no Dense/Conv/Embed module of the params")
-    flat: dict[str, jax.Array] = {}
-    for i, (m, lv) in enumerate(sorted(mods.items())):
+    plan, dora = [], {}
+    for m, lv in sorted(mods.items()):
         kind, nb = module_kind(m, lv, config)
         shape = _shape(lv["embedding"] if kind == "embed" else lv["kernel"])
-        r = config.rank_for(m)
+        plan.append((m, kind, nb, shape, config.rank_for(m)))
+        if config.use_dora:
+            if kind != "dense":
+                raise ValueError(f"DoRA is implemented for Dense layers only; {m!r} is a {kind}")
+            dora[m] = jnp.asarray(base_weight(lv, materialize))
+    flat = _init_jit(key, dora, tuple(plan), config.init, np.dtype(dtype))
+    return unflatten(flat)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _init_jit(key, dora, plan, init, dtype):
+    """All adapters of one :func:`init_lora` call in one compiled program (eager, every op would compile)."""
+    flat = {}
+    for i, (m, kind, nb, shape, r) in enumerate(plan):
         ka, kb = jax.random.split(jax.random.fold_in(key, i))
-        lead, (fan_shape, out) = shape[:nb], (shape[nb:-1], shape[-1])
+        lead, fan_shape, out = shape[:nb], shape[nb:-1], shape[-1]
         a_shape, b_shape = lead + fan_shape + (r,), lead + (r, out)
         fan_in = int(np.prod(fan_shape))
         if kind == "embed":
             a = jnp.zeros(a_shape, dtype)
             b = jax.random.normal(kb, b_shape, jnp.float32).astype(dtype)
-        elif config.init == "gaussian":
+        elif init == "gaussian":
             a = (jax.random.normal(ka, a_shape, jnp.float32) / r).astype(dtype)
             b = jnp.zeros(b_shape, dtype)
         else:
@@ -233,12 +247,9 @@ def init_lora(key: jax.Array, params: PyTree, config: LoraConfig, *, dtype: Any 
             a = jax.random.uniform(ka, a_shape, jnp.float32, -bound, bound).astype(dtype)
             b = jnp.zeros(b_shape, dtype)
         flat[f"{m}/lora_A"], flat[f"{m}/lora_B"] = a, b
-        if config.use_dora:
-            if kind != "dense":
-                raise ValueError(f"DoRA is implemented for Dense layers only; {m!r} is a {kind}")
-            w = jnp.asarray(base_weight(lv, materialize), jnp.float32)
-            flat[f"{m}/lora_magnitude"] = column_norm(w, nb).astype(dtype)
-    return unflatten(flat)
+        if m in dora:
+            flat[f"{m}/lora_magnitude"] = column_norm(dora[m], nb).astype(dtype)
+    return flat
 
 
 def column_norm(w: jax.Array, n_stacked: int = 0) -> jax.Array:
