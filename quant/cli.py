@@ -20,7 +20,9 @@ Config::
 Paths are relative to the config file. Calibration takes ``samples`` windows of ``seq_len`` tokens at seeded random
 offsets of the tokenized text (the GPTQ / AWQ references' C4 / Pile sampling, on a local text), one batch.
 Only the decoder blocks' linears are quantized (embeddings, norms and the LM head stay as they are); ``rtn`` with
-``format: fp8`` rounds them to FP8 E4M3 (``quant.ptq.rtn_format``, per-channel or per-tensor scales).
+``format: fp8`` rounds them to FP8 E4M3 (``quant.ptq.rtn_format``, per-channel or per-tensor scales). ``awq`` with
+``format: awq``: a layer whose scale cannot be folded into a previous layer (``o_proj`` under GQA) is stored
+unscaled on the AWQ grid, as AutoAWQ does (the GEMM layout has no run-time input scale).
 
 Validation before any work (``--dry-run`` stops there): unknown keys / methods / formats / options, bits and group
 sizes the method or the format cannot hold, a group size that does not divide some linear's inputs, packing widths
@@ -292,6 +294,38 @@ def _run_method(cfg: QuantConfig, params, bm, batch, progress):
     return fn(params, bm, batch, mc, progress=progress)
 
 
+def _unscaled_awq_layers(params, qparams, report, bm, cfg):
+    """AutoAWQ folds every scale into a previous layer and leaves a group it cannot fold unscaled (``o_proj``
+    under GQA: llm-awq ``auto_scale_block`` skips it); the GEMM layout has no run-time input scale. Layers whose
+    record keeps ``in_scale`` are therefore re-quantized from their float kernel on the same AWQ grid without a
+    scale (``quant.ptq.awq.awq_codes``, no clip search); their ``error`` is dropped."""
+    import jax.numpy as jnp
+
+    from jaxmodels.tree import flatten, unflatten
+    from quant.ptq.awq import awq_codes
+
+    prevs = {g.prev for g in bm.awq_groups if g.prev is not None}
+    flat, qflat = flatten(params), dict(flatten(qparams))
+    layers = dict(report["layers"])
+    for p, rec in report["layers"].items():
+        if rec.get("in_scale") is None:
+            continue
+        if p.split("/")[-2] in prevs:
+            raise ConfigError(f"{p}: keeps an AWQ input scale and receives another group's 1/s: not exportable "
+                              "to AutoAWQ GEMM")
+        w = jnp.asarray(flat[p], jnp.float32)  # [in, out]
+        codes, scale, zero = awq_codes(w.T, cfg.bits, cfg.group_size, cfg.sym)
+        n_in, n_out = w.shape
+        gs = n_in if cfg.group_size == -1 else cfg.group_size
+        z = jnp.full_like(scale, 2 ** (cfg.bits - 1)) if zero is None else zero
+        g = codes.reshape(n_out, n_in // gs, gs).astype(jnp.float32)
+        w_hat = (scale[..., None] * (g - z[..., None])).reshape(n_out, n_in).T
+        layers[p] = {**rec, "weight": w_hat.astype(flat[p].dtype), "codes": codes.T, "scale": scale, "zero": zero,
+                     "stored": w_hat, "in_scale": None, "error": None}
+        qflat[p] = layers[p]["weight"]
+    return unflatten(qflat, like=qparams), {**report, "layers": layers}
+
+
 def _summary(cfg: QuantConfig, report: dict | None) -> dict:
     layers = {}
     for p, r in (report or {}).get("layers", {}).items():
@@ -325,6 +359,8 @@ def run_quantize(config, out: str | os.PathLike, *, dry_run: bool = False, overw
     model, params = load_pretrained(cfg.model, progress=progress)
     bm = block_model(model)
     qparams, report = _run_method(cfg, params, bm, batch, progress)
+    if cfg.method == "awq" and cfg.format == "awq":
+        qparams, report = _unscaled_awq_layers(params, qparams, report, bm, cfg)
     extra = {f: cfg.model / f for f in TOKENIZER_FILES if (cfg.model / f).is_file()}
     if cfg.tokenizer.is_file():
         extra["tokenizer.json"] = cfg.tokenizer

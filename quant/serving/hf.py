@@ -27,8 +27,8 @@ share ``s``).
 ``load_hf_quantized(path)`` reads any of the three back: ``{name: array}`` with each quantized module's
 ``m.weight`` dequantized in the nn.Linear layout ``[out, in]`` in the dtype the reference loaders compute in:
 float16 ``W = s[g_idx] · (q − z[g_idx])`` for GPTQ / AWQ (the stored float16 scales times the integers, rounded
-once to float16, as AutoGPTQ / GPTQModel / AutoAWQ), float32 ``weight · weight_scale`` for FP8; or with ``dequantize=False`` ``{m: QuantizedLinear}``
-holding the kernel ``[in, out]`` for :func:`quant.ptq.materialize`.
+once to float16, as AutoGPTQ / GPTQModel / AutoAWQ), float32 ``weight · weight_scale`` for FP8; or with
+``dequantize=False`` ``{m: QuantizedLinear}`` holding the kernel ``[in, out]`` for :func:`quant.ptq.materialize`.
 """
 
 from __future__ import annotations
@@ -114,9 +114,10 @@ def _layers(fmt, report, names, specs, checkpoint_format, fold_in_scale):
     if fmt != "fp8" and layers:
         first = next(iter(layers.values()))
         for m, lin in layers.items():
-            if (lin.bits, lin.group_size, lin.sym) != (first.bits, first.group_size, first.sym):
+            got, want = (lin.bits, lin.group_size, lin.sym), (first.bits, first.group_size, first.sym)
+            if got != want:
                 raise ValueError(f"{m}: {fmt} checkpoints have one bits/group_size/sym for every layer; "
-                                 f"{(lin.bits, lin.group_size, lin.sym)} != {(first.bits, first.group_size, first.sym)}")
+                                 f"{got} != {want}")
     return layers
 
 

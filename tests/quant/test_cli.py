@@ -71,6 +71,30 @@ def test_gptq_end_to_end(workdir, capsys):
 
 
 @pytest.mark.slow
+def test_awq_end_to_end(workdir):
+    """quant.ptq.awq on the tiny Llama (GQA: o_proj's scale cannot fold into v_proj, so it is stored unscaled, as
+    AutoAWQ) into the AutoAWQ GEMM layout; every block linear is read back on its 4-bit grid."""
+    from jaxmodels.io import load_safetensors
+    from quant.serving import load_hf_quantized
+
+    cfg = {"model": "llama", "method": "awq", "bits": 4, "group_size": 16, "format": "awq",
+           "calibration": {"text": "calib.txt", "samples": 2, "seq_len": 24}, "options": {"n_grid": 2}}
+    out = workdir / "awq"
+    assert run_quantize(_write(workdir, "awq", cfg), out, progress=False)["layers"] == 14
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["version"], qc["w_bit"], qc["q_group_size"]) == ("awq", "gemm", 4, 16)
+    orig = load_safetensors(workdir / "llama", as_numpy=True)
+    loaded = load_hf_quantized(out, progress=False, dequantize=False)
+    for n in orig:
+        if n.endswith("proj.weight"):
+            lin = loaded[n[: -len(".weight")]]
+            assert lin.q.fmt.bits == 4 and lin.q.fmt.group_size == 16 and lin.in_perm is None, n
+    # the norms before q/k/v and gate/up carry AWQ's folded 1/s
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not np.array_equal(np.asarray(load_hf_quantized(out, progress=False)[norm]), orig[norm])
+
+
+@pytest.mark.slow
 def test_rtn_fp8_equals_rtn_format(workdir):
     granularity = "channel"  # per-tensor scales: tests/quant/test_serving.py::test_fp8_round_trip
     from jaxmodels.models.pretrained import hf_name, load_pretrained

@@ -6,7 +6,7 @@ AutoGPTQ qlinear_cuda, GPTQModel dequantize_weight + its v1->v2 conversion, Auto
 compressed-tensors 0.20.1 dequantize). Our loader must equal it bit for bit (the integer formats dequantize to
 float16 in all of them: float16 scale x small integer, rounded once; FP8 to float32: fp8 value x float32 scale),
 and the exporter must still write the same bytes. Round trips use real quant.ptq results (GPTQ one-layer form,
-RTN, AWQ on the toy BERT, rtn_format FP8)."""
+RTN, rtn_format FP8; AWQ on a decoder in tests/quant/test_cli.py)."""
 
 import json
 import sys
@@ -90,14 +90,14 @@ def _flat_model(kernels: dict, extra: dict | None = None):
     return t, {"model_type": "toy"}
 
 
-def _check_int_round_trip(tmp_path, tensors, config, report, fmt, **kw):
+def _check_int_round_trip(tmp_path, tensors, config, report, fmt, modules=None, **kw):
     out = export_hf(tmp_path / fmt, tensors, report, format=fmt, config=config, progress=False, **kw)
     loaded = load_hf_quantized(out, progress=False)
     packed = load_hf_quantized(out, dequantize=False, progress=False)
     from quant.ptq import materialize
 
     for p, rec in report["layers"].items():
-        m = p[: -len("/kernel")].replace("/", ".")
+        m = p if modules is not None else p[: -len("/kernel")].replace("/", ".")
         lin = int_codes(rec, m, allow_in_scale=True)
         want16 = lin.dequantize(np.float16)  # float16 scales, exact float32 product
         assert _bits_equal(np.asarray(loaded[m + ".weight"]).T, want16.astype(np.float16)), p
@@ -105,7 +105,8 @@ def _check_int_round_trip(tmp_path, tensors, config, report, fmt, **kw):
         # float16 scales (relative 2^-11) and the float16 result (2^-11): within 2^-10 of the method's kernel
         np.testing.assert_allclose(want16, stored, rtol=2.0 ** -10, atol=1e-7)
         assert np.array_equal(np.asarray(materialize({"k": packed[m]})["k"]), want16), p  # codes kept exactly
-        assert np.array_equal(np.asarray(loaded[m + ".bias"]), tensors[m + ".bias"])
+        if m + ".bias" in tensors:
+            assert np.array_equal(np.asarray(loaded[m + ".bias"]), tensors[m + ".bias"])
     return out, loaded
 
 
@@ -148,40 +149,27 @@ def test_rtn_round_trip_and_v1_zero_rule(layer, tmp_path):
     _check_int_round_trip(tmp_path, tensors, config, report, "gptq", checkpoint_format="gptq_v2")
 
 
-@pytest.fixture(scope="module")
-def awq_result():
-    from quant.ptq import AWQConfig, awq
-
-    from .ptq.toy import toy_bert
-
-    model, params, batch = toy_bert(layers=1, n=2, t=8)
-    _, report = awq(params, model, batch, AWQConfig(4, 16, n_grid=2, auto_clip=False), progress=False)
-    return params, report
-
-
-@pytest.mark.slow
-def test_awq_round_trip_and_folded_input_scales(awq_result, tmp_path):
-    from jaxmodels.tree import flatten
-
-    params, report = awq_result
-    flat = flatten(params)
-    kernels = {p: flat[p] for p in report["layers"]}
-    norm = {"embeddings.norm.scale": np.asarray(flat["embeddings/norm/scale"]),
-            "embeddings.norm.bias": np.asarray(flat["embeddings/norm/bias"])}
-    tensors, config = _flat_model(kernels, norm)
-    layers = {p: r for p, r in report["layers"].items() if p.split("/")[-2] in ("query", "key", "value",
-                                                                                 "attention_output")}
-    assert layers["layer_0/attention/query/kernel"]["in_scale"] is not None
+def test_awq_folded_input_scales(inputs, tmp_path):
+    """An AWQ record with an explicit input scale s (x / s at run time) is rejected unless fold_in_scale names the
+    tensors producing x (a norm's weight): they are divided by s, the codes stored as they are (AutoAWQ's
+    scale_ln_fcs). AWQ results of quant.ptq.awq on a decoder: tests/quant/test_cli.py::test_awq_end_to_end."""
+    report = _records(inputs, "awq_w4_g16_asym")
+    s = np.linspace(0.5, 2.0, R.N_IN, dtype=np.float32)
+    for rec in report["layers"].values():
+        rec["stored"], rec["weight"] = rec["weight"], rec["weight"] / s[:, None]
+        rec["in_scale"] = s
+    tensors, config = R.case_tensors(inputs)
     with pytest.raises(ValueError, match="AWQ input scale"):
-        export_hf(tmp_path / "x", tensors, {"layers": layers}, format="awq", config=config, progress=False)
-    fold = {f"layer_0.attention.{n}": list(norm) for n in ("query", "key", "value")}
-    out, loaded = _check_int_round_trip(tmp_path, tensors, config, {"layers": layers}, "awq", fold_in_scale=fold)
-    s = np.asarray(layers["layer_0/attention/query/kernel"]["in_scale"], np.float32)
-    for n, v in norm.items():
-        assert np.array_equal(np.asarray(loaded[n]), (v / s).astype(v.dtype))
-    assert np.array_equal(np.asarray(loaded["layer_0.intermediate.weight"]), tensors["layer_0.intermediate.weight"])
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "layer_0.intermediate" in qc["modules_to_not_convert"]
+        export_hf(tmp_path / "x", tensors, report, format="awq", config=config, progress=False)
+    fold = {m: ["model.norm.weight"] for m in R.MODULES}
+    out, loaded = _check_int_round_trip(tmp_path, tensors, config, report, "awq", fold_in_scale=fold,
+                                        modules=R.MODULES)
+    assert np.array_equal(np.asarray(loaded["model.norm.weight"]), tensors["model.norm.weight"] / s)
+    other = _records(inputs, "awq_w4_g16_asym")["layers"][R.MODULES[1]]
+    report["layers"][R.MODULES[1]] = {**other, "stored": other["weight"], "weight": other["weight"] / s[::-1, None],
+                                      "in_scale": s[::-1].copy()}
+    with pytest.raises(ValueError, match="different AWQ input scales"):
+        export_hf(tmp_path / "y", tensors, report, format="awq", config=config, progress=False, fold_in_scale=fold)
 
 
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])
