@@ -11,6 +11,7 @@ Calling convention (works with every model in :mod:`jaxmodels.models`, no model 
     ad.save_adapter(out_dir, lora, cfg, model_type="llama")  # PEFT's adapter_model.safetensors + adapter_config.json
     lora, cfg = ad.load_adapter(out_dir)              # PEFT-trained adapters too
     merged = ad.merge_adapter(params, lora, cfg)
+    lora, cfg = ad.extract_lora(base, finetuned, max_rank=16, energy=0.9)   # mergekit-extract-lora
 
 Training: differentiate w.r.t. the adapters only, the base is a constant argument, e.g. with
 ``jaxmodels.train.make_train_step(..., has_model_state=True)`` and the frozen params as ``model_state``
@@ -35,10 +36,11 @@ from jaxmodels.adapters.lora import (
 )
 from jaxmodels.adapters.forward import DROPOUT_RNG, apply, lora_interceptor
 from jaxmodels.adapters.sharding import adapter_rules
+from jaxmodels.adapters.extract import choose_rank, extract_lora
 from jaxmodels.adapters.peft_io import NAME_MAPS, hf_module_name, linen_module_name, load_adapter, merge_adapter, save_adapter
 
 __all__ = [
     "ADAPTER_LEAVES", "LoraConfig", "adapter_modules", "column_norm", "dora_norms", "init_lora", "inject",
     "lora_delta", "merge", "scaling", "split_adapters", "unmerge", "DROPOUT_RNG", "apply", "lora_interceptor",
-    "adapter_rules", "NAME_MAPS", "hf_module_name", "linen_module_name", "load_adapter", "merge_adapter", "save_adapter",
+    "adapter_rules", "choose_rank", "extract_lora", "NAME_MAPS", "hf_module_name", "linen_module_name", "load_adapter", "merge_adapter", "save_adapter",
 ]
