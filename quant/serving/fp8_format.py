@@ -1,5 +1,6 @@
-"""FP8 E4M3 weights in the compressed-tensors layout (``quant_method: compressed-tensors``, format
-``float-quantized``; what vLLM and transformers read for FP8 checkpoints of llm-compressor).
+"""FP8 E4M3 weights (Micikevicius et al., 2022, "FP8 Formats for Deep Learning") in the compressed-tensors layout
+(``quant_method: compressed-tensors``, format ``float-quantized``; what vLLM and transformers read for FP8
+checkpoints of llm-compressor).
 
 Per linear ``[out, in]`` (nn.Linear layout): ``weight`` float8_e4m3fn ``[out, in]`` (the codes' bit patterns),
 ``weight_scale`` float32 ``[out, 1]`` (``strategy: channel``) or ``[1]`` (``strategy: tensor``), symmetric, no zero

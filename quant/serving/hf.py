@@ -29,6 +29,7 @@ share ``s``).
 float16 ``W = s[g_idx] · (q − z[g_idx])`` for GPTQ / AWQ (the stored float16 scales times the integers, rounded
 once to float16, as AutoGPTQ / GPTQModel / AutoAWQ), float32 ``weight · weight_scale`` for FP8; or with
 ``dequantize=False`` ``{m: QuantizedLinear}`` holding the kernel ``[in, out]`` for :func:`quant.ptq.materialize`.
+(GPT-2's Conv1D keeps ``[in, out]`` weights: transpose ``m.weight`` for it.)
 """
 
 from __future__ import annotations
