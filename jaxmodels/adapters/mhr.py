@@ -58,7 +58,7 @@ class MhrConfig:
     n_skills: int = 4
     n_splits: int = 1
     rank: int = 2
-    target: str = r"kernel$"
+    target: str = r".*"
 
     def __post_init__(self):
         for n in ("n_tasks", "n_skills", "n_splits", "rank"):
