@@ -23,6 +23,7 @@ The merge rules (``merge({x_i}, c)``, PEFT's ``merge_utils``; pruning by :mod:`m
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -51,10 +52,12 @@ def _prune(method: str, x: jax.Array, density: float, key) -> jax.Array:
     return x
 
 
-def _combine(method: str, xs: Sequence[jax.Array], c: Sequence[float], density, sign_method, key) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _combine(method: str, xs: Sequence[jax.Array], c, density, sign_method, key) -> jax.Array:
+    """One compiled program per (method, shapes): eagerly, the top-k selection compiles op by op."""
     keys = jax.random.split(key, len(xs)) if key is not None else [None] * len(xs)
     p = jnp.stack([_prune(method, jnp.asarray(x, jnp.float32), density, k) for x, k in zip(xs, keys)])
-    w = jnp.asarray(c, jnp.float32).reshape((-1,) + (1,) * (p.ndim - 1))
+    w = jnp.stack([jnp.asarray(ci, jnp.float32) for ci in c]).reshape((-1,) + (1,) * (p.ndim - 1))
     if method in ("ties", "dare_ties"):
         sign = jnp.sign(p)
         mag = p.sum(0) if sign_method == "total" else sign.sum(0)
