@@ -5,6 +5,7 @@ from jaxmodels import io, sharding, tree
 from jaxmodels import capture, datasets, layers, models, optim, train
 from jaxmodels import selection  # exact k-th largest / top-k mask (import jaxmodels.selection)
 from jaxmodels import atomic, progress  # crash-safe overwrites (AtomicOutput); the one progress bar (progress_bar)
+from jaxmodels import adapters  # LoRA / rsLoRA / DoRA, QLoRA hook, PEFT files (import jaxmodels.adapters)
 from jaxmodels import perplexity, text  # GPTQ/AWQ window perplexity; bundled corpus + HF tokenizers
 from jaxmodels.perplexity import evaluate_perplexity
 from jaxmodels.io import (
@@ -28,7 +29,7 @@ from jaxmodels.tree import (
 )
 
 __all__ = [
-    "io", "sharding", "tree", "capture", "datasets", "layers", "models", "optim", "train",
+    "io", "sharding", "tree", "adapters", "capture", "datasets", "layers", "models", "optim", "train",
     "CheckpointError", "iter_safetensors", "load_safetensors", "restore_checkpoint", "save_checkpoint",
     "save_safetensors", "make_mesh", "rules_to_shardings", "shard", "jit_sharded", "check_compatible", "flatten",
     "unflatten", "select", "filter_paths", "map_with_path", "compute_in_float32", "tree_bytes",
