@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.adapters.lora import LoraConfig, _expand_col, column_norm, inject, scaling
+from jaxmodels.adapters.lora import LoraConfig, _merge_plan, column_norm, inject, scaling
 
 __all__ = ["lora_interceptor", "apply", "DROPOUT_RNG"]
 
@@ -97,8 +97,8 @@ def lora_interceptor(config: LoraConfig, materialize: Callable | None = None):
             xa = module.clone(parent=None, features=a.shape[-1], use_bias=False).apply(
                 {"params": {"kernel": a}}, xd.astype(a.dtype))
         else:
-            xa = jnp.dot(xd.astype(a.dtype), a)
-        lora = jnp.dot(xa, b)
+            xa = jnp.dot(xd.astype(a.dtype), a, precision=module.precision)  # the base layer's matmul precision
+        lora = jnp.dot(xa, b, precision=getattr(module, "precision", None))
         if "lora_magnitude" not in p:
             return y + (s * lora).astype(y.dtype)
         # DoRA (Dense only): the column norm of W + s A B, detached.
@@ -147,6 +147,7 @@ def apply(model: nn.Module, params: Any, adapters: Any, config: LoraConfig, *arg
     rngs = dict(kwargs.pop("rngs", None) or {})
     if rng is not None:
         rngs[DROPOUT_RNG] = rng
+    _merge_plan(params, adapters, config)  # shapes / module names / finiteness checked before any work
     full = {"params": inject(params, adapters), **(variables or {})}
     with nn.intercept_methods(lora_interceptor(config, materialize)):
         return model.apply(full, *args, rngs=rngs or None, **kwargs)

@@ -89,7 +89,7 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
-        for name in ("target", "exclude", "stacked", *(f"pattern {k}" for k in ())):
+        for name in ("target", "exclude", "stacked"):
             pat = getattr(self, name)
             if pat is not None:
                 try:

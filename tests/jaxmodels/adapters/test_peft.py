@@ -120,3 +120,28 @@ def test_our_files_load_in_peft(base, tmp_path, name):
     for m, leaves in ad.adapter_modules(lora).items():
         r = leaves["lora_A"].shape[-1]
         assert ad.scaling(cfg2, m, r) == pytest.approx(ad.scaling(cfg, m, r), rel=1e-12), m
+
+
+@pytest.mark.parametrize("model_type,linen,hf", [
+    ("llama", "layers_3/self_attn/q_proj", "model.layers.3.self_attn.q_proj"),
+    ("llama", "layers_0/mlp/down_proj", "model.layers.0.mlp.down_proj"),
+    ("llama", "embed_tokens", "model.embed_tokens"),
+    ("gpt2", "layers_1/attn/c_attn", "transformer.h.1.attn.c_attn"),
+    ("gpt2", "layers_0/mlp/c_fc", "transformer.h.0.mlp.c_fc"),
+    ("bert", "layer_2/attention/query", "encoder.layer.2.attention.self.query"),
+    ("bert", "layer_0/attention/attention_output", "encoder.layer.0.attention.output.dense"),
+])
+def test_name_maps(model_type, linen, hf):
+    assert ad.hf_module_name(linen, model_type) == hf
+    assert ad.linen_module_name(hf, model_type) == linen
+
+
+def test_bad_adapter_input(base, tmp_path):
+    model, params, ids, _ = base
+    lora, cfg = ad.load_adapter(DATA / "lora")
+    bad = jax.tree.map(lambda x: x, lora)
+    bad["layers_0"]["self_attn"]["q_proj"]["lora_B"] = jnp.zeros((4, 9))
+    with pytest.raises(ValueError, match=r"layers_0/self_attn/q_proj.*\(4, 9\)"):  # before any forward work
+        ad.apply(model, params, bad, cfg, ids)
+    with pytest.raises(Exception, match="missing"):
+        ad.load_adapter(tmp_path)
