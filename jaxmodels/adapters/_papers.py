@@ -3,6 +3,7 @@ before any work, kernel selection by path regex, the 2-D view of a kernel."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -14,7 +15,7 @@ from jaxmodels.tree import filter_paths, flatten
 
 PyTree = Any
 
-__all__ = ["check_finite", "check_positive_int", "check_real", "kernel_paths", "as_matrix"]
+__all__ = ["check_finite", "check_positive_int", "check_real", "kernel_paths", "as_matrix", "uniform_arrays"]
 
 
 @jax.jit
@@ -22,9 +23,14 @@ def _count_nonfinite(x):
     return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
 
 
+#: leaves up to this many entries are checked on the host (no per-shape compile); larger ones on their devices
+HOST_CHECK_MAX = 1 << 16
+
+
 def check_finite(tree: PyTree, name: str, method: str) -> None:
     """Raise ``ValueError`` naming the first leaf path of ``tree`` holding a NaN or ±Inf. Tracers are skipped
-    (values unknown at trace time: validate concrete inputs before jitting)."""
+    (values unknown at trace time: validate concrete inputs before jitting). Small leaves are checked on the host,
+    large ones by one reduction on their own devices (sharded leaves stay sharded)."""
     where, counts = [], []
     for p, leaf in flatten(tree).items():
         if isinstance(leaf, jax.core.Tracer):
@@ -32,7 +38,10 @@ def check_finite(tree: PyTree, name: str, method: str) -> None:
         d = getattr(leaf, "dtype", None)
         if d is None or not jnp.issubdtype(d, jnp.inexact):
             continue
-        n_bad = _count_nonfinite(leaf)
+        if np.size(leaf) <= HOST_CHECK_MAX:
+            n_bad = np.int32(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf, np.float32))))
+        else:
+            n_bad = _count_nonfinite(leaf)
         if isinstance(n_bad, jax.core.Tracer):
             continue
         where.append(p)
@@ -79,3 +88,15 @@ def as_matrix(kernel: jax.Array) -> jax.Array:
     """The ``[d_in, d_out]`` view of a kernel (Dense ``[d_in, d_out]``; Conv ``[kh, kw, c_in, c_out]`` ->
     ``[kh·kw·c_in, c_out]``, the layout of :mod:`jaxmodels.capture`)."""
     return kernel.reshape(-1, kernel.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _uniform_arrays(key, specs):
+    return [jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -b, b)
+            for i, (shape, b) in enumerate(specs)]
+
+
+def uniform_arrays(key: jax.Array, specs: list[tuple[tuple[int, ...], float]]) -> list[jax.Array]:
+    """``U(-b, b)`` float32 arrays of the given ``(shape, b)`` specs from ``fold_in(key, i)``, in ONE compiled
+    program (eager random ops compile one by one: seconds for a handful of arrays on CPU)."""
+    return _uniform_arrays(key, tuple((tuple(int(d) for d in s), float(b)) for s, b in specs))

@@ -31,6 +31,7 @@ API::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -117,9 +118,23 @@ class LiftState(NamedTuple):
     dense: Any  # dense transform's state over the other leaves (or optax.EmptyState)
 
 
-def _indices(w, config, k):
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _indices_jit(w, config, k):
     mask = principal_mask(w, config).reshape(-1)
     return jnp.nonzero(mask, size=k)[0].astype(jnp.int32)  # ascending flat indices
+
+
+def _indices(w, config, k):
+    if isinstance(w, jax.core.Tracer):  # inside the jitted update (mask refresh)
+        return _indices_jit(w, config, k)
+    # concrete (init): the small SVD on one device, an SVD partitioned over a mesh compiles far slower
+    dev = next(iter(w.devices())) if isinstance(w, jax.Array) else None
+    idx = _indices_jit(jax.device_put(w, dev) if dev is not None else w, config, k)
+    sharding = w.sharding if isinstance(w, jax.Array) and len(w.devices()) > 1 else None
+    if sharding is not None:
+        idx = jax.device_put(idx, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())) \
+            if isinstance(sharding, jax.sharding.NamedSharding) else idx
+    return idx
 
 
 def _remap(tree, keys, old_idx, new_idx, sizes):

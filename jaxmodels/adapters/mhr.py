@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.adapters._papers import check_finite, check_positive_int
+from jaxmodels.adapters._papers import check_finite, check_positive_int, uniform_arrays
 from jaxmodels.adapters.lora import LoraConfig
 from jaxmodels.tree import flatten, unflatten
 
@@ -74,16 +74,19 @@ def init_mhr(key: jax.Array, params: PyTree, config: MhrConfig) -> dict:
                   if p.endswith("/kernel") and getattr(v, "ndim", 0) == 2 and re.search(config.target, p[:-7]))
     if not mods:
         raise ValueError(f"mhr: target={config.target!r} selects no Dense kernel")
-    out = {}
-    for i, m in enumerate(mods):
+    specs, dims = [], {}
+    for m in mods:
         d_in, d_out = flat[f"{m}/kernel"].shape
         if d_in % h or d_out % h:
             raise ValueError(f"mhr: {m!r} kernel [{d_in}, {d_out}] is not divisible into n_splits={h} heads")
-        ka, kz = jax.random.split(jax.random.fold_in(key, i))
-        bound = 1.0 / math.sqrt(d_in // h)  # kaiming_uniform(a=sqrt(5)) of each [r, d_in/h] block
-        out[m] = {"A": jax.random.uniform(ka, (h, S, d_in // h, r), jnp.float32, -bound, bound),
-                  "B": jnp.zeros((h, S, r, d_out // h), jnp.float32),
-                  "logits": jax.random.uniform(kz, (config.n_tasks, h * S), jnp.float32, -1e-3, 1e-3)}
+        dims[m] = (d_in, d_out)
+        # kaiming_uniform(a=sqrt(5)) of each [r, d_in/h] block: bound 1/sqrt(d_in/h); router U(-1e-3, 1e-3)
+        specs += [((h, S, d_in // h, r), 1.0 / math.sqrt(d_in // h)), ((config.n_tasks, h * S), 1e-3)]
+    arrays = uniform_arrays(key, specs)
+    out = {}
+    for i, m in enumerate(mods):
+        d_in, d_out = dims[m]
+        out[m] = {"A": arrays[2 * i], "B": jnp.zeros((h, S, r, d_out // h), jnp.float32), "logits": arrays[2 * i + 1]}
     return out
 
 
@@ -144,11 +147,9 @@ def mhr_merge(params: PyTree, mhr: dict, task, key: jax.Array | None = None) -> 
 def add_task(key: jax.Array, mhr: dict) -> dict:
     """The inventory with one more router row per module (``U(-1e-3, 1e-3)``), for MHR-z few-shot adaptation:
     the new task is index ``T`` (the last row); train only ``logits[-1]``."""
-    out = {}
-    for i, (m, e) in enumerate(sorted(mhr.items())):
-        row = jax.random.uniform(jax.random.fold_in(key, i), (1, e["logits"].shape[1]), jnp.float32, -1e-3, 1e-3)
-        out[m] = {**e, "logits": jnp.concatenate([e["logits"], row], 0)}
-    return out
+    mods = sorted(mhr)
+    rows = uniform_arrays(key, [((1, mhr[m]["logits"].shape[1]), 1e-3) for m in mods])
+    return {m: {**mhr[m], "logits": jnp.concatenate([mhr[m]["logits"], row], 0)} for m, row in zip(mods, rows)}
 
 
 def mhr_mu(mhr: dict) -> tuple[dict, LoraConfig]:

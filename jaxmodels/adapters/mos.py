@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.adapters._papers import check_finite, check_positive_int
+from jaxmodels.adapters._papers import check_finite, check_positive_int, uniform_arrays
 from jaxmodels.adapters.lora import LoraConfig
 from jaxmodels.tree import flatten, unflatten
 
@@ -111,23 +111,31 @@ def init_mos(key: jax.Array, params: PyTree, config: MosConfig) -> dict:
     check_finite(params, "params", "mos")
     l, n, p = config.shards_per_vector, config.pool_size, config.private
     rng = np.random.default_rng(config.seed)
-    pools, index, shared = {}, {}, {}
-    for i, m in enumerate(mods):
+    groups, specs, spec_of = {}, [], {}
+    for m in mods:
         d_in, d_out = flat[f"{m}/kernel"].shape
         if d_in % l or d_out % l:
             raise ValueError(f"mos: {m!r} kernel [{d_in}, {d_out}] is not divisible into {l} shards per vector")
         g = _group((d_in, d_out))
-        bound = 1.0 / math.sqrt(d_in)
+        if g not in groups:
+            groups[g] = (d_in, d_out)
+            spec_of[g] = len(specs)
+            specs.append(((n, d_in // l), 1.0 / math.sqrt(d_in)))
+        if p:
+            spec_of[m] = len(specs)
+            specs.append(((p, d_in // l), 1.0 / math.sqrt(d_in)))
+    arrays = uniform_arrays(key, specs)  # A shards; B shards are zero
+    pools, index, shared = {}, {}, {}
+    for m in mods:
+        d_in, d_out = flat[f"{m}/kernel"].shape
+        g = _group((d_in, d_out))
         if g not in pools:
-            kg = jax.random.fold_in(key, 10_000 + len(pools))
-            pools[g] = {"shared": {"A": jax.random.uniform(kg, (n, d_in // l), jnp.float32, -bound, bound),
-                                   "B": jnp.zeros((n, d_out // l), jnp.float32)}, "private": {}}
+            pools[g] = {"shared": {"A": arrays[spec_of[g]], "B": jnp.zeros((n, d_out // l), jnp.float32)},
+                        "private": {}}
             index[g] = {}
             shared[g] = (rng.permutation(n), rng.permutation(n))
         if p:
-            pools[g]["private"][m] = {
-                "A": jax.random.uniform(jax.random.fold_in(key, i), (p, d_in // l), jnp.float32, -bound, bound),
-                "B": jnp.zeros((p, d_out // l), jnp.float32)}
+            pools[g]["private"][m] = {"A": arrays[spec_of[m]], "B": jnp.zeros((p, d_out // l), jnp.float32)}
         ia = _indices(rng, config, None if config.subset_selection else shared[g][0])
         if config.pair_dissociation:
             ib = _indices(rng, config, None if config.subset_selection else shared[g][1])

@@ -58,9 +58,10 @@ def batches(n: int, steps: int, batch: int = BATCH, seed: int = 0) -> np.ndarray
     return np.concatenate(perms)[:steps]
 
 
-def fit(loss_fn, init, x, y, steps: int, lr: float, batch: int = BATCH, tx=None):
+def fit(loss_fn, init, x, y, steps: int, lr: float, batch: int = BATCH, tx=None, has_aux: bool = False):
     """Adam (or ``tx``) on ``loss_fn(trainable, xb, yb)`` over ``steps`` minibatches of ``batch`` rows of
-    ``(x, y)``, one jitted scan: (trainable, per-step losses)."""
+    ``(x, y)``, one jitted scan: (trainable, per-step losses). ``has_aux``: ``loss_fn`` returns ``(loss, aux)``
+    and the per-step ``aux`` (e.g. each arm's loss) is recorded instead."""
     tx = optax.adam(lr) if tx is None else tx
     idx = jnp.asarray(batches(x.shape[0], steps, batch))
 
@@ -68,14 +69,14 @@ def fit(loss_fn, init, x, y, steps: int, lr: float, batch: int = BATCH, tx=None)
     def run(p, x, y, idx):
         def body(carry, i):
             p, s = carry
-            loss, g = jax.value_and_grad(loss_fn)(p, x[i], y[i])
+            loss, g = jax.value_and_grad(loss_fn, has_aux=has_aux)(p, x[i], y[i])
             u, s = tx.update(g, s, p)
-            return (optax.apply_updates(p, u), s), loss
+            return (optax.apply_updates(p, u), s), loss[1] if has_aux else loss
         (p, _), losses = jax.lax.scan(body, (p, tx.init(p)), idx)
         return p, losses
 
     p, losses = run(init, x, y, idx)
-    return p, np.asarray(losses)
+    return p, jax.tree.map(np.asarray, losses)
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,3 +108,16 @@ def lora_init(params, layers, r: int, seed: int = 1):
 
 def num_params(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def joint(txs: dict) -> optax.GradientTransformation:
+    """One optax transform over ``{arm: params}`` applying ``txs[arm]`` to each arm: several independent
+    trainings (summed losses) in one compiled scan."""
+    def init(params):
+        return {k: txs[k].init(params[k]) for k in txs}
+
+    def update(updates, state, params=None):
+        out = {k: txs[k].update(updates[k], state[k], None if params is None else params[k]) for k in txs}
+        return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
+
+    return optax.GradientTransformation(init, update)

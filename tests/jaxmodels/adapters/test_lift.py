@@ -125,7 +125,9 @@ def test_jit_sharded_equals_single_device(mesh_2d):
     rng = np.random.default_rng(2)
     grads = [jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params)
              for _ in range(2)]
-    tx = lift(optax.adam(0.1), LiftConfig(filter_rank=2, rank=1, interval=1), dense=optax.sgd(0.1))
+    # fixed masks (computed at init, on one device); the refresh's SVD inside a program partitioned over 8
+    # devices is correct but costs ~10 CPU s to compile, so it is covered by the single-device test above
+    tx = lift(optax.adam(0.1), LiftConfig(filter_rank=2, rank=1), dense=optax.sgd(0.1))
 
     def run(p, gs):
         state = tx.init(p)
@@ -140,7 +142,7 @@ def test_jit_sharded_equals_single_device(mesh_2d):
     ref_p, ref_u = run(params, grads)
     sp, sg = shard(params, MLP_RULES_TP, mesh_2d), [shard(g, MLP_RULES_TP, mesh_2d) for g in grads]
     out_p, out_u = run(sp, sg)
-    # the same gathers / scatters and element-wise Adam; only the SVD of the mask refresh sees another layout
+    # the same masks, gathers / scatters and element-wise Adam: rounding only
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out_p, ref_p)
     assert not out_p["Dense_0"]["kernel"].sharding.is_fully_replicated
 
@@ -148,7 +150,8 @@ def test_jit_sharded_equals_single_device(mesh_2d):
 def test_claim_principal_weights_beat_magnitude_and_forget_less():
     """LIFT's claims on the mirrored-digits task: sparse fine-tuning of Dense_0/Dense_1 with the budget of a
     rank-4 LoRA (512 of 4096 entries each; filter rank 8) and the head trained densely, 300 Adam steps at 1e-2.
-    Measured: last-50-step loss principal 0.063 vs magnitude mask 0.071 (random mask 0.085, full FT 0.004);
+    Measured: final train loss principal < magnitude mask by > 5% (last-50-step minibatch losses 0.063 vs 0.071;
+    random mask 0.085, full FT 0.004);
     accuracy kept on the ORIGINAL digits (forgetting): LIFT 0.62 vs full fine-tuning 0.57. Matching full FT's
     fit does not hold at this scale (full FT trains 8x more entries of tiny matrices)."""
     base = H.base_params()
@@ -158,14 +161,15 @@ def test_claim_principal_weights_beat_magnitude_and_forget_less():
     def loss(p, xb, yb):
         return H.xent(H.MODEL.apply({"params": p}, xb), yb)
 
-    res = {}
-    for name, score in (("principal", principal_scores), ("magnitude", magnitude_scores)):
-        tx = lift(optax.adam(1e-2), LiftConfig(filter_rank=8, rank=4, include=r"Dense_[01]/kernel$", score=score),
-                  dense=optax.adam(1e-2))
-        p, losses = H.fit(loss, base, x, y, 300, 1e-2, tx=tx)
-        res[name] = (losses[-50:].mean(), H.accuracy(p, xt, yt), H.accuracy(p, xo, yo))
-    p, losses = H.fit(loss, base, x, y, 300, 1e-2)
-    full = (losses[-50:].mean(), H.accuracy(p, xt, yt), H.accuracy(p, xo, yo))
+    txs = {name: lift(optax.adam(1e-2), LiftConfig(filter_rank=8, rank=4, include=r"Dense_[01]/kernel$",
+                                                  score=score), dense=optax.adam(1e-2))
+           for name, score in (("principal", principal_scores), ("magnitude", magnitude_scores))}
+    txs["full"] = optax.adam(1e-2)
+    # the three trainings in one scan: independent copies of the base, summed losses, one optimizer each
+    p, _ = H.fit(lambda ps, xb, yb: sum(loss(q, xb, yb) for q in ps.values()), {k: base for k in txs}, x, y, 300,
+                 1e-2, tx=H.joint(txs))
+    res = {k: (float(loss(p[k], x, y)), H.accuracy(p[k], xt, yt), H.accuracy(p[k], xo, yo)) for k in txs}
+    full = res["full"]
     assert res["principal"][0] < 0.95 * res["magnitude"][0], res
     assert res["principal"][1] > 0.93, res
     assert res["principal"][2] > full[2] + 0.03, (res, full)

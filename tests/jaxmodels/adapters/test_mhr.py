@@ -102,14 +102,15 @@ def _tasks(x):
 
 
 @pytest.mark.slow
-def test_claim_multi_head_routing_beats_polytropon_routing_only_adaptation():
-    """MHR's claim (finer-grained routing beats Polytropon; tuning only the routing, MHR-z, adapts with extreme
-    parameter efficiency) on digits. Inventory: 4 skills, rank 4, on Dense_0/Dense_1, trained jointly on three
-    tasks (digits mirrored, flipped upside down, transposed; 250 Adam steps) for Poly (1 head) and MHR (8 heads).
+def test_claim_routing_only_adaptation_of_a_multitask_inventory():
+    """MHR's claims on digits. Inventory: 4 skills, rank 4, on Dense_0/Dense_1, trained jointly on three tasks
+    (digits mirrored, flipped upside down, transposed; 250 Adam steps) for Poly (1 head) and MHR (8 heads).
     Held-out task: digits rotated 180°, 100 training rows; only the new task's router row is trained (Poly 8,
-    MHR 64 parameters, 150 steps). Measured: MHR-z 0.52 vs Poly-z 0.46 test accuracy (the base: 0.40). That
-    MHR-μ (the average adapter, fine-tuned) beats a fresh LoRA in this few-shot setting does NOT hold here
-    (0.82 vs 0.84), so it is not asserted."""
+    MHR 64 parameters, 150 steps). Asserted: multi-task training of the routed inventory works (every task > 0.6)
+    and routing-only adaptation (MHR-z / Poly-z) improves the held-out task over the base with 8-64 parameters.
+    NOT asserted, because it does not hold robustly at this scale: "MHR beats Poly" (MHR-z vs Poly-z 0.52 / 0.46
+    with one inventory init, 0.44 / 0.50 with another; base 0.40), and "MHR-μ (the average adapter, fine-tuned)
+    beats a fresh LoRA few-shot" (0.82 vs 0.84)."""
     base = H.base_params()
     xo, yo, xot, yot = H.digits()
     X, Xt = _tasks(xo), _tasks(xot)
@@ -141,4 +142,5 @@ def test_claim_multi_head_routing_beats_polytropon_routing_only_adaptation():
     z, _ = H.fit(z_loss, z0, xr[:100], yo[:100], 150, 1e-1, batch=50)
     acc = {n: H.accuracy(mhr_merge(base, with_z(grown[n], z[n]), 3), xrt, yot) for n in z}
     assert sum(v.size for v in jax.tree.leaves(z["mhr"])) == 64
-    assert acc["mhr"] > acc["poly"] + 0.03 and acc["poly"] > H.accuracy(base, xrt, yot), acc
+    base_acc = H.accuracy(base, xrt, yot)
+    assert min(acc.values()) > base_acc + 0.02, (acc, base_acc)
