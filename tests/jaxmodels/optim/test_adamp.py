@@ -140,14 +140,16 @@ def test_channel_axis_zero_is_pytorch_layout():
     assert_tree_close(tr(a), b, 1e-6, 1e-7)
 
 
-def test_adamp_equals_adamw_exactly_on_non_scale_invariant_weights():
+def test_adamp_equals_adamw_on_non_scale_invariant_weights():
     params = random_tree(0)
     rng = np.random.default_rng(3)
     # gradients with a strong radial component: cos(g, w) ~ 0.7 >> delta / sqrt(d), so nothing triggers
     grads = [jax.tree.map(lambda w: (w + rng.standard_normal(w.shape)).astype(np.float32), params) for _ in range(5)]
     a, _ = run(adamp(1e-3, weight_decay=0.01), params, grads)
     b, _ = run(optax.adamw(1e-3, weight_decay=0.01), params, grads)
-    assert_tree_close(a, b, 0, 0)
+    # nothing triggers, so adamp computes adamw's update op for op: bit-equal on CPU; a GPU compiles the two programs
+    # separately and may fuse / reorder them (FMA contraction), so allow a few float32 ulps (|w| ~ 1: 2.4e-7 each)
+    assert_tree_close(a, b, 5e-7, 1e-8)
     c, _ = run(sgdp(1e-2, momentum=0.9, weight_decay=0.01), params, grads)
     d, _ = run(optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.01 / (1 - 0.9)), optax.sgd(1e-2)),
                params, grads)

@@ -77,7 +77,9 @@ def test_lamb_equals_optax_lamb_where_definitions_agree():
     # ... and they differ when the trust ratio skips undecayed leaves (the documented difference).
     skip, _ = run(lamb(0.01, weight_decay=0.01, mask=mask, trust_ratio_on_undecayed=False), params, grads)
     assert not np.allclose(skip["Dense_0"]["bias"], theirs["Dense_0"]["bias"])
-    np.testing.assert_array_equal(skip["Dense_0"]["kernel"], theirs["Dense_0"]["kernel"])
+    # the decayed kernels take the same composition in both: bit-equal on CPU, but a GPU may fuse / reorder the two
+    # programs' norm reductions differently, so allow the ~1 ulp of the norm's rounding (as above), no more
+    np.testing.assert_allclose(skip["Dense_0"]["kernel"], theirs["Dense_0"]["kernel"], rtol=1e-6, atol=1e-7)
 
 
 def test_lamb_global_norm_preclip():
