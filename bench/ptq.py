@@ -222,11 +222,13 @@ def bench_decoder(quick: bool):
         times[m], cpu[m], mem[m] = time.perf_counter() - t, time.process_time() - c, peak.added_mib
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB -> MiB (Linux)
     dev = _peak_device_bytes()
-    added = "" if mem["gptq"] is None else f"; RSS added during the run: GPTQ {mem['gptq']:.0f} MiB, RTN {mem['rtn']:.0f} MiB"
+    added = ("" if mem["gptq"] is None else
+             f"; RSS added during the run: GPTQ {mem['gptq']:.0f} MiB, RTN {mem['rtn']:.0f} MiB")
     print(f"decoder tiny_decoder ({n / 1e6:.2f} M params, {len(bm.block_paths)} blocks), calibration "
           f"{n_cal} x {seq} tokens: GPTQ W4 g128 {times['gptq']:.2f} s ({cpu['gptq']:.1f} CPU s; x"
           f"{times['gptq'] / times['rtn']:.1f} vs RTN {times['rtn']:.2f} s / {cpu['rtn']:.1f} CPU s, both after "
-          f"compile){added}; process max RSS {maxrss:.0f} MiB" + (f", device peak {dev / 2**20:.0f} MiB" if dev else ""))
+          f"compile){added}; process max RSS {maxrss:.0f} MiB"
+          + (f", device peak {dev / 2**20:.0f} MiB" if dev else ""))
 
 
 def main():

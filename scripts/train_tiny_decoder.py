@@ -8,8 +8,8 @@
    gate, up), 3 layers, 4 query heads sharing 2 key/value heads (GQA, head_dim 32), SwiGLU intermediate 256 (two
    groups of 128 for down_proj), tied embeddings, RoPE theta 10000, RMSNorm eps 1e-5.
 3. Training: next-token cross-entropy on windows of 128 tokens at uniformly random offsets of the train stream,
-   batch 32, AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1 on matrices, warmup min(100, steps/10) steps then cosine to 10 %,
-   global-norm clip 1.0) through ``jaxmodels.train.make_train_step``; the validation perplexity
+   batch 32, AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1 on matrices, warmup min(100, steps/10) steps then
+   cosine to 10 %, global-norm clip 1.0) through ``jaxmodels.train.make_train_step``; the validation perplexity
    (``jaxmodels.perplexity.evaluate_perplexity``, windows of 128) is measured every 100 steps and the best
    checkpoint is kept (the train split is ~157k tokens: the committed run, 800 steps, was best at step 500 with
    validation perplexity 12.36, then overfit: train loss 1.25, validation 13.56 at step 800).

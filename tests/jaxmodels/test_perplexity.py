@@ -24,7 +24,8 @@ def _bigram(params, ids):
 
 
 def _numpy_ppl(table, tokens, seq_len):
-    logp = table - np.log(np.exp(table - table.max(1, keepdims=True)).sum(1, keepdims=True)) - table.max(1, keepdims=True)
+    m = table.max(1, keepdims=True)
+    logp = table - m - np.log(np.exp(table - m).sum(1, keepdims=True))
     n = len(tokens) // seq_len
     w = tokens[: n * seq_len].reshape(n, seq_len)
     nll = -logp[w[:, :-1], w[:, 1:]]  # no pair crosses a window boundary
