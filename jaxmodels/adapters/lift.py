@@ -118,10 +118,14 @@ class LiftState(NamedTuple):
     dense: Any  # dense transform's state over the other leaves (or optax.EmptyState)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _mask_indices(w, score, filter_rank, k):
+    mask = top_k_mask(score(as_matrix(w), filter_rank), k)
+    return jnp.nonzero(mask.reshape(-1), size=k)[0].astype(jnp.int32)  # ascending flat indices
+
+
 def _indices_jit(w, config, k):
-    mask = principal_mask(w, config).reshape(-1)
-    return jnp.nonzero(mask, size=k)[0].astype(jnp.int32)  # ascending flat indices
+    return _mask_indices(w, config.score, config.filter_rank, k)
 
 
 def _indices(w, config, k):

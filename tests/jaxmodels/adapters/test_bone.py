@@ -95,6 +95,7 @@ def test_jit_sharded_equals_single_device(mesh_2d):
     assert not out["Dense_0"]["kernel"].sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_claim_bone_converges_faster_than_lora_at_equal_params():
     """Bone's claim (faster convergence than LoRA at equal trainable parameters) on the mirrored-digits task:
     Dense_0/Dense_1 (64×64) adapted, the head trained in both arms; Bone b = 8 and LoRA r = 4 both have 1024

@@ -147,6 +147,7 @@ def test_jit_sharded_equals_single_device(mesh_2d):
     assert not out_p["Dense_0"]["kernel"].sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_claim_principal_weights_beat_magnitude_and_forget_less():
     """LIFT's claims on the mirrored-digits task: sparse fine-tuning of Dense_0/Dense_1 with the budget of a
     rank-4 LoRA (512 of 4096 entries each; filter rank 8) and the head trained densely, 300 Adam steps at 1e-2.

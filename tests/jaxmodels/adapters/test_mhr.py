@@ -103,44 +103,40 @@ def _tasks(x):
 
 @pytest.mark.slow
 def test_claim_routing_only_adaptation_of_a_multitask_inventory():
-    """MHR's claims on digits. Inventory: 4 skills, rank 4, on Dense_0/Dense_1, trained jointly on three tasks
-    (digits mirrored, flipped upside down, transposed; 250 Adam steps) for Poly (1 head) and MHR (8 heads).
-    Held-out task: digits rotated 180°, 100 training rows; only the new task's router row is trained (Poly 8,
-    MHR 64 parameters, 150 steps). Asserted: multi-task training of the routed inventory works (every task > 0.6)
-    and routing-only adaptation (MHR-z / Poly-z) improves the held-out task over the base with 8-64 parameters.
-    NOT asserted, because it does not hold robustly at this scale: "MHR beats Poly" (MHR-z vs Poly-z 0.52 / 0.46
-    with one inventory init, 0.44 / 0.50 with another; base 0.40), and "MHR-μ (the average adapter, fine-tuned)
-    beats a fresh LoRA few-shot" (0.82 vs 0.84)."""
+    """MHR's claims on digits. Inventory: 4 skills, rank 4, 8 heads, on Dense_0/Dense_1, trained jointly on three
+    tasks (digits mirrored, flipped upside down, transposed; 250 Adam steps). Held-out task: digits rotated 180°,
+    100 training rows; only the new task's router row is trained (MHR-z: 64 parameters, 150 steps). Asserted:
+    multi-task training of the routed inventory works (every task > 0.6 test accuracy) and routing-only
+    adaptation improves the held-out task over the base (measured 0.52 or 0.44 depending on the inventory init,
+    base 0.40). NOT asserted, because it does not hold robustly at this scale (exploratory runs, same setup):
+    "MHR beats Poly" (MHR-z vs Poly-z 0.52 / 0.46 with one inventory init, 0.44 / 0.50 with another) and
+    "MHR-μ (the average adapter, fine-tuned) beats a fresh LoRA few-shot" (0.82 vs 0.84)."""
     base = H.base_params()
     xo, yo, xot, yot = H.digits()
     X, Xt = _tasks(xo), _tasks(xot)
-    inv = {name: init_mhr(jax.random.PRNGKey(0), base, MhrConfig(n_tasks=3, n_skills=4, n_splits=h, rank=4,
-                                                                target=r"^Dense_[01]$"))
-           for name, h in (("poly", 1), ("mhr", 8))}
+    inv = init_mhr(jax.random.PRNGKey(0), base, MhrConfig(n_tasks=3, n_skills=4, n_splits=8, rank=4,
+                                                          target=r"^Dense_[01]$"))
 
-    def mt_loss(inv, xb, yb):  # both inventories in one scan: independent params, summed losses
-        out = 0.0
-        for m in inv.values():
-            def task_loss(t, m=m):
-                return H.xent(H.MODEL.apply({"params": mhr_merge(base, m, t)}, xb[:, t]), yb)
-            out = out + jnp.mean(jax.vmap(task_loss)(jnp.arange(3)))
-        return out
+    def task_acc(m, t, x, y):
+        return jnp.mean(jnp.argmax(H.MODEL.apply({"params": mhr_merge(base, m, t)}, x), -1) == y)
+
+    def mt_loss(m, xb, yb):
+        return jnp.mean(jax.vmap(lambda t: H.xent(H.MODEL.apply({"params": mhr_merge(base, m, t)}, xb[:, t]), yb))(
+            jnp.arange(3)))
 
     inv, _ = H.fit(mt_loss, inv, X, yo, 250, 1e-2)
-    for m in inv.values():  # multi-task training worked for both
-        assert min(H.accuracy(mhr_merge(base, m, t), Xt[:, t], yot) for t in range(3)) > 0.6
-    grown = {name: add_task(jax.random.PRNGKey(5), m) for name, m in inv.items()}
-    z0 = {name: {k: e["logits"][-1] for k, e in m.items()} for name, m in grown.items()}
+    accs = jax.jit(jax.vmap(lambda t, x: task_acc(inv, t, x, yot), in_axes=(0, 1)))(jnp.arange(3), Xt)
+    assert float(accs.min()) > 0.6, accs
+    grown = add_task(jax.random.PRNGKey(5), inv)
 
-    def with_z(m, z):
-        return {k: {**e, "logits": e["logits"].at[-1].set(z[k])} for k, e in m.items()}
-
-    def z_loss(z, xb, yb):
-        return sum(H.xent(H.MODEL.apply({"params": mhr_merge(base, with_z(grown[n], z[n]), 3)}, xb), yb) for n in z)
+    def with_z(z):
+        return {k: {**e, "logits": e["logits"].at[-1].set(z[k])} for k, e in grown.items()}
 
     xr, xrt = (a.reshape(-1, 8, 8)[:, ::-1, ::-1].reshape(-1, 64) for a in (xo, xot))
-    z, _ = H.fit(z_loss, z0, xr[:100], yo[:100], 150, 1e-1, batch=50)
-    acc = {n: H.accuracy(mhr_merge(base, with_z(grown[n], z[n]), 3), xrt, yot) for n in z}
-    assert sum(v.size for v in jax.tree.leaves(z["mhr"])) == 64
+    z0 = {k: e["logits"][-1] for k, e in grown.items()}
+    z, _ = H.fit(lambda z, xb, yb: H.xent(H.MODEL.apply({"params": mhr_merge(base, with_z(z), 3)}, xb), yb), z0,
+                 xr[:100], yo[:100], 150, 1e-1, batch=50)
+    assert sum(v.size for v in jax.tree.leaves(z)) == 64
+    acc = float(jax.jit(lambda z: task_acc(with_z(z), 3, xrt, yot))(z))
     base_acc = H.accuracy(base, xrt, yot)
-    assert min(acc.values()) > base_acc + 0.02, (acc, base_acc)
+    assert acc > base_acc + 0.02, (acc, base_acc)

@@ -113,6 +113,7 @@ def test_jit_sharded_equals_single_device(mesh_2d):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5), out, ref)
 
 
+@pytest.mark.slow
 def test_claim_mos_matches_lora_with_fewer_parameters():
     """MoS's claim (LoRA-level quality with far fewer parameters) on the mirrored-digits task, Dense_0/Dense_1
     adapted, 300 Adam steps at 1e-2, the three arms in one scan (independent parameters, summed losses).

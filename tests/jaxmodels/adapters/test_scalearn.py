@@ -94,6 +94,7 @@ def test_jit_sharded_equals_single_device(mesh_2d):
     assert not out["Dense_0"]["kernel"].sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_claim_scaling_frozen_sources_transfers_with_few_parameters():
     """ScaLearn's claim (learning only the scaling of frozen source adapters transfers to a target task with a
     tiny number of parameters) on digits. Sources: two LoRAs (r = 4, the three Dense layers) trained on the
