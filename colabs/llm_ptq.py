@@ -27,8 +27,9 @@
 #   here 128 random windows of 128 tokens, `--quick`: 32);
 # * every row also gives its real bits per weight (`bpw`, the bytes of the packed export per quantized weight:
 #   codes, float16 scales and zero points, act-order permutations, AWQ input scales, codebooks), because the methods
-#   do not all spend the same bits: the codebook rows are set to no more bits than the uniform rows they are compared
-#   with (W3: 2-D codes, 3.125 bpw vs 3.25), ZeroQuant-FP's FP4 E2M1 weights (W4 only) have no zero point.
+#   do not all spend the same bits: the codebook rows are set to fewer bits than the uniform rows they are compared
+#   with (1-D codebooks per 64 x 128 weights: 3.016 / 4.031 bpw vs 3.19 / 4.19), ZeroQuant-FP's FP4 E2M1 weights
+#   (W4 only) have no zero point.
 #
 # The "FP16" row is the stored bfloat16 model computed in float32. `python colabs/llm_ptq.py --quick` runs a reduced
 # table (fewer calibration windows, RTN / GPTQ / AWQ at W4 and W3: the rows the test's claims use).
@@ -53,6 +54,7 @@ from jaxmodels import text
 from jaxmodels.models import load_pretrained
 from jaxmodels.perplexity import evaluate_perplexity
 from quant.ptq.block_models import block_model
+from quant.ptq.codebook import CodebookConfig, codebook_quantize
 from quant.ptq.evaluate import real_bits_per_weight, run_method
 from quant.ptq.zeroquant_fp import fp_act_quant
 
@@ -117,10 +119,17 @@ for st, (bits, gs) in SETTINGS.items():
         if m == "zeroquant-fp" and bits != 4:
             continue  # FP4 E2M1 weights: a 4-bit format
         t = time.perf_counter()
-        q, rep = run_method(m, params, bm, calib, bits, gs, progress=False)
+        if m == "codebook":
+            # k/v_proj have 64 output rows (GQA): codebooks shared by 64 rows x 128 inputs; 1-D codes (k = 2^b
+            # scalar levels, GPTVQ's 1-D case) at b + 16·2^b/8192 bpw: 3.016 / 4.031, fewer than the uniform rows
+            cfg = CodebookConfig(bits=bits, dim=1, group_rows=64, group_cols=gs)
+            q, rep = codebook_quantize(params, bm, calib, cfg, progress=False)
+        else:
+            q, rep = run_method(m, params, bm, calib, bits, gs, progress=False)
         sec = time.perf_counter() - t
         rows.append({"setting": st, "method": m, "ppl": ppl(q, rep), "bpw": real_bits_per_weight(q, rep),
                      "seconds": sec})
+        print(f"  {st} {m}: {rows[-1]['ppl']:.3f} ({sec:.0f} s)", flush=True)
 print(f"{'setting':8s} {'method':13s} {'ppl':>9s} {'bpw':>6s} {'time s':>7s}")
 for r in rows:
     print(f"{r['setting']:8s} {r['method']:13s} {r['ppl']:9.3f} {r['bpw']:6.3f} {r['seconds']:7.1f}")
