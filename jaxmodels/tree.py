@@ -34,6 +34,7 @@ __all__ = [
     "to_compute_dtype",
     "LOW_PRECISION_DTYPES",
     "tree_bytes",
+    "is_concrete",
 ]
 
 
@@ -300,6 +301,13 @@ def compute_in_float32(fn: Callable | None = None, *, dtype_from: int | str = 0)
         return jax.tree_util.tree_map(lambda y: y.astype(out_dtype) if _float_dtype(y) is not None else y, result)
 
     return wrapper
+
+
+def is_concrete(x: Any) -> bool:
+    """Whether ``x`` has values that can be read now, i.e. is not a tracer (``jax.jit``, ``grad``, ``vmap``,
+    ``eval_shape``, ...). Value checks (NaN/Inf, hyper-parameter ranges) run only on concrete inputs, and must also
+    test the *result* of their reduction: a concrete array closed over inside a trace reduces to a tracer."""
+    return not isinstance(x, jax.core.Tracer)
 
 
 def tree_bytes(tree: PyTree) -> int:

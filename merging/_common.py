@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.tree import LOW_PRECISION_DTYPES, check_compatible, flatten, unflatten
+from jaxmodels.tree import LOW_PRECISION_DTYPES, check_compatible, flatten, is_concrete, unflatten
 
 PyTree = Any
 
@@ -61,13 +61,13 @@ def check_all_finite(trees: Sequence[PyTree], names: Sequence[str], method: str)
     where, counts = [], []
     for name, tree in zip(names, trees):
         for p, leaf in flatten(tree).items():
-            if isinstance(leaf, jax.core.Tracer):
+            if not is_concrete(leaf):
                 continue
             d = getattr(leaf, "dtype", None)
             if d is None or not jnp.issubdtype(d, jnp.inexact):
                 continue
             n_bad = _count_nonfinite(leaf)
-            if isinstance(n_bad, jax.core.Tracer):  # a concrete leaf closed over inside a trace: no value here
+            if not is_concrete(n_bad):  # a concrete leaf closed over inside a trace: no value here
                 continue
             where.append((name, p))
             counts.append(n_bad)
@@ -97,7 +97,7 @@ def per_model(value: Any, n: int, name: str, method: str) -> tuple[float, ...]:
 def concrete_scalar(value: Any, name: str, method: str) -> float | None:
     """``float(value)`` for a concrete scalar hyper-parameter, None for a tracer (a factor traced by ``jax.jit``:
     its value cannot be validated at trace time and is used as is). Raises for a non-scalar."""
-    if isinstance(value, jax.core.Tracer):
+    if not is_concrete(value):
         if np.ndim(value) != 0:
             raise ValueError(f"{method}: `{name}` must be a scalar, got shape {np.shape(value)}")
         return None

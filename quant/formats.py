@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels.tree import is_concrete
 from quant.floats import (
     FLOAT_SPECS, float_decode, float_emax, float_encode, float_max, has_nan, round_to_float, round_to_float_generic,
 )
@@ -300,10 +301,10 @@ def has_special_codes(fmt: Format) -> bool:
 
 def _refuse_non_finite(x, fmt: Format, what: str) -> None:
     """Eager inputs only (a traced value cannot raise): ``ValueError`` on NaN/inf for formats without codes."""
-    if has_special_codes(fmt) or isinstance(x, jax.core.Tracer):
+    if has_special_codes(fmt) or not is_concrete(x):
         return
     finite = jnp.all(jnp.isfinite(jnp.asarray(x)))
-    if isinstance(finite, jax.core.Tracer):  # a concrete constant inside a jit trace: staged out, no value either
+    if not is_concrete(finite):  # a concrete constant inside a jit trace: staged out, no value either
         return
     if not bool(finite):
         raise ValueError(f"{what}: input has NaN or inf values, which {type(fmt).__name__}"
