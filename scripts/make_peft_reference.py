@@ -1,4 +1,5 @@
-"""PEFT parity fixtures for ``jaxmodels.adapters`` (tests/jaxmodels/adapters/test_peft.py, tests/merging/test_lora_merge.py).
+"""PEFT parity fixtures for ``jaxmodels.adapters`` (tests/jaxmodels/adapters/test_peft.py,
+tests/merging/test_lora_merge.py).
 
 Run with the throwaway environment (never a project dependency)::
 

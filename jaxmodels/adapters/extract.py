@@ -19,7 +19,6 @@ fine-tune's dtype. The rank choice reads σ on the host, so the function is not 
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any
 
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.adapters.lora import LoraConfig, _modules, module_kind
+from jaxmodels.adapters.lora import LoraConfig, _modules, exact_target, module_kind
 from jaxmodels.progress import progress_bar
 from jaxmodels.tree import check_compatible, unflatten
 
@@ -94,6 +93,6 @@ def extract_lora(base: Any, finetuned: Any, *, target: str = r".*", exclude: str
         ranks[m] = r
     top = max(ranks.values())
     pattern = {f"^{re.escape(m)}$": r for m, r in ranks.items() if r != top}
-    config = LoraConfig(rank=top, alpha=float(top), target="^(?:" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$",
+    config = LoraConfig(rank=top, alpha=float(top), target=exact_target(ranks),
                         rank_pattern=pattern, alpha_pattern={k: float(v) for k, v in pattern.items()})
     return unflatten(flat), config

@@ -25,7 +25,6 @@ own dtype / precision logic is kept. Dropout runs when ``model.apply`` gets an r
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import flax.linen as nn

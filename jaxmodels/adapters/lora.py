@@ -44,7 +44,7 @@ PyTree = Any
 
 __all__ = [
     "LoraConfig", "init_lora", "inject", "split_adapters", "scaling", "lora_delta", "merge", "unmerge",
-    "dora_norms", "adapter_modules", "module_kind", "ADAPTER_LEAVES",
+    "dora_norms", "adapter_modules", "module_kind", "exact_target", "ADAPTER_LEAVES",
 ]
 
 ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_magnitude")
@@ -110,6 +110,11 @@ class LoraConfig:
 
     def selects(self, module: str) -> bool:
         return bool(re.search(self.target, module)) and not (self.exclude and re.search(self.exclude, module))
+
+
+def exact_target(modules) -> str:
+    """A regex selecting exactly these module paths (``^(?:a|b)$``)."""
+    return "^(?:" + "|".join(re.escape(m) for m in sorted(modules)) + ")$"
 
 
 def _pattern_value(pattern: Mapping[str, Any], module: str, default):

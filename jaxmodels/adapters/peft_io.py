@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.adapters.lora import LoraConfig, adapter_modules, merge
+from jaxmodels.adapters.lora import LoraConfig, adapter_modules, exact_target, merge
 from jaxmodels.atomic import AtomicOutput
 from jaxmodels.io import CheckpointError, load_safetensors, save_safetensors
 from jaxmodels.tree import unflatten
@@ -238,8 +238,7 @@ def load_adapter(directory: str | os.PathLike, *, model_type: str | None = None,
             rank_pattern[f"^{re.escape(m)}$"] = rank
         if a_m != alpha:
             alpha_pattern[f"^{re.escape(m)}$"] = a_m
-    config = LoraConfig(rank=r, alpha=alpha, target="^(?:" + "|".join(re.escape(m) for m in
-                                                                        sorted({k.rsplit("/", 1)[0] for k in out})) + ")$",
+    config = LoraConfig(rank=r, alpha=alpha, target=exact_target({k.rsplit("/", 1)[0] for k in out}),
                         dropout=float(raw.get("lora_dropout", 0.0)), use_rslora=bool(raw.get("use_rslora", False)),
                         use_dora=bool(raw.get("use_dora", False)), rank_pattern=rank_pattern,
                         alpha_pattern=alpha_pattern)

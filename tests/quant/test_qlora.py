@@ -21,6 +21,14 @@ from quant.formats import NF4_LEVELS
 from quant.qlora import dequantize_base, frozen_bytes, is_qlora_weight, qlora_base, quantize_base
 
 
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    """float32 matmuls on every backend (GPUs default to TF32 for float32, far outside these tolerances)."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 def test_dequantize_matches_numpy_nf4():
     w = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)  # the Llama kernels' shape: one compile
     q = quantize_base(jnp.asarray(w))

@@ -16,6 +16,15 @@ from jaxmodels.train import init_train_state, make_train_step
 
 TOK = jnp.arange(16).reshape(2, 8) % 50
 GPT_KW = dict(vocab_size=50, max_len=8, width=16, depth=2, num_heads=2, mlp_dim=32)
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    """float32 matmuls on every backend (GPUs default to TF32 for float32, far outside these tolerances)."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 CASES = {
     "gpt_tied_embed": (GPT(**GPT_KW), TOK, ad.LoraConfig(rank=4, alpha=8, target=r"(query|value|fc1|embed)$")),
     "gpt_scanned": (GPT(**GPT_KW, scan_layers=True), TOK,
