@@ -37,7 +37,8 @@ from jaxmodels.adapters.lora import (
 from jaxmodels.adapters.forward import DROPOUT_RNG, apply, lora_interceptor
 from jaxmodels.adapters.sharding import adapter_rules
 from jaxmodels.adapters.extract import choose_rank, extract_lora
-from jaxmodels.adapters.peft_io import NAME_MAPS, hf_module_name, linen_module_name, load_adapter, merge_adapter, save_adapter
+from jaxmodels.adapters.peft_io import (NAME_MAPS, hf_module_name, linen_module_name, load_adapter, merge_adapter,
+                                       save_adapter)
 # the papers' methods, one module each (Bone, EVA, LIFT, MoS, ScaLearn, Polytropon/MHR)
 from jaxmodels.adapters import bone, eva, lift, mhr, mos, scalearn
 from jaxmodels.adapters.bone import BoneConfig, bone_init, bone_merge, bone_unmerge
@@ -50,7 +51,8 @@ from jaxmodels.adapters.scalearn import init_scalearn, scalearn_combine, scalear
 __all__ = [
     "ADAPTER_LEAVES", "LoraConfig", "adapter_modules", "column_norm", "dora_norms", "init_lora", "inject",
     "lora_delta", "merge", "scaling", "split_adapters", "unmerge", "DROPOUT_RNG", "apply", "lora_interceptor",
-    "adapter_rules", "choose_rank", "extract_lora", "NAME_MAPS", "hf_module_name", "linen_module_name", "load_adapter", "merge_adapter", "save_adapter",
+    "adapter_rules", "choose_rank", "extract_lora", "NAME_MAPS", "hf_module_name", "linen_module_name",
+    "load_adapter", "merge_adapter", "save_adapter",
     "bone", "eva", "lift", "mhr", "mos", "scalearn", "BoneConfig", "bone_init", "bone_merge", "bone_unmerge",
     "EvaConfig", "eva_init", "LiftConfig", "scale_by_lift", "MhrConfig", "add_task", "init_mhr", "mhr_merge",
     "mhr_mu", "MosConfig", "init_mos", "mos_lora", "init_scalearn", "scalearn_combine", "scalearn_merge",
