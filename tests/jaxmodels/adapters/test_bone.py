@@ -88,7 +88,8 @@ def test_jit_sharded_equals_single_device(mesh_2d):
           for k, v in bone_init(params, BoneConfig(8)).items()}
     ref = bone_merge(params, ad)
     sp = shard(params, MLP_RULES_TP, mesh_2d)
-    sad = shard(ad, [(r".*", P("model"))], mesh_2d)  # output blocks split like a column-parallel kernel
+    # Dense_0's two output blocks split like its column-parallel kernel; Dense_1 has one block: replicated
+    sad = shard(ad, [(r"Dense_0", P("model")), (r".*", P())], mesh_2d)
     out = jax.jit(bone_merge)(sp, sad)
     # the same products and sums; XLA may fuse / order the b-term reduction differently when sharded
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), out, ref)
