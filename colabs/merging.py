@@ -40,6 +40,10 @@ if "__file__" in globals():
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# --quick trains tiny models for a few steps: compiling them is most of the run, and XLA's LLVM optimization level
+# 0 cuts that by a third at no cost here (the same numbers); the full run keeps the default.
+if "--quick" in sys.argv:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import tempfile
 import time
