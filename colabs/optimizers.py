@@ -31,8 +31,14 @@
 # [--quick]`) and as a notebook.
 
 # %%
+import os
 import sys
 import time
+
+# --quick trains tiny models for a few steps: compiling them is most of the run, and XLA's LLVM optimization level
+# 0 cuts that by a third at no cost here (the same numbers); the full run keeps the default.
+if "--quick" in sys.argv:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax
 import jax.numpy as jnp
