@@ -6,6 +6,15 @@ HAWQ-V2 Hessian trace), codebook / vector quantization (Hessian-weighted k-means
 AQLM-style codebook + code fine-tuning, bit-packed codes + fp16 codebooks), the block-wise engine, MiniLM evaluation and packed export; and ZeroQ (data-free calibration
 from BatchNorm statistics) for BatchNorm models such as the ResNet.
 
+Engine. Every calibrated method is one walk of :mod:`quant.ptq.engine` (:func:`walk_blocks`: embed -> per block:
+statistics -> quantize -> set kernels -> next block, fed by the quantized or the float stream) and most are a
+per-layer quantizer ``(w, stats, config) -> record`` under :func:`quantize_layers` (``LAYER_QUANTIZERS``: rtn, gptq,
+zeroquant_fp, codebook, flexround, any :mod:`quant.formats` format) with block-level transforms around it (RSQ's
+rotation, LoRC, a per-layer config for mixed precision; AWQ's search is its own block step). ``model`` comes from
+:func:`block_model` (BERT / MiniLM, the project's GPT, Llama / Mistral / Qwen2, GPT-2); ``calib_batch`` is one
+batch or a list of batches (Hessians and errors are accumulated batch by batch; AWQ, FlexRound and the codebook
+block fine-tuning concatenate them), padding tokens weigh 0.
+
 Calling convention. Every transformer method is ``method(params, model: BlockModel, calib_batch, config) ->
 (quantized params, report)`` — :func:`rtn` (:class:`RTNConfig`; ``model``/``calib_batch`` optional), :func:`gptq`,
 :func:`awq`, :func:`rsq`, :func:`flexround`, :func:`zeroquant_fp`, :func:`mixed_precision`, :func:`codebook_quantize`

@@ -103,16 +103,25 @@ class LayerStats:
     tok: jax.Array | None = None
 
 
+@jax.jit
 def _weighted_gram(x, w):
+    """``(Σ_t w_t x_t x_tᵀ, Σ_t w_t)`` of one batch (jitted: one compile per shape instead of one per eager op)."""
     x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
     w = jnp.asarray(w, jnp.float32).reshape(-1)
     return (x * w[:, None]).T @ x, w.sum()
 
 
+@jax.jit
+def _hessian(S, n):
+    return 2.0 * S / jnp.maximum(n, 1e-12)
+
+
+@jax.jit
 def _error_terms(x, w, w_hat, weights):
+    """``(Σ_t m_t ‖x_t W − x_t Ŵ‖², Σ_t m_t ‖x_t W‖²)`` of one batch."""
     x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
     y, y_hat = x @ jnp.asarray(w, jnp.float32), x @ jnp.asarray(w_hat, jnp.float32)
-    m = jnp.ones(x.shape[0]) if weights is None else jnp.asarray(weights, jnp.float32).reshape(-1)
+    m = jnp.asarray(weights, jnp.float32).reshape(-1)
     return jnp.sum(m[:, None] * (y - y_hat) ** 2), jnp.sum(m[:, None] * y**2)
 
 
@@ -194,7 +203,7 @@ class BlockView:
                 g, c = _weighted_gram(rec[nm][0], tw)
                 S[nm] = g if nm not in S else S[nm] + g
                 n[nm] = c if nm not in n else n[nm] + c
-        out = {nm: LayerStats(2.0 * S[nm] / jnp.maximum(n[nm], 1e-12), float(n[nm])) for nm in names}
+        out = {nm: LayerStats(_hessian(S[nm], n[nm]), float(n[nm])) for nm in names}
         self._cache[key] = out
         return out
 

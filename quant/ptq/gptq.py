@@ -295,12 +295,17 @@ def gptq_quantize_weight(w: Any, H: Any, config: GPTQConfig = GPTQConfig(), *, k
 
 def layer_error(x, w, w_hat, weights=None) -> float:
     """Relative output error ‖XW − XŴ‖² / ‖XW‖² over (real) tokens."""
+    return float(_layer_error(x, w, w_hat, weights))
+
+
+@jax.jit
+def _layer_error(x, w, w_hat, weights):
     x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
     y, y_hat = x @ jnp.asarray(w, jnp.float32), x @ jnp.asarray(w_hat, jnp.float32)
     m = jnp.ones(x.shape[0]) if weights is None else jnp.asarray(weights, jnp.float32).reshape(-1)
     num = jnp.sum(m[:, None] * (y - y_hat) ** 2)
     den = jnp.maximum(jnp.sum(m[:, None] * y**2), 1e-30)
-    return float(num / den)
+    return num / den
 
 
 def gptq(params, model, calib_batch, config: GPTQConfig = GPTQConfig(), *, progress: bool | None = None,

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from ._common import check_bits, grid_record, rtn_minmax
 
 __all__ = ["RTNConfig", "rtn", "rtn_quantize_weight", "rtn_format"]
+
+_rtn_minmax = jax.jit(rtn_minmax, static_argnums=(1, 2, 3))  # one compile per layer shape, not one per eager op
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,7 @@ def rtn_quantize_weight(w, H=None, config: RTNConfig = RTNConfig(), *, kernel_la
         raise ValueError(f"expected a 2-D kernel, got shape {w_in.shape}")
     W = jnp.asarray(w_in, jnp.float32)
     W = W.T if kernel_layout else W
-    w_hat, codes, scale, zero = rtn_minmax(W, config.bits, config.group_size, config.sym)
+    w_hat, codes, scale, zero = _rtn_minmax(W, config.bits, config.group_size, config.sym)
     return grid_record(w_in, w_hat, codes, scale, zero, config.group_size, kernel_layout, bits=config.bits,
                        sym=config.sym)
 

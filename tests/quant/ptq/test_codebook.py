@@ -273,16 +273,17 @@ def test_minilm_codebook_3bpw_beats_rtn_w3():
 
     emb = load_minilm(max_length=32)
     model, params = bert_block_model(emb), emb.params
-    calib = emb.tokenizer(calibration_sentences(32))
+    calib = emb.tokenizer(calibration_sentences(16))
     evb = [emb.tokenizer(evaluation_sentences(48))]
     e_float = embed_batches(model, params, evb)
     cos_rtn = embedding_metrics(e_float, embed_batches(model, rtn(params, model, None, RTNConfig(3, 128),
                                                                   progress=False)[0], evb))["cosine"]
     # 2-D vectors at 3 bits (k = 64) per 128×128 group: 3 + 16·64·2/16384 = 3.125 bits per weight, below RTN W3
     # g128's 3.1875 as stored (3 + 16-bit scale and 8-bit zero per 128)
-    # (test budget: no re-mapping sweeps, the slowest part at ~0.3 s per layer; the remap is tested on the toy)
-    cfg = CodebookConfig(bits=3, dim=2, group_rows=128, group_cols=128, kmeans_iters=5, layer_rounds=1,
-                         layer_steps=0, block_rounds=1, block_steps=5, remap=False)
+    # (test budget: 16 calibration sentences, no re-mapping sweeps, the slowest part at ~0.3 s per layer; the remap
+    # is tested on the toy)
+    cfg = CodebookConfig(bits=3, dim=2, group_rows=128, group_cols=128, kmeans_iters=3, layer_rounds=1,
+                         layer_steps=0, block_rounds=1, block_steps=3, remap=False)
     q, rep = codebook_quantize(params, model, calib, cfg, progress=False)
     cos = embedding_metrics(e_float, embed_batches(model, q, evb))["cosine"]
     print(f"MiniLM 48 held-out sentences: RTN W3 g128 cos {cos_rtn:.4f}; codebook d2 b3 128x128 cos {cos:.4f} "
