@@ -187,6 +187,10 @@ def test_nf4_quantize_matches_bitsandbytes_quantize_4bit():
 
 # ----------------------------------------------------------------------------------------------------- int grid
 
+def _q(x, c):  # x / c as the IEEE quotient (quant.intgrid since 08962b3; XLA turned the constant division into x * (1/c))
+    return x / jnp.full(jnp.shape(x), c, jnp.float32)
+
+
 def _old_minmax_params(x, bits, sym):  # quant/ptq/_common.py at 0cb843d
     maxq = 2**bits - 1
     xmin = jnp.minimum(x.min(axis=1), 0.0)
@@ -197,7 +201,7 @@ def _old_minmax_params(x, bits, sym):  # quant/ptq/_common.py at 0cb843d
     both0 = (xmin == 0) & (xmax == 0)
     xmin = jnp.where(both0, -1.0, xmin)
     xmax = jnp.where(both0, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
+    scale = _q(xmax - xmin, maxq)
     zero = jnp.full_like(scale, (maxq + 1) / 2) if sym else jnp.round(-xmin / scale)
     return scale, zero
 
@@ -207,13 +211,13 @@ def _old_awq(w, bits, gs, zero_point):  # quant/ptq/_common.py awq_grid / awq_ps
     if zero_point:
         mx, mn = g.max(-1, keepdims=True), g.min(-1, keepdims=True)
         maxq = 2**bits - 1
-        scale = jnp.maximum(mx - mn, 1e-5) / maxq
+        scale = _q(jnp.maximum(mx - mn, 1e-5), maxq)
         zero = jnp.clip(-jnp.round(mn / scale), 0, maxq)
         out = (jnp.clip(jnp.round(g / scale) + zero, 0, maxq) - zero) * scale
         return out.reshape(w.shape), scale[..., 0], zero[..., 0]
     mx = jnp.maximum(jnp.abs(g).max(-1, keepdims=True), 1e-5)
     qmax = 2 ** (bits - 1) - 1
-    scale = mx / qmax
+    scale = _q(mx, qmax)
     return (jnp.clip(jnp.round(g / scale), -qmax - 1, qmax) * scale).reshape(w.shape), None, None
 
 
@@ -222,11 +226,11 @@ def _old_intformat(x, fmt):  # quant/formats.py compute_qparams (IntFormat) at 0
     safe = lambda s: jnp.where(s > jnp.finfo(jnp.float32).tiny, s, 1.0)  # noqa: E731
     pow2 = lambda s: jnp.exp2(jnp.ceil(jnp.log2(s)))  # noqa: E731
     if fmt.symmetric:
-        s = safe(c * F.reduce_stats(jnp.abs(x), fmt, jnp.max) / (2 ** (fmt.bits - 1) - 1))
+        s = safe(_q(c * F.reduce_stats(jnp.abs(x), fmt, jnp.max), 2 ** (fmt.bits - 1) - 1))
         return (pow2(s) if fmt.pow2_scale else s), None
     lo = jnp.minimum(c * F.reduce_stats(x, fmt, jnp.min), 0.0)
     hi = jnp.maximum(c * F.reduce_stats(x, fmt, jnp.max), 0.0)
-    s = safe((hi - lo) / (2 ** fmt.bits - 1))
+    s = safe(_q(hi - lo, 2 ** fmt.bits - 1))
     s = pow2(s) if fmt.pow2_scale else s
     return s, jnp.clip(jnp.round(-lo / s), 0, 2 ** fmt.bits - 1)
 
