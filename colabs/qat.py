@@ -21,7 +21,9 @@
 #    We count weight oscillations (a level change opposite to the previous one; Nagel et al. 2022) along the way.
 # 3. Train a small GPT decoder with BitNet b1.58 (ternary absmean weights, 8-bit per-token activations) vs float32.
 #
-# Runs as a script (`python colabs/qat.py [--quick]`) or a notebook.
+# Runs as a script (`python colabs/qat.py [--quick] [--seed N]`) or a notebook. `--quick` only shrinks the step
+# budgets. Every train step and every evaluation is compiled once: the bit-width is a traced argument of one jitted
+# step per method (`quant.lsq` / `quant.statsq` accept a traced integer `bits`), so W4, W3 and W2 share it.
 
 # %%
 import os
@@ -51,6 +53,7 @@ from jaxmodels.train import softmax_cross_entropy
 from quant import oscillation, qat, statsq
 
 QUICK = "--quick" in sys.argv
+SEED = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else 0
 t_start = time.perf_counter()
 results: list[tuple[str, str]] = []
 print(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, quick={QUICK}")
@@ -62,23 +65,39 @@ print(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} 
 data = load_digits_split(seed=0, images=True)
 vit_cfg = dict(VIT_CONFIGS["digits"])
 model = ViT(**vit_cfg)
-params0 = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+# one jitted init (eagerly, every initializer compiles on its own); the RBG key compiles far less than threefry
+params0 = jax.jit(model.init)(jax.random.key(SEED, impl="rbg"), jnp.zeros((1, 8, 8, 1)))["params"]
 BATCH = 64 if QUICK else 128
+QAT_BATCH = 32 if QUICK else 128
 FP_STEPS = 200 if QUICK else 2000
-QAT_STEPS = 50 if QUICK else 1000  # main QAT phase
-CGA_STEPS = 25 if QUICK else 300  # OFQ: CGA phase appended; LSQ trains the same total number of steps
-rng = np.random.default_rng(0)
+QAT_STEPS = 30 if QUICK else 1000  # main QAT phase
+CGA_STEPS = 15 if QUICK else 300  # OFQ: CGA phase appended; LSQ trains the same total number of steps
+rng = np.random.default_rng(SEED)
 
 
-def batches(n):
+def batches(n, batch=BATCH):
     for _ in range(n):
-        idx = rng.integers(0, len(data.x_train), BATCH)
+        idx = rng.integers(0, len(data.x_train), batch)
         yield data.x_train[idx], data.y_train[idx]
 
 
-def evaluate(apply, variables):
-    logits = jax.jit(apply)(variables, data.x_test)
-    return float((jnp.argmax(logits, -1) == data.y_test).mean())
+def test_accuracy(step, state, *args, batch=BATCH):
+    """Test accuracy from the train step's own forward: ``step(*state, x, y, *args)`` returns the logits of its batch
+    last; the update it computes is dropped. Test batches are padded to the train batch's shape, so no other
+    program is compiled."""
+    correct = 0
+    for i in range(0, len(data.x_test), batch):
+        x, y = data.x_test[i:i + batch], data.y_test[i:i + batch]
+        pad = batch - len(x)
+        logits = step(*state, np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]),
+                      np.concatenate([y, np.zeros(pad, y.dtype)]), *args)[-1]
+        correct += int((np.argmax(np.asarray(logits)[:len(x)], -1) == y).sum())
+    return correct / len(data.x_test)
+
+
+def loss_and_logits(apply, v, x, y):
+    logits = apply(v, x)
+    return softmax_cross_entropy(logits, y), logits
 
 
 tx_fp = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 50, FP_STEPS), weight_decay=1e-4)
@@ -86,16 +105,17 @@ tx_fp = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 50, FP_STEPS), w
 
 @jax.jit
 def fp_step(p, opt, x, y):
-    loss, g = jax.value_and_grad(lambda p: softmax_cross_entropy(model.apply({"params": p}, x), y))(p)
+    (loss, logits), g = jax.value_and_grad(
+        lambda p: loss_and_logits(lambda p, x: model.apply({"params": p}, x), p, x, y), has_aux=True)(p)
     up, opt = tx_fp.update(g, opt, p)
-    return optax.apply_updates(p, up), opt, loss
+    return optax.apply_updates(p, up), opt, loss, logits
 
 
 p, opt = params0, tx_fp.init(params0)
 for x, y in batches(FP_STEPS):
-    p, opt, loss = fp_step(p, opt, x, y)
+    p, opt, loss, _ = fp_step(p, opt, x, y)
 fp_params = p
-fp_acc = evaluate(lambda v, x: model.apply(v, x), {"params": fp_params})
+fp_acc = test_accuracy(fp_step, (fp_params, opt))
 print(f"float ViT: test accuracy {fp_acc:.3f}  ({time.perf_counter() - t_start:.1f}s)")
 results.append(("ViT fp32 accuracy", f"{fp_acc:.3f}"))
 
@@ -105,6 +125,8 @@ results.append(("ViT fp32 accuracy", f"{fp_acc:.3f}"))
 # Patch embedding and classifier head stay in float (common practice, and in OFQ). Every step we record the
 # integer level of every quantized weight (for OFQ the QKR product `W_q W_kᵀ` replaces the query/key kernels)
 # and count oscillations. The CGA phase freezes weights confidently inside a bin (`quant.statsq.cga_freeze`).
+# Each method's config is a function of the bit-width; `make_qat` compiles its train step and its test evaluation
+# once, with `bits` a traced int32, and `run_qat` trains one bit-width with them.
 
 # %%
 KEEP_FLOAT = (r"patch_embed|head", None)
@@ -113,27 +135,36 @@ KEEP_FLOAT = (r"patch_embed|head", None)
 COMMON = r"(value|out|fc1|fc2)/kernel$"  # layers both methods quantize the same way (OFQ replaces query/key by QKR)
 
 
-def run_qat(cfg, tx):
-    qv = qat.qat_init(cfg, model, fp_params, data.x_train[:BATCH])
-    apply = qat.qat_apply(cfg, model)
-    opt = tx.init(qv)
-    levels = lambda v: {k: l for k, l in qat.weight_levels(cfg, v).items() if re.search(COMMON, k)}
-    osc = oscillation.oscillation_init(levels(qv))
+def make_qat(config, optimizer):
+    """``config(bits) -> QATConfig``, ``optimizer(bits) -> optax transform``; ``bits`` is traced inside the step."""
+    def levels(v, bits):
+        return {k: l for k, l in qat.weight_levels(config(bits), v).items() if re.search(COMMON, k)}
 
     @jax.jit
-    def step(qv, opt, osc, x, y):
-        loss, g = jax.value_and_grad(lambda v: softmax_cross_entropy(apply(v, x), y))(qv)
-        up, opt = tx.update(g, opt, qv)
+    def step(qv, opt, osc, x, y, bits):
+        apply = qat.qat_apply(config(bits), model)
+        (loss, logits), g = jax.value_and_grad(lambda v: loss_and_logits(apply, v, x, y), has_aux=True)(qv)
+        up, opt = optimizer(bits).update(g, opt, qv)
         qv = optax.apply_updates(qv, up)
-        return qv, opt, oscillation.oscillation_update(osc, levels(qv)), loss
+        return qv, opt, oscillation.oscillation_update(osc, levels(qv, bits)), loss, logits
 
-    for i, (x, y) in enumerate(batches(QAT_STEPS + CGA_STEPS)):
+    start = jax.jit(lambda qv, bits: oscillation.oscillation_init(levels(qv, bits)))
+    return step, start
+
+
+def run_qat(compiled, config, optimizer, bits):
+    step, start = compiled
+    qv = qat.qat_init(config(bits), model, fp_params, data.x_train[:QAT_BATCH])  # LSQ steps from the float weights
+    opt = optimizer(bits).init(qv)
+    b = jnp.int32(bits)
+    osc = start(qv, b)
+    for i, (x, y) in enumerate(batches(QAT_STEPS + CGA_STEPS, QAT_BATCH)):
         if i == QAT_STEPS:
             before = oscillation.oscillation_summary(osc)
-        qv, opt, osc, loss = step(qv, opt, osc, x, y)
+        qv, opt, osc, loss, _ = step(qv, opt, osc, x, y, b)
     after = oscillation.oscillation_summary(osc)
     final = {"oscillations": after["oscillations"] - before["oscillations"], "flips": after["flips"] - before["flips"]}
-    return evaluate(apply, qv), after, final
+    return test_accuracy(step, (qv, opt, osc), b, batch=QAT_BATCH), after, final
 
 
 def qat_tx(total, cga=None):
@@ -144,13 +175,16 @@ def qat_tx(total, cga=None):
 bits_list = (4, 3, 2)
 table = []
 total = QAT_STEPS + CGA_STEPS
+lsq_cfg = lambda bits: qat.QATConfig(weights=(KEEP_FLOAT, (r"kernel$", qat.LSQW(bits))))
+lsq_tx = lambda bits: qat_tx(total)
+ofq_cfg = lambda bits: qat.QATConfig(weights=(KEEP_FLOAT, (r"kernel$", qat.StatsQW(bits))),
+                                     qkr=qat.QKRConfig(r"attn$", bits, vit_cfg["num_heads"]))
+ofq_tx = lambda bits: qat_tx(total, statsq.cga_freeze([(r"params/.*" + COMMON, bits)], boundary_range=0.005,
+                                                      start_step=QAT_STEPS))
+lsq_compiled, ofq_compiled = make_qat(lsq_cfg, lsq_tx), make_qat(ofq_cfg, ofq_tx)
 for bits in bits_list:
-    lsq_cfg = qat.QATConfig(weights=(KEEP_FLOAT, (r"kernel$", qat.LSQW(bits))))
-    acc_lsq, osc_lsq, fin_lsq = run_qat(lsq_cfg, qat_tx(total))
-    ofq_cfg = qat.QATConfig(weights=(KEEP_FLOAT, (r"kernel$", qat.StatsQW(bits))),
-                            qkr=qat.QKRConfig(r"attn$", bits, vit_cfg["num_heads"]))
-    cga = statsq.cga_freeze([(r"params/.*" + COMMON, bits)], boundary_range=0.005, start_step=QAT_STEPS)
-    acc_ofq, osc_ofq, fin_ofq = run_qat(ofq_cfg, qat_tx(total, cga))
+    acc_lsq, osc_lsq, fin_lsq = run_qat(lsq_compiled, lsq_cfg, lsq_tx, bits)
+    acc_ofq, osc_ofq, fin_ofq = run_qat(ofq_compiled, ofq_cfg, ofq_tx, bits)
     table.append((bits, acc_lsq, osc_lsq, fin_lsq, acc_ofq, osc_ofq, fin_ofq))
     print(f"W{bits}: LSQ acc {acc_lsq:.3f} oscillations {osc_lsq['oscillations']:5d} (last phase "
           f"{fin_lsq['oscillations']:4d})  |  StatsQ+QKR+CGA acc {acc_ofq:.3f} oscillations "
@@ -175,14 +209,14 @@ import inspect  # noqa: E402
 import textwrap  # noqa: E402
 
 text = inspect.getsource(argparse) + inspect.getsource(textwrap)
-chars = sorted(set(text))
-ids = np.array([chars.index(c) for c in text], np.int32)
+chars, ids = np.unique(np.array(list(text)), return_inverse=True)
+chars, ids = list(chars), ids.astype(np.int32)
 split = int(0.9 * len(ids))
 train_ids, val_ids = ids[:split], ids[split:]
 SEQ = 64
 gpt = GPT(vocab_size=len(chars), max_len=SEQ, width=64, depth=2, num_heads=4, mlp_dim=256)
-gparams = gpt.init(jax.random.key(1), jnp.zeros((1, SEQ), jnp.int32))["params"]
-LM_STEPS = 150 if QUICK else 2000
+gparams = jax.jit(gpt.init)(jax.random.key(SEED + 1, impl="rbg"), jnp.zeros((1, SEQ), jnp.int32))["params"]
+LM_STEPS = 100 if QUICK else 2000
 LM_BATCH = 16 if QUICK else 32
 
 
@@ -207,25 +241,28 @@ def train_lm(apply):
         up, opt = tx.update(g, opt, v)
         return optax.apply_updates(v, up), opt, loss
 
-    r = np.random.default_rng(0)
+    r = np.random.default_rng(SEED)
     for _ in range(LM_STEPS):
         v, opt, loss = step(v, opt, *lm_batch(train_ids, LM_BATCH, r))
-    vx, vy = lm_batch(val_ids, 64, np.random.default_rng(1))
-    return float(jax.jit(loss_fn)(v, vx, vy)) / np.log(2)  # bits per character
+    # validation loss on 64 held-out windows, LM_BATCH at a time through the train step's own forward (its update
+    # is dropped): the mean of equal-sized chunk means, and no second program compiled
+    vx, vy = lm_batch(val_ids, 64, np.random.default_rng(SEED + 1))
+    val = np.mean([float(step(v, opt, vx[i:i + LM_BATCH], vy[i:i + LM_BATCH])[2]) for i in range(0, 64, LM_BATCH)])
+    return val / np.log(2), v["params"]  # bits per character
 
 
-fp_lm = train_lm(lambda v, x: gpt.apply({"params": v["params"]}, x))
+fp_lm, _ = train_lm(lambda v, x: gpt.apply({"params": v["params"]}, x))
 bitnet_cfg = qat.QATConfig(weights=((r"embed|head", None), (r"kernel$", qat.FakeQuantW(quant.TERNARY, ste="identity"))),
                            activations=((r"attn|mlp", qat.DynamicActQ(8)),))
-bitnet_lm = train_lm(qat.qat_apply(bitnet_cfg, gpt))
+bitnet_lm, bitnet_params = train_lm(qat.qat_apply(bitnet_cfg, gpt))
 print(f"char LM validation bits/char: fp32 {fp_lm:.3f}   BitNet b1.58 {bitnet_lm:.3f}   "
       f"({time.perf_counter() - t_start:.1f}s)")
 results.append(("GPT fp32 val bits/char", f"{fp_lm:.3f}"))
 results.append(("GPT BitNet b1.58 val bits/char", f"{bitnet_lm:.3f}"))
 
-# Stored size of the ternary decoder: real 2-bit packing via QuantizedArray.
-packed = quant.quantize_tree(gparams, [(r"embed", None), (r"kernel$", quant.TERNARY)])
-flat_fp = sum(np.asarray(l).nbytes for l in jax.tree_util.tree_leaves(gparams))
+# Stored size of the trained ternary decoder: real 2-bit packing via QuantizedArray (one jitted pass).
+packed = jax.jit(lambda p: quant.quantize_tree(p, [(r"embed", None), (r"kernel$", quant.TERNARY)]))(bitnet_params)
+flat_fp = sum(np.asarray(l).nbytes for l in jax.tree_util.tree_leaves(bitnet_params))
 flat_q = sum(l.nbytes if quant.is_quantized(l) else np.asarray(l).nbytes
              for l in jax.tree_util.tree_leaves(packed, is_leaf=quant.is_quantized))
 print(f"decoder bytes: fp32 {flat_fp}  ternary-packed kernels {flat_q}")

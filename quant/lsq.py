@@ -39,7 +39,13 @@ class LSQParams(NamedTuple):
 
 
 def lsq_range(bits: int, signed: bool = True) -> tuple[int, int]:
-    """``(Q_N, Q_P)``."""
+    """``(Q_N, Q_P)``. ``bits`` may be a traced integer scalar (one compiled QAT step for every bit-width): the
+    range is then float32 arrays (not range-checked)."""
+    if isinstance(bits, jax.core.Tracer):
+        half = jnp.left_shift(1, jnp.asarray(bits, jnp.int32) - 1)  # 2^(b-1), exact
+        if signed:
+            return half.astype(jnp.float32), (half - 1).astype(jnp.float32)  # bits=1: (1, 0) as below
+        return jnp.zeros((), jnp.float32), (2 * half - 1).astype(jnp.float32)
     if not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
     if signed:
@@ -68,6 +74,8 @@ def lsq_grad_scale(x_shape, step_shape, bits: int, signed: bool = True) -> float
     for d in step_shape:
         m *= d
     _, qp = lsq_range(bits, signed)
+    if isinstance(qp, jax.Array):  # traced bits
+        return jax.lax.rsqrt(max(n // max(m, 1), 1) * jnp.maximum(qp, 1.0))
     return 1.0 / float(max(n // max(m, 1), 1) * max(qp, 1)) ** 0.5
 
 

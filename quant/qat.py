@@ -24,12 +24,15 @@ Weight quantizers: :class:`FakeQuantW` (any :mod:`quant.formats` format, min-max
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxmodels.capture import module_path
 from jaxmodels.tree import flatten, map_with_path
 from quant.activation import amax_stat, dynamic_act_quant, static_act_quant
 from quant.fake_quant import fake_quant
@@ -191,10 +194,6 @@ def weight_levels(cfg: QATConfig, qvars: dict) -> dict[str, jax.Array]:
 
 # ------------------------------------------------------------------------------------------------ activations
 
-def _module_path(module) -> str:
-    return "/".join(str(p) for p in module.path)
-
-
 def _act_interceptor(cfg: QATConfig, quant_state: dict, calib: dict | None, record: dict | None):
     from quant.qkr import qkr_attention
 
@@ -202,7 +201,7 @@ def _act_interceptor(cfg: QATConfig, quant_state: dict, calib: dict | None, reco
         mod = ctx.module
         if ctx.method_name != "__call__":
             return f(*args, **kwargs)
-        path = _module_path(mod)
+        path = module_path(mod)
         if cfg.qkr is not None and hasattr(mod, "num_heads"):
             import re
             if re.search(cfg.qkr.pattern, path):
@@ -233,11 +232,52 @@ def _act_interceptor(cfg: QATConfig, quant_state: dict, calib: dict | None, reco
     return interceptor
 
 
+class _Recorder:
+    """The inputs of every module an activation rule matches, ``{module path: [inputs]}``, from one jitted float
+    forward (compiled once per input structure and shapes; non-array arguments are static)."""
+
+    def __init__(self, cfg: QATConfig, model: nn.Module):
+        self.cfg, self.model, self._fns = cfg, model, {}
+
+    def __call__(self, params, args, kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
+        is_array = tuple(isinstance(l, (jax.Array, np.ndarray)) for l in leaves)
+        static = tuple(None if a else l for l, a in zip(leaves, is_array))
+        key = (treedef, is_array, static)
+        try:
+            fn = self._fns.get(key)
+        except TypeError:  # an unhashable non-array argument: trace it in, uncached
+            key, fn = None, None
+        if fn is None:
+            fn = jax.jit(lambda p, arrays: self._record(p, treedef, is_array, static, arrays))
+            if key is not None:
+                self._fns[key] = fn
+        return fn(params, [l for l, a in zip(leaves, is_array) if a])
+
+    def _record(self, params, treedef, is_array, static, arrays):
+        it = iter(arrays)
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, [next(it) if a else s for a, s in zip(is_array, static)])
+        record: dict[str, list] = {}
+        with nn.intercept_methods(_act_interceptor(self.cfg, {}, None, record)):
+            self.model.apply({"params": params}, *args, **kwargs)
+        return record
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_recorder(cfg: QATConfig, model: nn.Module) -> _Recorder:
+    return _Recorder(cfg, model)
+
+
+def _recorder(cfg: QATConfig, model: nn.Module) -> _Recorder:
+    """One recorder per (config, model), so that ``qat_init`` and ``qat_calibrate`` share its compiled forwards."""
+    try:
+        return _cached_recorder(cfg, model)
+    except TypeError:  # an unhashable config or model
+        return _Recorder(cfg, model)
+
+
 def _record_inputs(cfg, model, params, args, kwargs):
-    record = {}
-    with nn.intercept_methods(_act_interceptor(cfg, {}, None, record)):
-        model.apply({"params": params}, *args, **kwargs)
-    return record
+    return _recorder(cfg, model)(params, args, kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -277,9 +317,10 @@ def qat_calibrate(cfg: QATConfig, model: nn.Module, params: Any, batches, progre
     from jaxmodels.progress import progress_bar
     batches = progress_bar(batches, progress, desc="qat_calibrate")
     calib: dict[str, jax.Array] = {}
+    recorder = _recorder(cfg, model)  # one compiled forward for every batch of the same shapes
     for b in batches:
         args = b if isinstance(b, tuple) else (b,)
-        record = _record_inputs(cfg, model, params, args, {})
+        record = recorder(params, args, {})
         for path, xs in record.items():
             q = match_rule(path, cfg.activations)
             if isinstance(q, StaticActQ):

@@ -32,6 +32,8 @@ __all__ = ["statsq_scale", "statsq_levels", "statsq_fake_quant", "statsq_unconfi
 
 
 def _check_bits(bits):
+    if isinstance(bits, jax.core.Tracer):  # a traced integer scalar: one compiled QAT step for every bit-width
+        return
     if not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
 
@@ -47,7 +49,8 @@ def statsq_scale(w: jax.Array, out_axis: int = -1) -> jax.Array:
 
 def _u(w, bits, out_axis):
     s = jax.lax.stop_gradient(jnp.maximum(statsq_scale(w, out_axis), 1e-12))
-    n = float(2 ** (bits - 1))
+    n = (jnp.left_shift(1, bits - 1).astype(jnp.float32) if isinstance(bits, jax.core.Tracer)  # traced bits
+         else float(2 ** (bits - 1)))
     c = jnp.clip(w.astype(jnp.float32) / s, -1.0, 1.0 - 1e-6)
     return n * c - 0.5, s, n
 

@@ -169,23 +169,30 @@ def test_qat_wrapper_rules_and_gradients(vit):
                                  (r"kernel$", qat.FakeQuantW(quant.IntFormat(4)))),
                         activations=((r"mlp/fc1", qat.DynamicActQ(8)), (r"mlp/fc2", qat.LSQActQ(8)),
                                      (r"attn/out", qat.StaticActQ(8))))
-    qv = qat.qat_init(cfg, m, params, x)
+    qv = qat.qat_init(cfg, m, params, x[:4])  # the shape of the calibration batches: one compiled recording pass
     assert set(k for k in qv["quant"] if k.startswith("a:")) == {"a:block_0/mlp/fc2", "a:block_1/mlp/fc2"}
     calib = qat.qat_calibrate(cfg, m, params, [x[:4], x[4:]])
     assert set(calib) == {"block_0/attn/out", "block_1/attn/out"}
-    apply = jax.jit(qat.qat_apply(cfg, m, calib))
-    y = apply(qv, x)
+    apply = qat.qat_apply(cfg, m, calib)
+
+    @jax.jit  # one compiled program: forward, gradients, the quantized weights and the reference round trip
+    def run(qv):
+        def loss(qv):
+            y = apply(qv, x)
+            return jnp.mean(y ** 2), y
+
+        (_, y), grads = jax.value_and_grad(loss, has_aux=True)(qv)
+        qparams = qat.quantize_weights(cfg, qv["params"], qv["quant"])
+        return y, grads, qparams, quant.round_trip(qv["params"]["block_0"]["mlp"]["fc1"]["kernel"], quant.IntFormat(4))
+
+    y, grads, qparams, fc1_ref = run(qv)
     assert y.shape == (8, 10) and np.all(np.isfinite(np.asarray(y)))
     # weights the rules keep in float are untouched: the quantized params equal the latent ones there
-    qparams = qat.quantize_weights(cfg, params, qv["quant"])
     np.testing.assert_array_equal(np.asarray(qparams["head"]["kernel"]), np.asarray(params["head"]["kernel"]))
-    fc1 = np.asarray(qparams["block_0"]["mlp"]["fc1"]["kernel"])
-    np.testing.assert_array_equal(fc1, np.asarray(quant.round_trip(params["block_0"]["mlp"]["fc1"]["kernel"],
-                                                                  quant.IntFormat(4))))
-    grads = jax.grad(lambda qv: jnp.mean(apply(qv, x) ** 2))(qv)
+    np.testing.assert_array_equal(np.asarray(qparams["block_0"]["mlp"]["fc1"]["kernel"]), np.asarray(fc1_ref))
     for k, v in grads["quant"].items():
         assert np.all(np.isfinite(np.asarray(v["step"]))) and float(jnp.abs(v["step"]).sum()) > 0, k
-    lv = qat.weight_levels(cfg, qv)
+    lv = jax.eval_shape(lambda qv: qat.weight_levels(cfg, qv), qv)  # which leaves: no values needed
     assert "block_0/attn/query/kernel" in lv and "head/kernel" not in lv
     with pytest.raises(ValueError, match="quantizer"):
         qat.QATConfig(weights=((r"kernel", 4),))
@@ -242,3 +249,27 @@ def test_cga_reduces_oscillations_in_annealing_phase():
     plain, cga = int(jax.jit(lambda: run(False))()), int(jax.jit(lambda: run(True))())
     assert plain > 1000  # 2-bit latent weights keep flipping around decision thresholds
     assert cga < 0.95 * plain
+
+
+def test_traced_bits_equal_static_bits():
+    """``bits`` as a traced int32 (one compiled QAT step for every bit-width, as colabs/qat.py uses it) gives the
+    static-bits LSQ / StatsQ / CGA results: same levels and values, LSQ step gradients within float rounding
+    (``rsqrt`` vs ``1 / sqrt``)."""
+    w = jax.random.normal(jax.random.key(8), (32, 8))
+    step = lsq.lsq_init(w, 3).step
+
+    def f(w, step, bits):
+        fq = lambda s: lsq.lsq_fake_quant(w, s, bits).sum()
+        return (lsq.lsq_fake_quant(w, step, bits), jax.grad(fq)(step), lsq.lsq_levels(w, step, bits),
+                statsq.statsq_fake_quant(w, bits), statsq.statsq_levels(w, bits),
+                statsq.statsq_unconfident(w, bits, 0.05))
+
+    traced = jax.jit(f)
+    for bits in (2, 3, 4):
+        ref = jax.jit(lambda w, s: f(w, s, bits))(w, step)
+        out = traced(w, step, jnp.int32(bits))
+        for i, (a, b) in enumerate(zip(out, ref)):
+            if i == 1:
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+            else:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"output {i}, bits {bits}")
