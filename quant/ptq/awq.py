@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import awq_grid, awq_pseudo_quantize, check_bits, group_view, pbar, quantize_codes
+from ..intgrid import absmax_scale
+from ._common import AWQ_MIN_RANGE, awq_grid, awq_pseudo_quantize, check_bits, group_view, pbar, quantize_codes
 from .blocks import get_sub, set_kernels, set_sub
 from .gptq import layer_error
 
@@ -131,7 +132,9 @@ def awq_codes(w_oi, bits: int, group_size: int, sym: bool):
     g = group_view(w_oi, group_size)
     if sym:
         qmax = 2 ** (bits - 1) - 1
-        scale = jnp.maximum(jnp.abs(g).max(-1), 1e-5) / qmax
+        # the scale of awq_pseudo_quantize itself (an IEEE quotient): an eager ``/ qmax`` may become ``* (1/qmax)``
+        # and differ by one ulp on some CPUs, and the stored codes would no longer give the record's weight
+        scale = absmax_scale(jnp.abs(g).max(-1), bits, min_amax=AWQ_MIN_RANGE)
         q = jnp.clip(jnp.round(g / scale[..., None]), -qmax - 1, qmax) + (qmax + 1)
         return q.reshape(w_oi.shape).astype(jnp.uint8), scale, None
     scale, zero = awq_grid(w_oi, bits, group_size)
