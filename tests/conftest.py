@@ -5,9 +5,27 @@ On a GPU/TPU runner the flag only affects the host platform; tests use ``jax.dev
 
 import os
 
+import importlib.util
+
 _flag = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+
+def _cpu_only() -> bool:
+    """No accelerator plugin is installed, or JAX is told to use the CPU: the tests then run on XLA:CPU."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return True
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu",
+               "jax_plugins")
+    return not any(importlib.util.find_spec(p) for p in plugins)
+
+
+# On XLA:CPU the suite is compile-bound (tiny models, hundreds of distinct programs): LLVM's backend optimization
+# level 0 cuts its CPU time by a fifth to a third. It changes code generation only, not the HLO or its float
+# semantics (every exact test passes with it). GPU/TPU runners keep the default, so their kernels stay optimized.
+if _cpu_only() and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
