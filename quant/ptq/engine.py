@@ -327,10 +327,10 @@ def _flexround_layer(w, stats, config):
 
 
 def _format_layer(w, stats, fmt):
-    from quant.qarray import dequantize, quantize
+    from .rtn import format_round_trip
 
-    qa = quantize(w, fmt)
-    return {"weight": dequantize(qa), "format": fmt, "bits": int(fmt.bits),
+    qa, w_hat = format_round_trip(w, fmt)
+    return {"weight": w_hat, "format": fmt, "bits": int(fmt.bits),
             "group_size": getattr(fmt, "group_size", None), "packed": qa}
 
 

@@ -256,3 +256,26 @@ def test_sharded_equals_single_device(mesh_2d):
                                   np.asarray(gptq_quantize_weight(w, H, cfg)["weight"]))
     np.testing.assert_array_equal(np.asarray(rtn_quantize_weight(ws, None, RTNConfig(3, 16))["weight"]),
                                   np.asarray(rtn_quantize_weight(w, None, RTNConfig(3, 16))["weight"]))
+
+
+def test_rtn_format_compiles_once_per_shape_and_format():
+    """rtn_format / the engine's "format" quantizer ran quant.qarray's quantize/dequantize op by op: every eager op
+    compiled and cached its own program for every layer shape (an RSS and CPU cost that grew with the number of
+    ops x shapes). Now one jitted round trip per (shape, dtype, format), equal bit for bit to the eager one."""
+    import importlib
+
+    from quant.formats import FloatFormat, round_trip
+
+    rtn_mod = importlib.import_module("quant.ptq.rtn")  # (quant.ptq.rtn is also the rtn function)
+
+    rng = np.random.default_rng(7)
+    fmt = FloatFormat("e4m3", granularity="channel")
+    shapes = [(40, 24), (24, 40)]
+    params = {f"l{i}": {"kernel": jnp.asarray(rng.standard_normal(shapes[i % 2]).astype(np.float32))}
+              for i in range(6)}
+    before = rtn_mod._format_round_trip_jit._cache_size()
+    q, rep = rtn_format(params, fmt)
+    assert rtn_mod._format_round_trip_jit._cache_size() - before == len(shapes)  # not one per layer or per op
+    for k, v in params.items():
+        np.testing.assert_array_equal(np.asarray(q[k]["kernel"]), np.asarray(round_trip(v["kernel"], fmt)))
+        assert rep["layers"][f"{k}/kernel"]["packed"].fmt == fmt
