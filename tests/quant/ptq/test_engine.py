@@ -105,10 +105,14 @@ METHODS = {
         p, bm, b, CodebookConfig(bits=3, dim=1, group_rows=16, group_cols=16, kmeans_iters=2, error_feedback=False,
                                  layer_rounds=0, block_rounds=1, block_steps=1, remap=False), progress=False),
 }
-# every method on the GPT and the Llama (GQA, untied head); GPT-2's fused q|k|v with RSQ (its attention slices of
-# c_attn; AWQ's fold into a LayerNorm is the GPT's); Mistral's sliding-window masks are covered by the forward
-# test (a block walk applies the same block_kwargs)
-CASES = [(n, m) for n in ("gpt", "llama") for m in METHODS] + [("gpt2", "rsq")]
+# every method on the GPT; on the Llama (GQA, untied head) the methods that run model-specific code: AWQ (its
+# awq_groups: norm folds and the v->o / up->down prev-linear folds under GQA) and RSQ (its attention_fn over GQA
+# heads). The other layer quantizers (RTN, GPTQ, FlexRound, ZeroQuant-FP, mixed precision, codebook) only see
+# (kernel, Hessian) pairs from the same block walk, which the Llama AWQ/RSQ cases, the forward test and the Hessian
+# streaming test already run; on the Llama they would repeat the GPT's code path with other shapes (and compiles).
+# GPT-2's fused q|k|v with RSQ (its attention slices of c_attn; AWQ's fold into a LayerNorm is the GPT's);
+# Mistral's sliding-window masks are covered by the forward test (a block walk applies the same block_kwargs)
+CASES = [("gpt", m) for m in METHODS] + [("llama", "awq"), ("llama", "rsq"), ("gpt2", "rsq")]
 
 
 @pytest.mark.slow
