@@ -57,6 +57,11 @@ def _combine(base_leaves, tv_leaves, coeffs, granularity, clamp):
     return out
 
 
+# one compiled program each (cached by shapes) instead of one per leaf op, or one per call of a fresh lambda
+_combine_jit = jax.jit(_combine, static_argnums=(3, 4))
+_task_vectors = jax.jit(lambda ms, b: [[m - x for m, x in zip(mm, b)] for mm in ms])
+
+
 def merge_with_coefficients(base: PyTree, models: Sequence[PyTree], coefficients, *,
                             granularity: str = "layer", clamp=None) -> PyTree:
     """``θ_0 + Σ_k λ_k (θ_k − θ_0)``: ``coefficients`` is ``[K]`` (task-wise) or ``[K, n_leaves]`` (layer-wise, in
@@ -106,8 +111,7 @@ def learn_coefficients(base: PyTree, models: Sequence[PyTree], objective: Callab
     fb = flatten(base)
     keys = list(fb)
     base_leaves = list(fb.values())
-    tvs = jax.jit(lambda ms, b: [[m - x for m, x in zip(mm, b)] for mm in ms])(
-        [list(flatten(m).values()) for m in models], base_leaves)
+    tvs = _task_vectors([list(flatten(m).values()) for m in models], base_leaves)
     K, L = len(models), len(keys)
     coeffs = jnp.full((K,) if granularity == "task" else (K, L), init, jnp.float32)
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)
@@ -129,7 +133,7 @@ def learn_coefficients(base: PyTree, models: Sequence[PyTree], objective: Callab
         bs = [next(s) for s in streams]
         coeffs, opt_state, loss = step(coeffs, opt_state, base_leaves, tvs, bs)
         losses.append(float(loss))
-    final = _combine(base_leaves, tvs, coeffs, granularity, clamp)
+    final = _combine_jit(base_leaves, tvs, coeffs, granularity, None if clamp is None else tuple(clamp))
     used = coeffs if clamp is None else jnp.clip(coeffs, *clamp)
     used = np.asarray(used)
     coef = {"*": used} if granularity == "task" else {k: used[:, i] for i, k in enumerate(keys)}

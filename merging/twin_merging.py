@@ -20,6 +20,7 @@ module path whose input is the router's feature); :func:`twin_apply` runs the ro
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -63,11 +64,16 @@ def compress_svd(delta: PyTree, rank: int) -> dict[str, Any]:
         if np.ndim(v) < 2:
             out[k] = v
             continue
-        m = jnp.asarray(v, jnp.float32).reshape(-1, v.shape[-1])
-        U, S, Vt = jnp.linalg.svd(m, full_matrices=False)
-        r = min(rank, S.shape[0])
-        out[k] = (U[:, :r] * S[:r], Vt[:r])
+        out[k] = _low_rank(jnp.asarray(v, jnp.float32).reshape(-1, v.shape[-1]), rank)
     return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _low_rank(m, rank):
+    """``(U_r S_r, V_rᵀ)`` of the matrix ``m`` (one compiled program per shape and rank, not one per op)."""
+    U, S, Vt = jnp.linalg.svd(m, full_matrices=False)
+    r = min(rank, S.shape[0])
+    return U[:, :r] * S[:r], Vt[:r]
 
 
 def decompress(compressed: dict[str, Any], like: PyTree) -> PyTree:
@@ -91,19 +97,33 @@ def _features(apply_fn, params, x, layer):
     return h.reshape(h.shape[0], -1).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _router_weights(apply_fn, num_tasks, hidden, layer, shared, router, x):
+    h = _features(apply_fn, shared, x, layer)
+    return jax.nn.softmax(Router(num_tasks, hidden).apply({"params": router}, h), -1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _twin_apply(apply_fn, num_tasks, hidden, layer, shared, router, exclusive, x):
+    w = _router_weights(apply_fn, num_tasks, hidden, layer, shared, router, x)
+    dense = [decompress(e, shared) for e in exclusive]
+    return jax.vmap(lambda wb, xb: apply_fn(twin_params(shared, dense, wb), xb[None])[0])(w, x)
+
+
 def router_weights(apply_fn: Callable, twin: MergeResult, x: jax.Array) -> jax.Array:
-    """``softmax(router(h_s(x)))``, ``[B, K]``, for a :func:`twin_merging` result."""
+    """``softmax(router(h_s(x)))``, ``[B, K]``, for a :func:`twin_merging` result (one jitted program per
+    ``apply_fn``, result layout and input shape)."""
     info = twin.info
-    h = _features(apply_fn, twin.params, x, info["feature_layer"])
-    return jax.nn.softmax(Router(info["num_tasks"], info["hidden"]).apply({"params": info["router"]}, h), -1)
+    return _router_weights(apply_fn, info["num_tasks"], info["hidden"], info["feature_layer"], twin.params,
+                           info["router"], x)
 
 
 def twin_apply(apply_fn: Callable, twin: MergeResult, x: jax.Array) -> jax.Array:
     """Per-example routed inference of a :func:`twin_merging` result: example ``b`` runs with
-    ``θ_s + Σ_k w_k(x_b) δ̂_k``."""
-    w = router_weights(apply_fn, twin, x)
-    dense = [decompress(e, twin.params) for e in twin.info["exclusive"]]
-    return jax.vmap(lambda wb, xb: apply_fn(twin_params(twin.params, dense, wb), xb[None])[0])(w, x)
+    ``θ_s + Σ_k w_k(x_b) δ̂_k`` (one jitted program, as :func:`router_weights`)."""
+    info = twin.info
+    return _twin_apply(apply_fn, info["num_tasks"], info["hidden"], info["feature_layer"], twin.params,
+                       info["router"], info["exclusive"], x)
 
 
 def twin_merging(base: PyTree | None, models: Sequence[PyTree], apply_fn: Callable,
@@ -136,7 +156,7 @@ def twin_merging(base: PyTree | None, models: Sequence[PyTree], apply_fn: Callab
     T = jnp.concatenate([jnp.full((x.shape[0],), k, jnp.int32) for k, bs in enumerate(xs) for x in bs])
     router = Router(K, hidden)
     key = jax.random.key(0) if key is None else key
-    rp = router.init(key, H[:1])["params"]
+    rp = jax.jit(router.init)(key, H[:1])["params"]  # one program, not op by op
     tx = optax.adam(learning_rate)
     st = tx.init(rp)
 

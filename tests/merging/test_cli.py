@@ -242,49 +242,73 @@ def test_nan_in_an_input_aborts_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
 
 
+def _python_m_merging(argv, monkeypatch, capsys):
+    """``python -m merging ARGV`` in this process (runpy runs merging/__main__.py as ``__main__``, exactly as the
+    interpreter does, minus the interpreter start and the JAX import): (exit status, stdout, stderr)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["merging", *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("merging", run_name="__main__", alter_sys=True)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
 @pytest.mark.slow
-def test_command_line_dry_run_and_run(tmp_path):
+def test_command_line_dry_run_and_run(tmp_path, monkeypatch, capsys):
+    """The real run goes through a child ``python -m merging`` (the installed entry point end to end); the dry run
+    and the refusal run the same ``__main__`` module in process (see _python_m_merging): each child costs a JAX
+    import and a compile."""
     _write_family(tmp_path)
     import yaml
 
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg("ties", normalize=True)))
     env = dict(os.environ, WEIGHTLAB_NO_PROGRESS="1")
-    cmd = [sys.executable, "-m", "merging", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]
-    r = subprocess.run(cmd + ["--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "would merge 4 tensors with ties" in r.stdout and not (tmp_path / "out").exists()
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    args = [str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]
+    monkeypatch.setenv("WEIGHTLAB_NO_PROGRESS", "1")
+    code, out, err = _python_m_merging(args + ["--dry-run"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "would merge 4 tensors with ties" in out and not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, "-m", "merging", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "model.safetensors").exists()
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)  # exists: refuse
-    assert r.returncode == 2 and "already exists" in r.stderr
+    code, out, err = _python_m_merging(args, monkeypatch, capsys)  # exists: refuse
+    assert code == 2 and "already exists" in err
 
 
-def _stream_growth(d: Path, n_tensors: int, n_models: int = 4, shape=(256, 1024)) -> int:
+def _stream_growth(d: Path, sizes: dict[str, int], n_models: int = 4, shape=(256, 1024)) -> dict[str, int]:
+    """Write ``n_models`` checkpoints of ``sizes[prefix]`` tensors per prefix, then TIES-merge each prefix in one
+    child process (in the order given, after a warm-up merge) and return the peak RSS growth of each merge. The
+    tensors cycle through a pool of 16 random ones (the values do not matter for memory; distinct per model at each
+    name), which saves drawing 400 MiB of normals."""
     rng = np.random.default_rng(0)
+    pool = [rng.standard_normal(shape, dtype=np.float32) for _ in range(16)]
     d.mkdir()
-    for prefix, count in (("m", n_tensors), ("warm", 1)):
+    for prefix, count in list(sizes.items()) + [("warm", 1)]:
         for i in range(n_models):
             specs = {f"t{j}": jax.ShapeDtypeStruct(shape, np.float32) for j in range(count)}
             with SafetensorsWriter(d / f"{prefix}{i}.safetensors", specs) as w:
                 for j in range(count):
-                    w.write(f"t{j}", rng.standard_normal(shape, dtype=np.float32))
-    r = subprocess.run([sys.executable, str(Path(__file__).with_name("_stream_child.py")), str(d), str(n_models)],
-                       capture_output=True, text=True, env=dict(os.environ, WEIGHTLAB_NO_PROGRESS="1"))
+                    w.write(f"t{j}", pool[(j + 5 * i) % 16])
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("_stream_child.py")), str(d), str(n_models),
+                        *sizes], capture_output=True, text=True, env=dict(os.environ, WEIGHTLAB_NO_PROGRESS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_growth"]
 
 
 @pytest.mark.slow
 def test_streaming_peak_memory_does_not_grow_with_the_model(tmp_path):
-    """TIES-merge 4 checkpoints of 4 and of 96 tensors of 1 MiB (16 MiB vs 384 MiB in) in child processes and
-    compare the growth of peak RSS (VmHWM reset after a warm-up merge). Streaming keeps one tensor per model plus
-    the merge's float32 temporaries (sparsified deltas, masks, histograms: a few tens of MiB here) resident, and
-    that working set does not depend on the number of tensors; a non-streaming merge would add >= 368 MiB (the
-    extra inputs) + 92 MiB (the extra output). Bound: the 24x larger merge grows the peak by less than 15% of its
-    extra input bytes (55 MiB); measured: ~24 MiB vs ~40 MiB growth (2 CPU test machine)."""
-    small = _stream_growth(tmp_path / "small", 4)
-    large = _stream_growth(tmp_path / "large", 96)
+    """TIES-merge 4 checkpoints of 96 and of 4 tensors of 1 MiB (384 MiB vs 16 MiB in) in a child process and
+    compare the growth of peak RSS (VmHWM reset after a warm-up merge, and again before each merge). Streaming keeps
+    one tensor per model plus the merge's float32 temporaries (sparsified deltas, masks, histograms: a few tens of
+    MiB here) resident, and that working set does not depend on the number of tensors; a non-streaming merge would
+    add >= 368 MiB (the extra inputs) + 92 MiB (the extra output). Bound: the 24x larger merge grows the peak by
+    less than 15% of its extra input bytes (55 MiB); measured: ~20 MiB vs ~21-24 MiB growth (2 CPU test machine).
+    The large merge runs first (as in a fresh process after the warm-up); the small one after it can only reuse
+    freed memory, so its growth is if anything smaller and large - small if anything larger (conservative)."""
+    growth = _stream_growth(tmp_path / "ckpt", {"large": 96, "small": 4})
+    small, large = growth["small"], growth["large"]
     mib = 2 ** 20
     print(f"peak RSS growth: {small / mib:.1f} MiB (16 MiB of checkpoints), {large / mib:.1f} MiB (384 MiB)")
     assert large - small < 0.15 * 368 * mib, (small / mib, large / mib)
