@@ -19,7 +19,7 @@ weights get zero update (gradient and weight decay both, as the reference restor
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -33,7 +33,7 @@ def adapter_rules(adapters: Any, params: Any, rules, mesh: Mesh) -> list[tuple[s
         spec = tuple(spec_for(f"{m}/{wname}", shape, rules, mesh))
         spec = spec + (None,) * (len(shape) - len(spec))
         nb = leaves["lora_B"].ndim - 2
-        lead, p_in, p_out = spec[:nb], spec[-2], spec[-1]
+        lead, p_out = spec[:nb], spec[-1]
         a_nd = leaves["lora_A"].ndim
         out.append((f"^{re.escape(m)}/lora_A$", P(*spec[:a_nd - 1], None)))
         out.append((f"^{re.escape(m)}/lora_B$", P(*lead, None, p_out)))

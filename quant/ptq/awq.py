@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..intgrid import absmax_scale
-from ._common import AWQ_MIN_RANGE, awq_grid, awq_pseudo_quantize, check_bits, group_view, pbar, quantize_codes
+from ._common import AWQ_MIN_RANGE, awq_grid, awq_pseudo_quantize, check_bits, group_view, quantize_codes
 from .blocks import get_sub, set_kernels, set_sub
 from .gptq import layer_error
 

@@ -88,7 +88,6 @@ import numpy as np
 
 from quant.packing import packed_last_dim
 
-from ._common import pbar
 from .codebook_finetune import _block_finetune, _layer_finetune, _layer_loss
 from .codebook_kmeans import _kmeans, assign, kmeans, kmeans_step, weighted_distances
 from .codebook_storage import (_HI, CodebookWeight, Layout, _argmin_quadratic, _codes_from_points, _f16, _to_points,

@@ -49,7 +49,7 @@ from jaxmodels.progress import progress_bar
 from .awq_format import check_awq, pack_awq, unpack_awq
 from .fp8_format import fp8_scheme, pack_fp8, unpack_fp8
 from .gptq_format import check_gptq, pack_gptq, unpack_gptq
-from .records import FPCodes, IntCodes, fp_codes, int_codes
+from .records import FPCodes, fp_codes, int_codes
 
 __all__ = ["FORMATS", "export_hf", "load_hf_quantized", "hf_module_names", "to_quantized_linear"]
 
