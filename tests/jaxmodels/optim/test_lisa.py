@@ -229,18 +229,21 @@ def train_decoder(tx, steps=300, batch=256, C=8, seed=0):
 @pytest.mark.slow
 def test_paper_claim_lisa_close_to_adamw_on_small_decoder():
     """Pan et al.: sampling gamma=2 of L=8 layers per period reaches a loss close to full AdamW. Character-level
-    decoder on scikit-learn's dataset descriptions (real English, 43 kB), 300 steps. Measured held-out loss (CPU):
-    AdamW 2.33, LISA 2.49 (+7%), middle layers frozen (embeddings + head only) 2.69: with a quarter of the layer
-    updates per step LISA recovers more than half of what training the middle layers buys. (500 steps: AdamW 2.18,
-    LISA 2.35.) Asserted with margin for other backends: within 10% of AdamW and > 40% of the gap recovered."""
-    sched = optax.cosine_decay_schedule(3e-3, 300)
-    full = train_decoder(optax.adamw(sched, weight_decay=1e-4))
-    sampled = train_decoder(lisa(sched, gamma=2, interval=20, weight_decay=1e-4))
+    decoder on scikit-learn's dataset descriptions (real English, 43 kB), 200 steps of batch 128. Measured held-out
+    loss (CPU, data seeds 0/1/2): AdamW 2.601/2.579/2.593, LISA 2.745/2.716/2.739 (+5.5/5.3/5.6%), middle layers
+    frozen (embeddings + head only) 2.916/2.908/2.918: LISA recovers 54/59/55% of what training the middle layers
+    buys with a quarter of the layer updates per step. (300 steps of batch 256, seed 0: AdamW 2.33, LISA 2.49,
+    frozen 2.69; 500 steps: AdamW 2.18, LISA 2.35.) Asserted with margin for other backends: within 10% of AdamW and
+    > 40% of the gap recovered."""
+    steps, batch = 200, 128
+    sched = optax.cosine_decay_schedule(3e-3, steps)
+    full = train_decoder(optax.adamw(sched, weight_decay=1e-4), steps, batch)
+    sampled = train_decoder(lisa(sched, gamma=2, interval=20, weight_decay=1e-4), steps, batch)
     frozen = train_decoder(optax.chain(optax.masked(optax.adamw(sched, weight_decay=1e-4),
                                                     lambda t: jax.tree_util.tree_map_with_path(
                                                         lambda p, _: "layers" not in str(p), t)),
                                        optax.masked(optax.set_to_zero(), lambda t: jax.tree_util.tree_map_with_path(
-                                           lambda p, _: "layers" in str(p), t))))
+                                           lambda p, _: "layers" in str(p), t))), steps, batch)
     print(f"held-out loss: AdamW {full:.3f}  LISA {sampled:.3f}  frozen middle {frozen:.3f}")
     assert sampled < 1.10 * full
     assert sampled < frozen - 0.4 * (frozen - full)
