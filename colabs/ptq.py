@@ -45,9 +45,20 @@ import matplotlib.pyplot as plt
 
 from jaxmodels.io import save_safetensors
 from jaxmodels.models.bert import load_minilm
-from quant.ptq.evaluate import embed_batches, embed_quantized, embedding_metrics, format_table, ptq_table, run_method
+from quant.ptq.evaluate import (
+    embed_batches,
+    embed_quantized,
+    embedding_metrics,
+    format_table,
+    ptq_table,
+    run_method,
+)
 from quant.ptq.export import load_quantized, materialize, quantized_tree, save_quantized
-from quant.ptq.minilm import bert_block_model, calibration_sentences, evaluation_sentences
+from quant.ptq.minilm import (
+    bert_block_model,
+    calibration_sentences,
+    evaluation_sentences,
+)
 
 QUICK = "--quick" in sys.argv
 N_CAL, N_EVAL, MAX_LEN = (32, 48, 32) if QUICK else (128, 256, 128)
