@@ -53,8 +53,8 @@ def mesh_2d():
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Run the slowest test modules first, so that ``pytest -n 3`` (xdist, as ``make test``) does not end on one worker alone with a
-    two-minute colab while the other idles.
+    """Run the slowest test modules first, so that ``pytest -n 3`` (xdist, as ``make test``) does not end on one
+    worker alone with a two-minute colab while the others idle.
 
     A module's weight is the sum of the durations recorded in ``tests/durations.json`` (seconds per test node id,
     from a ``--durations`` report; unknown tests count 0 and keep their place after the known ones). Modules stay
