@@ -10,6 +10,9 @@ import importlib.util
 # NumPy/SciPy's OpenBLAS threads spin while waiting: with 2 xdist workers on 2 cores they burn the other worker's
 # core (a 384x384 SVD: 0.45 CPU-s, 0.02 with one thread). The references' small matrices need no BLAS threads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# ``make test`` runs several xdist workers: on a GPU runner each would otherwise preallocate 75% of the device's
+# memory at start-up and the second one would fail; allocate on demand so the workers share the accelerator.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 _flag = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
