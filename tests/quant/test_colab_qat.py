@@ -9,7 +9,7 @@ from tests.colab_runner import run_colab
 
 @pytest.mark.slow
 def test_colab_qat_quick():
-    out = run_colab("qat")
+    out = run_colab("qat", optimized=True)
     fp = float(re.search(r"\| ViT fp32 accuracy \| ([0-9.]+) \|", out).group(1))
     assert fp > 0.85  # a 2-block ViT reaches ~0.93 on digits in the quick budget
     for bits in (4, 3, 2):

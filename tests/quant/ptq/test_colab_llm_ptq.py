@@ -18,7 +18,7 @@ def _parse(out):
 
 @pytest.mark.slow
 def test_colab_llm_ptq_quick_orderings():
-    out = run_colab("llm_ptq", timeout=1200)
+    out = run_colab("llm_ptq", timeout=1200, optimized=True)
     rows = _parse(out)
     assert rows, out[-2000:]
     fp16 = rows[("-", "fp16")][0]

@@ -1,7 +1,6 @@
 """Runs colabs/ptq.py --quick on the real all-MiniLM-L6-v2 and asserts the paper orderings on its table, each
 against a control that stores no fewer bits per weight (the table's ``bpw``: real packed bytes)."""
 
-import os
 import re
 
 import pytest
@@ -17,13 +16,8 @@ def _parse(out):
 
 
 @pytest.mark.slow
-def test_colab_ptq_quick_orderings(monkeypatch):
-    # the colab is run-bound, not compile-bound (AWQ's scale/clip grid searches, GPTQ's column loops): XLA's default
-    # backend optimization level, not the suite's level 0 from tests/conftest.py, cuts its CPU time by about a
-    # quarter (measured 200 -> 145 CPU-s); it changes code generation only, not the HLO or its float semantics
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    monkeypatch.setenv("XLA_FLAGS", " ".join(f for f in flags if not f.startswith("--xla_backend_optimization_level")))
-    out = run_colab("ptq", timeout=1800)
+def test_colab_ptq_quick_orderings():
+    out = run_colab("ptq", timeout=1800, optimized=True)  # run-bound (see run_colab)
     rows = _parse(out)
     assert rows, out[-2000:]
     for st in ("W4 g128", "W3 g128"):
