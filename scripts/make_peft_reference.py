@@ -4,6 +4,7 @@ tests/merging/test_lora_merge.py).
 Run with the throwaway environment (never a project dependency)::
 
     /tmp/mkenv/bin/python scripts/make_peft_reference.py            # writes tests/data/peft/
+    /tmp/mkenv/bin/python scripts/make_peft_reference.py --extra    # adds the GPT-2 / embedding-DoRA fixtures
     /tmp/mkenv/bin/python scripts/make_peft_reference.py --check    # loads OUR saved adapters in PEFT
 
 Versions used: torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2 (also written to tests/data/peft/VERSIONS.json).
@@ -19,7 +20,15 @@ Generate mode (torch seed 0, float32, eager attention):
   ties / magnitude_prune; dare_* at density 1.0 because torch's Bernoulli mask cannot be reproduced; svd rank 3),
   keys ``<combination>/<hf module>/lora_A`` ([r, in], torch layout) and ``.../lora_B`` ([out, r]).
 
-Check mode: for ``ours_lora/`` and ``ours_dora/`` (written by ``jaxmodels.adapters.save_adapter`` in the test
+Extra mode (``--extra``; adds fixtures, rewrites none of the above):
+- ``gpt2_lora/``: LoRA (r=4, lora_alpha=8) on the tiny random GPT-2 of ``tests/data/hf/gpt2`` (Conv1D c_attn,
+  c_proj, c_fc: PEFT's ``fan_in_fan_out=True``) and on its tied ``wte``; ``logits.npy`` is PEFT's unmerged forward,
+  ``logits_merged.npy`` the forward after ``merge_and_unload`` (they differ: PEFT's unmerged forward adds the
+  embedding delta to the lookup only, not to the tied head; merged, the head sees it too).
+- ``gpt2_dora/``: DoRA (r=4, lora_alpha=8) on c_attn, c_fc, the attention c_proj and ``wpe`` (an untied embedding).
+- ``dora_embed/``: DoRA (r=4, lora_alpha=8) on the tiny Llama's ``embed_tokens``, ``v_proj`` and untied ``lm_head``.
+
+Check mode: for ``ours_lora/``, ``ours_dora/`` and ``ours_gpt2_dora/`` (written by ``jaxmodels.adapters.save_adapter`` in the test
 ``test_peft.py::test_write_ours`` with ``WEIGHTLAB_WRITE_PEFT_FIXTURES=1``), load the base and the adapter with
 ``PeftModel.from_pretrained`` and compare its logits with the ``logits.npy`` our forward wrote there; the result
 (max abs difference, pass) goes to ``tests/data/peft/peft_check.json``.
@@ -34,9 +43,10 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "peft"
+GPT2 = OUT.parent / "hf" / "gpt2"
 COMBINATIONS = ["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                 "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
 
@@ -103,11 +113,43 @@ def generate():
         {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}, indent=1))
 
 
+def gpt2_model():
+    return GPT2LMHeadModel.from_pretrained(GPT2, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def extra():
+    ids = np.load(OUT / "input_ids.npy")
+    gen = torch.Generator().manual_seed(2)
+    for name, make, base_path, kw in [
+        ("gpt2_lora", gpt2_model, GPT2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc", "wte"])),
+        ("gpt2_dora", gpt2_model, GPT2, dict(r=4, lora_alpha=8, use_dora=True,
+                                             target_modules=r".*(attn\.c_attn|attn\.c_proj|mlp\.c_fc|wpe)")),
+        ("dora_embed", base_model, OUT / "llama", dict(r=4, lora_alpha=8, use_dora=True,
+                                                       target_modules=["embed_tokens", "v_proj", "lm_head"])),
+    ]:
+        pm = get_peft_model(make(), LoraConfig(lora_dropout=0.0, **kw))
+        randomize(pm, gen, magnitude=kw.get("use_dora", False))
+        pm.eval()
+        pm.save_pretrained(OUT / name, save_embedding_layers=False)
+        (OUT / name / "README.md").unlink(missing_ok=True)
+        cfg_file = OUT / name / "adapter_config.json"
+        cfg_file.write_text(cfg_file.read_text().replace(str(base_path), _rel(base_path)))
+        np.save(OUT / name / "logits.npy", logits(pm, ids))
+        np.save(OUT / name / "logits_merged.npy", logits(pm.merge_and_unload(), ids))
+    (OUT / "VERSIONS.json").write_text(json.dumps(
+        {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}, indent=1))
+
+
+def _rel(path):
+    return str(Path(path).relative_to(OUT.parents[2]))
+
+
 def check():
     ids = np.load(OUT / "input_ids.npy")
     result = {}
-    for name in ("ours_lora", "ours_dora"):
-        pm = PeftModel.from_pretrained(base_model(), OUT / name).eval()
+    for name in ("ours_lora", "ours_dora", "ours_gpt2_dora"):
+        make = gpt2_model if "gpt2" in name else base_model
+        pm = PeftModel.from_pretrained(make(), OUT / name).eval()
         got = logits(pm, ids)
         want = np.load(OUT / name / "logits.npy")
         diff = float(np.abs(got - want).max())
@@ -119,4 +161,4 @@ def check():
 
 
 if __name__ == "__main__":
-    check() if "--check" in sys.argv else generate()
+    check() if "--check" in sys.argv else extra() if "--extra" in sys.argv else generate()

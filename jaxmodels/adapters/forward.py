@@ -5,10 +5,16 @@
 whose params hold ``lora_A`` / ``lora_B``:
 
     Dense / Conv:  y = base(x) + s · (drop(x) ⋆ A) B         (⋆: the base's matmul / conv geometry, r channels)
-    DoRA (Dense):  y = base(x) + (m / n − 1) · (drop(x) W) + (m / n) · s · (drop(x) A) B,
-                   n = stop_gradient(||W + s A B||_c)          (PEFT's DoraLinearLayer; base(x) includes the bias)
+    DoRA (Dense, Conv):  y = base(x) + (m / n − 1) · (drop(x) ⋆ W) + (m / n) · s · (drop(x) ⋆ A) B,
+                   n = stop_gradient(||W + s A B||_c)   (PEFT's DoraLinearLayer / _DoraConvNdLayer; base(x) has the bias)
     Embed:         y = E[ids] + s · A[ids] B;   attend(h) = h Eᵀ + s · (h Bᵀ) Aᵀ   (a tied head sees E + s A B,
                    so the unmerged forward equals the merged one)
+    DoRA (Embed):  y = (m / n) ⊙ (E[ids] + s · A[ids] B)  (PEFT's DoraEmbeddingLayer, n over the vocabulary);
+                   attend(h) = h' Eᵀ + s · (h' Bᵀ) Aᵀ with h' = h ⊙ m / n
+
+A tied head differs from PEFT's *unmerged* forward: PEFT adds an embedding adapter to the lookup only, so its tied
+``lm_head`` sees the base table until ``merge_and_unload``; here both forwards are PEFT's merged model (measured on
+GPT-2 in tests/jaxmodels/adapters/test_peft.py).
 
 Why an interceptor rather than ``W_eff = W + s A B`` before ``model.apply``: the adapter branch costs
 ``tokens · r · (in + out)`` FLOPs and reads only A and B, while materialising ``W_eff`` re-reads and re-writes
@@ -31,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.adapters.lora import LoraConfig, _merge_plan, column_norm, inject, scaling
+from jaxmodels.adapters.lora import LoraConfig, _merge_plan, column_norm, inject, lora_delta, scaling
 
 __all__ = ["lora_interceptor", "apply", "DROPOUT_RNG"]
 
@@ -100,22 +106,27 @@ def lora_interceptor(config: LoraConfig, materialize: Callable | None = None):
         lora = jnp.dot(xa, b, precision=getattr(module, "precision", None))
         if "lora_magnitude" not in p:
             return y + (s * lora).astype(y.dtype)
-        # DoRA (Dense only): the column norm of W + s A B, detached.
-        w32 = jnp.asarray(kernel, jnp.float32)
-        delta = jnp.dot(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
-        norm = jax.lax.stop_gradient(column_norm(w32 + s * jax.lax.stop_gradient(delta)))
-        mag = jnp.asarray(p["lora_magnitude"], jnp.float32)
-        ratio = mag / norm
-        if xd is x:  # no dropout: x W is the base output without its bias
+        # DoRA (Dense and Conv): m / ||W + s A B||_c, the norm detached.
+        ratio = _dora_ratio(kernel, a, b, s, p["lora_magnitude"])
+        if xd is x:  # no dropout: x ⋆ W is the base output without its bias
             base = y.astype(jnp.float32)
             if "bias" in p:
                 base = base - jnp.asarray(p["bias"], jnp.float32)
+        elif isinstance(module, nn.Conv):  # the dropped-out input through the base conv, no bias
+            base = module.clone(parent=None, use_bias=False, dtype=jnp.float32).apply(
+                {"params": {"kernel": jnp.asarray(kernel, jnp.float32)}}, xd.astype(jnp.float32))
         else:
-            base = jnp.dot(xd.astype(jnp.float32), w32)
+            base = jnp.dot(xd.astype(jnp.float32), jnp.asarray(kernel, jnp.float32), precision=module.precision)
         out = y.astype(jnp.float32) + (ratio - 1.0) * base + ratio * s * lora.astype(jnp.float32)
         return out.astype(y.dtype)
 
     return interceptor
+
+
+def _dora_ratio(w, a, b, s: float, magnitude) -> jax.Array:
+    """DoRA's per-column factor ``m / stop_gradient(||W + s A B||_c)`` in float32 (PEFT detaches the norm)."""
+    v = jnp.asarray(w, jnp.float32) + s * jax.lax.stop_gradient(lora_delta(a, b))
+    return jnp.asarray(magnitude, jnp.float32) / jax.lax.stop_gradient(column_norm(v))
 
 
 def _embed(module, method, next_fun, args, kwargs, config):
@@ -124,14 +135,24 @@ def _embed(module, method, next_fun, args, kwargs, config):
     p = module.variables["params"]
     if "lora_A" not in p:
         return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
     a, b = p["lora_A"], p["lora_B"]
     s = scaling(config, _module_name(module), int(a.shape[-1]))
     x = args[0] if args else kwargs.get("inputs", kwargs.get("query"))
+    ratio = _dora_ratio(p["embedding"], a, b, s, p["lora_magnitude"]) if "lora_magnitude" in p else None
     if method == "__call__":
+        y = next_fun(*args, **kwargs)
         lora = jnp.dot(jnp.take(a, x, axis=0), b)
-    else:  # attend: h (E + s A B)^T = h E^T + s (h B^T) A^T
-        lora = jnp.dot(jnp.dot(x.astype(b.dtype), b.T), a.T)
+        if ratio is None:
+            return y + (s * lora).astype(y.dtype)
+        # DoRA (PEFT's DoraEmbeddingLayer): (m / n) ⊙ (E[ids] + s A[ids] B), one factor per embedding dimension
+        return (ratio * (y.astype(jnp.float32) + s * lora.astype(jnp.float32))).astype(y.dtype)
+    # attend: h E_effᵀ with E_eff = (E + s A B) ⊙ r  (r = 1 for LoRA, m / n for DoRA) = h' Eᵀ + s (h' Bᵀ) Aᵀ,
+    # h' = h ⊙ r: the tied head sees the merged table
+    if ratio is not None:
+        x = (x.astype(jnp.float32) * ratio).astype(x.dtype)
+        args, kwargs = ((x, *args[1:]), kwargs) if args else ((), {**kwargs, "query": x})
+    y = next_fun(*args, **kwargs)
+    lora = jnp.dot(jnp.dot(x.astype(b.dtype), b.T), a.T)
     return y + (s * lora).astype(y.dtype)
 
 

@@ -21,6 +21,11 @@ DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), as PEFT 
     m = lora_magnitude [out],  initialised to ||W||_c;  the norm is treated as a constant (stop_gradient),
     as the paper's Sec. 4.3 and PEFT do.
 
+The same formula on every kind, as PEFT 0.21 has it: Dense ``||.||_c`` over ``in`` (PEFT's ``DoraLinearLayer``,
+``Conv1D`` included), Conv over ``(kh, kw, in)`` (``_DoraConvNdLayer``: PEFT stores the magnitude as
+``[1, out, 1, 1]``, here ``[out]``), Embed over the vocabulary axis, one magnitude per embedding dimension
+(``DoraEmbeddingLayer``: ``E_eff[v, d] = m[d] (E + s A B)[v, d] / ||(E + s A B)[:, d]||``).
+
 The adapter pytree mirrors the params' module structure with leaves ``lora_A``, ``lora_B`` (and ``lora_magnitude``
 for DoRA) where the targeted module's params are: for ``params["layer_0"]["attention"]["query"]["kernel"]`` the
 adapter is ``adapters["layer_0"]["attention"]["query"]["lora_A"]``. It is the only thing ``optax`` sees.
@@ -225,8 +230,6 @@ def init_lora(key: jax.Array, params: PyTree, config: LoraConfig, *, dtype: Any 
         shape = _shape(lv["embedding"] if kind == "embed" else lv["kernel"])
         plan.append((m, kind, nb, shape, config.rank_for(m)))
         if config.use_dora:
-            if kind != "dense":
-                raise ValueError(f"DoRA is implemented for Dense layers only; {m!r} is a {kind}")
             dora[m] = jnp.asarray(base_weight(lv, materialize))
     flat = _init_jit(key, dora, tuple(plan), config.init, np.dtype(dtype))
     return unflatten(flat)

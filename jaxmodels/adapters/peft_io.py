@@ -7,6 +7,7 @@ Tensor names (torch layout, ``<hf>`` the Hugging Face module path, e.g. ``model.
     base_model.model.<hf>.lora_magnitude_vector [out] = lora_magnitude  (DoRA)
     base_model.model.<hf>.lora_embedding_A [r, vocab] = lora_Aᵀ        (Embedding)
     base_model.model.<hf>.lora_embedding_B [d, r]     = lora_Bᵀ
+    base_model.model.<hf>.lora_magnitude_vector [d]   = lora_magnitude  (DoRA on an Embedding)
 
 so ``ΔW_torch [out, in] = s B_t A_t = (s A B)ᵀ``: the same delta in both libraries. Linen module paths map to
 Hugging Face module paths by per-family rules (:data:`NAME_MAPS`: ``llama`` (Llama / Mistral / Qwen2, paths of
@@ -146,13 +147,11 @@ def save_adapter(directory: str | os.PathLike, adapters: Any, config: LoraConfig
         hf_names.append(hf)
         key = PEFT_PREFIX + hf
         if re.search(fam["embed"], m):
-            if "lora_magnitude" in ad:
-                raise ValueError(f"save_adapter: DoRA on embedding {m!r} is not supported")
             tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = a.T, b.T
         else:
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a.T, b.T
-            if "lora_magnitude" in ad:
-                tensors[f"{key}.lora_magnitude_vector"] = np.asarray(ad["lora_magnitude"])
+        if "lora_magnitude" in ad:  # [out] (embedding: [d]), as PEFT's DoraLinearLayer / DoraEmbeddingLayer
+            tensors[f"{key}.lora_magnitude_vector"] = np.asarray(ad["lora_magnitude"])
         if a.shape[-1] != config.rank:
             rank_pattern[re.escape(hf)] = int(a.shape[-1])
         if config.alpha_for(m) != float(config.alpha):

@@ -1,5 +1,6 @@
 """jaxmodels.adapters core: the unmerged interceptor forward equals the merged forward on GPT (tied embedding
-LoRA, scanned layers, DoRA), ViT (conv patch embedding) and BERT; unmerge inverts merge up to one float rounding;
+LoRA, scanned layers, DoRA on Dense and on the tied embedding), ViT (conv patch embedding, LoRA and DoRA) and BERT;
+DoRA's merged Conv / Embed weights equal a NumPy transcription of PEFT 0.21's torch-layout formulas; unmerge inverts merge up to one float rounding;
 LoRA training under jaxmodels.train.make_train_step changes only the adapters, sharded == single device."""
 
 import functools
@@ -33,6 +34,10 @@ CASES = {
                                                         use_rslora=True)),
     "vit_conv": (ViT(patch_size=2, width=16, depth=1, num_heads=2, mlp_dim=32, num_classes=3), jnp.ones((2, 8, 8, 1)),
                  ad.LoraConfig(rank=2, target=r"(patch_embed|query)$")),
+    "gpt_dora_tied_embed": (GPT(**GPT_KW), TOK, ad.LoraConfig(rank=4, alpha=8, target=r"(embed|value)$",
+                                                            use_dora=True)),
+    "vit_dora_conv": (ViT(patch_size=2, width=16, depth=1, num_heads=2, mlp_dim=32, num_classes=3),
+                      jnp.ones((2, 8, 8, 1)), ad.LoraConfig(rank=2, target=r"(patch_embed|query)$", use_dora=True)),
     "bert": (BertEncoder(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=32, max_position_embeddings=16)), TOK,
              ad.LoraConfig(rank=2, target=r"(query|value|word_embeddings)$", rank_pattern={"value$": 3})),
@@ -84,6 +89,48 @@ def test_unmerged_equals_merged_and_unmerge(case):
         assert np.all(np.abs(w2 - w) <= ulps * np.spacing(np.maximum(np.abs(w), np.abs(wm)))), case
 
 
+def _np_dora_conv_torch(w, a, b, mag, s):
+    """PEFT's _DoraConvNdVariant.merge in torch layout: W_t [out, in, kh, kw], lora_A a conv [r, in, kh, kw],
+    lora_B a 1x1 conv [out, r, 1, 1]; delta = (B.view(-1, r) @ A.view(r, -1)).reshape(W_t.shape) * s,
+    n = ||W_t + delta|| over dims (1, 2, 3), W' = (m / n).view(-1, 1, 1, 1) * (W_t + delta)."""
+    w_t = w.transpose(3, 2, 0, 1).astype(np.float64)
+    a_t, b_t = a.transpose(3, 2, 0, 1).astype(np.float64), b.T.astype(np.float64)[:, :, None, None]
+    r = a_t.shape[0]
+    delta = (b_t.reshape(-1, r) @ a_t.reshape(r, -1)).reshape(w_t.shape) * s
+    n = np.sqrt(((w_t + delta) ** 2).sum(axis=(1, 2, 3)))
+    return ((mag / n).reshape(-1, 1, 1, 1) * (w_t + delta)).transpose(2, 3, 1, 0)  # back to [kh, kw, in, out]
+
+
+def _np_dora_embed_torch(e, a, b, mag, s):
+    """PEFT's DoraEmbeddingVariant.merge: E [vocab, d], lora_embedding_A [r, vocab], lora_embedding_B [d, r];
+    delta = (B @ A).T * s [vocab, d]; n = ||(E + delta).T|| over dim 1 ([d]); E' = (m / n).view(1, -1) * (E + delta)."""
+    e = e.astype(np.float64)
+    delta = (b.T.astype(np.float64) @ a.T.astype(np.float64)).T * s
+    n = np.linalg.norm((e + delta).T, axis=1)
+    return (mag / n)[None, :] * (e + delta)
+
+
+@pytest.mark.parametrize("case,module,leaf,ref", [
+    ("vit_dora_conv", "patch_embed", "kernel", _np_dora_conv_torch),
+    ("gpt_dora_tied_embed", "embed", "embedding", _np_dora_embed_torch),
+])
+def test_dora_conv_embed_merge_matches_peft_formula(case, module, leaf, ref):
+    model, x, cfg = CASES[case]
+    params = _params(model, x)
+    lora = ad.init_lora(jax.random.key(2), params, cfg)
+    w = np.asarray(params[module][leaf])
+    mag = np.asarray(lora[module]["lora_magnitude"])
+    axes = tuple(range(w.ndim - 1))
+    np.testing.assert_allclose(mag, np.sqrt((w.astype(np.float64) ** 2).sum(axis=axes)), rtol=1e-6)  # m0 = ||W||_c
+    assert mag.shape == (w.shape[-1],)
+    lora = _perturbed(params, cfg)
+    lora[module]["lora_magnitude"] = jnp.asarray(mag * np.linspace(0.8, 1.2, mag.size), jnp.float32)
+    got = np.asarray(ad.merge(params, lora, cfg)[module][leaf])
+    a, b = np.asarray(lora[module]["lora_A"]), np.asarray(lora[module]["lora_B"])
+    want = ref(w, a, b, np.asarray(lora[module]["lora_magnitude"], np.float64), ad.scaling(cfg, module, a.shape[-1]))
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)  # float32 merge against a float64 transcription
+
+
 def test_dropout_and_bad_input():
     model, x, cfg = CASES["gpt_tied_embed"]
     params = _params(model, x)
@@ -97,6 +144,13 @@ def test_dropout_and_bad_input():
     y0, y1 = both(params, lora, jax.random.key(3))
     _, y2 = both(params, lora, jax.random.key(4))
     assert float(jnp.abs(y0 - y1).max()) > 1e-4 and float(jnp.abs(y1 - y2).max()) > 1e-4  # dropout only with an rng
+    vit, img, cfg_v = CASES["vit_dora_conv"]  # DoRA on a conv with dropout: the dropped input through the base conv
+    cfg_v = ad.LoraConfig(rank=2, target=r"(patch_embed|query)$", use_dora=True, dropout=0.5)
+    pv = _params(vit, img)
+    lv = _perturbed(pv, cfg_v)
+    v0, v1 = jax.jit(lambda p, l, rng: (ad.apply(vit, p, l, cfg_v, img), ad.apply(vit, p, l, cfg_v, img, rng=rng)))(
+        pv, lv, jax.random.key(3))
+    assert np.all(np.isfinite(np.asarray(v1))) and float(jnp.abs(v0 - v1).max()) > 1e-4
     with pytest.raises(ValueError, match="rank"):
         ad.LoraConfig(rank=0)
     with pytest.raises(ValueError, match="dropout"):
