@@ -28,7 +28,8 @@ Extra mode (``--extra``; adds fixtures, rewrites none of the above):
 - ``gpt2_dora/``: DoRA (r=4, lora_alpha=8) on c_attn, c_fc, the attention c_proj and ``wpe`` (an untied embedding).
 - ``dora_embed/``: DoRA (r=4, lora_alpha=8) on the tiny Llama's ``embed_tokens``, ``v_proj`` and untied ``lm_head``.
 
-Check mode: for ``ours_lora/``, ``ours_dora/`` and ``ours_gpt2_dora/`` (written by ``jaxmodels.adapters.save_adapter`` in the test
+Check mode: for ``ours_lora/``, ``ours_dora/`` and ``ours_gpt2_dora/`` (written by
+``jaxmodels.adapters.save_adapter`` in the test
 ``test_peft.py::test_write_ours`` with ``WEIGHTLAB_WRITE_PEFT_FIXTURES=1``), load the base and the adapter with
 ``PeftModel.from_pretrained`` and compare its logits with the ``logits.npy`` our forward wrote there; the result
 (max abs difference, pass) goes to ``tests/data/peft/peft_check.json``.

@@ -6,7 +6,7 @@ whose params hold ``lora_A`` / ``lora_B``:
 
     Dense / Conv:  y = base(x) + s · (drop(x) ⋆ A) B         (⋆: the base's matmul / conv geometry, r channels)
     DoRA (Dense, Conv):  y = base(x) + (m / n − 1) · (drop(x) ⋆ W) + (m / n) · s · (drop(x) ⋆ A) B,
-                   n = stop_gradient(||W + s A B||_c)   (PEFT's DoraLinearLayer / _DoraConvNdLayer; base(x) has the bias)
+                   n = stop_gradient(||W + s A B||_c)   (PEFT's DoraLinearLayer / _DoraConvNdLayer; base(x): with bias)
     Embed:         y = E[ids] + s · A[ids] B;   attend(h) = h Eᵀ + s · (h Bᵀ) Aᵀ   (a tied head sees E + s A B,
                    so the unmerged forward equals the merged one)
     DoRA (Embed):  y = (m / n) ⊙ (E[ids] + s · A[ids] B)  (PEFT's DoraEmbeddingLayer, n over the vocabulary);

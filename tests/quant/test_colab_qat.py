@@ -14,8 +14,8 @@ def test_colab_qat_quick():
     assert fp > 0.85  # a 2-block ViT reaches ~0.93 on digits in the quick budget
     for bits in (4, 3, 2):
         for method in ("LSQ", "StatsQ\\+QKR\\+CGA"):
-            m = re.search(rf"\| W{bits} {method} acc / oscillations \(total, last phase\) \| ([0-9.]+) / (\d+), (\d+) \|",
-                          out)
+            m = re.search(rf"\| W{bits} {method} acc / oscillations \(total, last phase\) \| "
+                          rf"([0-9.]+) / (\d+), (\d+) \|", out)
             assert m, (bits, method)
             # QAT starts from the float model: low-bit accuracy stays well above chance (0.1)
             assert float(m.group(1)) > 0.5

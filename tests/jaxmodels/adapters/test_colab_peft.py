@@ -31,7 +31,8 @@ def test_colab_peft_quick():
     assert code["qlora"] <= 1.05 * code["lora"]
     # DoRA's magnitude/direction split is at least as good as LoRA at the same rank (quick run: 29.1 vs 30.4)
     assert code["dora"] <= 1.05 * code["lora"]
-    # full fine-tuning moves every weight: it forgets more of the prose than the low-rank update (quick run: 18.6 vs 17.9)
+    # full fine-tuning moves every weight: it forgets more of the prose than the low-rank update
+    # (quick run: 18.6 vs 17.9)
     assert prose["full"] > prose["lora"] > prose["base"]
     nf4 = re.search(r"^\| QLoRA NF4 \+ double-quantized scales \| (\d+) \| ([0-9.]+) \|", out, re.M)
     assert nf4 and float(nf4.group(2)) <= 0.3  # 4.127 bits per weight vs bf16's 16 -> 0.26x

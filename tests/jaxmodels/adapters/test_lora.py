@@ -1,6 +1,7 @@
 """jaxmodels.adapters core: the unmerged interceptor forward equals the merged forward on GPT (tied embedding
 LoRA, scanned layers, DoRA on Dense and on the tied embedding), ViT (conv patch embedding, LoRA and DoRA) and BERT;
-DoRA's merged Conv / Embed weights equal a NumPy transcription of PEFT 0.21's torch-layout formulas; unmerge inverts merge up to one float rounding;
+DoRA's merged Conv / Embed weights equal a NumPy transcription of PEFT 0.21's torch-layout formulas; unmerge
+inverts merge up to one float rounding;
 LoRA training under jaxmodels.train.make_train_step changes only the adapters, sharded == single device."""
 
 import functools
