@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,23 +26,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from bench.timing import time_round_robin  # noqa: E402
 from jaxmodels.optim import adamp, gradnorm_lorp, lamb, lars, lisa, sgd_ef21, sgdp  # noqa: E402
 from jaxmodels.tree import flatten, tree_bytes  # noqa: E402
 from tests.jaxmodels.optim.helpers import tiny_decoder  # noqa: E402  (the decoder of the LISA/GradNormLoRP tests)
-
-
-def time_round_robin(fns: dict, repeats: int) -> dict:
-    """Min wall time per function, calls interleaved round-robin so that load from other processes hits all
-    optimizers alike (min, not median: contention only ever adds time)."""
-    for fn, args in fns.values():
-        jax.block_until_ready(fn(*args))  # compile + warm up
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, (fn, args) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
 
 
 def main():

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,24 +31,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from bench.timing import time_round_robin  # noqa: E402
 from jaxmodels import adapters as ad  # noqa: E402
 from jaxmodels.models.llama import Llama, LlamaConfig  # noqa: E402
-from jaxmodels.tree import tree_bytes  # noqa: E402
+from jaxmodels.tree import flatten, tree_bytes, unflatten  # noqa: E402
 
 TARGET = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-
-
-def time_round_robin(fns: dict, repeats: int) -> dict:
-    """Min wall time per function over ``repeats`` interleaved calls (compiled and warmed up first)."""
-    for fn, args in fns.values():
-        jax.block_until_ready(fn(*args))
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, (fn, args) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
 
 
 def peak_bytes(jitted, *args) -> int:
@@ -79,9 +66,10 @@ def main():
     lcfg = ad.LoraConfig(rank=args.rank, alpha=2 * args.rank, target=TARGET)
     lora = ad.init_lora(jax.random.PRNGKey(1), params, lcfg)
     # B = 0 at init makes the adapter a no-op; give it a real update so the forward rows compare real work
-    lora = jax.tree_util.tree_map_with_path(
-        lambda p, v: 0.01 * jax.random.normal(jax.random.PRNGKey(len(str(p))), v.shape, v.dtype)
-        if "lora_B" in str(p) else v, lora)
+    flat = flatten(lora)
+    keys = dict(zip(flat, jax.random.split(jax.random.PRNGKey(2), len(flat))))
+    lora = unflatten({k: 0.01 * jax.random.normal(keys[k], v.shape, v.dtype) if k.endswith("lora_B") else v
+                      for k, v in flat.items()})
     n_params, n_lora = sum(v.size for v in jax.tree.leaves(params)), sum(v.size for v in jax.tree.leaves(lora))
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; Llama hidden {hidden}, {layers} layers, "
           f"{n_params / 1e6:.1f}M params; LoRA r={args.rank} on 7 projections x {layers} layers: "
@@ -104,10 +92,10 @@ def main():
 
     full_jit, lora_jit = jax.jit(full_step), jax.jit(lora_step)
     s_full, s_lora = tx.init(params), tx.init(lora)
-    merged = jax.jit(lambda p, t: ad.merge(p, t, lcfg))(params, lora)
+    merge_jit = jax.jit(lambda p, t: ad.merge(p, t, lcfg))
+    merged = merge_jit(params, lora)
     fwd_merged = jax.jit(lambda p: model.apply({"params": p}, x))
     fwd_lora = jax.jit(lambda t: ad.apply(model, params, t, lcfg, x))
-    merge_jit = jax.jit(lambda p, t: ad.merge(p, t, lcfg))
     np.testing.assert_allclose(np.asarray(fwd_lora(lora)), np.asarray(fwd_merged(merged)), atol=2e-3, rtol=2e-3)
 
     t = time_round_robin({

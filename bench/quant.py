@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,23 +26,10 @@ import numpy as np
 import optax
 
 import quant
+from bench.timing import time_round_robin
 from jaxmodels.models.vit import ViT
 from jaxmodels.train import softmax_cross_entropy
 from quant import qat
-
-
-def time_round_robin(fns: dict, repeats: int) -> dict:
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
-
-
-def block(x):
-    return jax.block_until_ready(x)
 
 
 def throughput(n_elems: int, repeats: int) -> None:
@@ -58,15 +44,13 @@ def throughput(n_elems: int, repeats: int) -> None:
     cast_fp8 = jax.jit(lambda a: a.astype(jnp.float8_e4m3fn).astype(jnp.float32))
     pack_int4 = jax.jit(lambda a: quant.quantize(a, int4))
     scale = jax.jit(lambda a: a * 1.0001)
-    for f in (fq_int4, fq_fp8, cast_fp8, pack_int4, scale):
-        block(f(x))
     fns = {
-        "numpy memcpy (roofline)": lambda: np.copyto(dst, xn),
-        "jax x*c (elementwise floor)": lambda: block(scale(x)),
-        "fake_quant int4 g128": lambda: block(fq_int4(x)),
-        "fake_quant fp8 e4m3": lambda: block(fq_fp8(x)),
-        "fp8 cast round trip (XLA)": lambda: block(cast_fp8(x)),
-        "quantize int4 g128 -> packed": lambda: block(pack_int4(x)),
+        "numpy memcpy (roofline)": (np.copyto, (dst, xn)),
+        "jax x*c (elementwise floor)": (scale, (x,)),
+        "fake_quant int4 g128": (fq_int4, (x,)),
+        "fake_quant fp8 e4m3": (fq_fp8, (x,)),
+        "fp8 cast round trip (XLA)": (cast_fp8, (x,)),
+        "quantize int4 g128 -> packed": (pack_int4, (x,)),
     }
     t = time_round_robin(fns, repeats)
     ref = t["numpy memcpy (roofline)"]
@@ -97,7 +81,7 @@ def qat_overhead(repeats: int, quick: bool) -> None:
         "LSQ W4 + dynamic A8": qat.QATConfig(weights=(keep, (r"kernel$", qat.LSQW(4))),
                                              activations=((r"attn|mlp", qat.DynamicActQ(8)),)),
     }
-    fns, states = {}, {}
+    fns = {}
     for name, c in configs.items():
         if c is None:
             v = {"params": params, "quant": {}}
@@ -115,10 +99,7 @@ def qat_overhead(repeats: int, quick: bool) -> None:
             return step
 
         step = make(apply)
-        opt = tx.init(v)
-        states[name] = (v, opt)
-        block(step(v, opt))
-        fns[name] = (lambda step=step, name=name: block(step(*states[name])))
+        fns[name] = (step, (v, tx.init(v)))
     t = time_round_robin(fns, repeats)
     print(f"\n(b) QAT train step vs float step (ViT width {cfg['width']}, depth {cfg['depth']}, batch {batch})")
     for k, v in t.items():

@@ -48,7 +48,6 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import importlib
-import re
 import tempfile
 import time
 
@@ -64,12 +63,12 @@ import matplotlib.pyplot as plt
 
 from jaxmodels import adapters as ad
 from jaxmodels import text
-from jaxmodels.adapters.bone import BoneConfig, bone_init, bone_merge, bone_num_params
+from jaxmodels.adapters.bone import BoneConfig, bone_init, bone_merge
 from jaxmodels.adapters.eva import EvaConfig, eva_init
 from jaxmodels.models import load_pretrained
 from jaxmodels.perplexity import evaluate_perplexity
-from jaxmodels.tree import flatten
-from quant.qlora import dequantize_base, frozen_bytes, qlora_base
+from jaxmodels.tree import tree_bytes
+from quant.qlora import dequantize_base, frozen_bytes, is_qlora_weight, qlora_base
 
 QUICK = "--quick" in sys.argv
 STEPS, BATCH, SEQ = (40, 8, 64) if QUICK else (400, 16, 128)
@@ -120,11 +119,12 @@ def ppl(p, tokens, fn=model):
 
 # %%
 TARGET = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+KERNELS = TARGET.replace("$", "/kernel$")  # the same projections' kernel paths (Bone, QLoRA)
 lora_cfg = ad.LoraConfig(rank=8, alpha=16, target=TARGET)
 dora_cfg = ad.LoraConfig(rank=8, alpha=16, target=TARGET, use_dora=True)
-bone_cfg = BoneConfig(block_size=16, include=r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$")
+bone_cfg = BoneConfig(block_size=16, include=KERNELS)
 key = jax.random.PRNGKey(0)
-frozen_q = qlora_base(params, target=TARGET.replace("$", "/kernel$"))
+frozen_q = qlora_base(params, target=KERNELS)
 eva_batches = [windows[i, :, :-1] for i in range(4 if QUICK else 16)]  # EVA stops early once converged
 eva_lora, eva_cfg = eva_init(lambda p, x: model.apply({"params": p}, x), params, eva_batches, lora_cfg,
                              EvaConfig(rho=2.0, tau=0.99), progress=False)
@@ -165,10 +165,6 @@ def train(arm):
     return t, opt_state, losses, time.perf_counter() - t0
 
 
-def nbytes(tree):
-    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
 def nparams(tree):
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
@@ -188,13 +184,11 @@ for arm in ARMS:
     elif arm == "bone":
         eff = bone_merge(params, t)
     elif arm == "qlora":  # the merged model a user would serve: dequantized base + the adapter
-        eff = ad.merge(jax.tree.map(dequantize_base, frozen_q, is_leaf=lambda x: not isinstance(x, dict)), t,
-                       lora_cfg)
+        eff = ad.merge(jax.tree.map(dequantize_base, frozen_q, is_leaf=is_qlora_weight), t, lora_cfg)
     else:
         eff = ad.merge(params, t, {"dora": dora_cfg, "eva": eva_cfg}.get(arm, lora_cfg))
-    n = bone_num_params(t) if arm == "bone" else nparams(t)
-    rows.append({"arm": arm, "code_ppl": ppl(eff, code_test), "prose_ppl": ppl(eff, prose_test), "trainable": n,
-                 "opt_bytes": nbytes(opt_state), "seconds": sec})
+    rows.append({"arm": arm, "code_ppl": ppl(eff, code_test), "prose_ppl": ppl(eff, prose_test),
+                 "trainable": nparams(t), "opt_bytes": tree_bytes(opt_state), "seconds": sec})
     print(f"  {arm}: code ppl {rows[-1]['code_ppl']:.3f} ({sec:.1f} s)", flush=True)
 
 n_all = nparams(params)
@@ -206,20 +200,14 @@ for r in rows:
 
 # %% [markdown]
 # ## The frozen base: QLoRA's NF4 against the same weights in bf16 and float32
-# Measured from the stored leaves (`quant.qlora.frozen_bytes`): the 21 adapted projection kernels only (the
-# embedding and norms stay as they are in both).
+# Measured from the stored leaves (`quant.qlora.frozen_bytes`): the 21 adapted projection kernels only, i.e. the
+# base's `QLoRAWeight` leaves (the embedding and norms stay as they are in both).
 
 # %%
-def at(tree, path):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
-
-
-proj = [k for k in flatten(params) if re.search(TARGET.replace("$", "/kernel$"), k)]
-proj_f32 = sum(np.size(at(params, k)) * 4 for k in proj)
+proj = [w for w in jax.tree.leaves(frozen_q, is_leaf=is_qlora_weight) if is_qlora_weight(w)]
+proj_f32 = sum(int(np.prod(w.shape)) * 4 for w in proj)  # the float32 kernels they were quantized from
 proj_bf16 = proj_f32 // 2
-proj_nf4 = sum(frozen_bytes(at(frozen_q, k)) for k in proj)
+proj_nf4 = frozen_bytes(proj)
 print(f"{len(proj)} projection kernels")
 print("| frozen projections | bytes | × bf16 |")
 print("|---|---|---|")
