@@ -2,7 +2,8 @@
 LoRA, scanned layers, DoRA on Dense and on the tied embedding), ViT (conv patch embedding, LoRA and DoRA) and BERT;
 DoRA's merged Conv / Embed weights equal a NumPy transcription of PEFT 0.21's torch-layout formulas; unmerge
 inverts merge up to one float rounding;
-LoRA training under jaxmodels.train.make_train_step changes only the adapters, sharded == single device."""
+LoRA training under jaxmodels.train.make_train_step changes only the adapters, sharded == single device; DoRA on a
+vocab-sharded embedding and an out-sharded conv == single device."""
 
 import functools
 
@@ -88,6 +89,36 @@ def test_unmerged_equals_merged_and_unmerge(case):
         w, w2, wm = np.asarray(w), np.asarray(w2), np.asarray(wm)
         ulps = 8 if cfg.use_dora else 1
         assert np.all(np.abs(w2 - w) <= ulps * np.spacing(np.maximum(np.abs(w), np.abs(wm)))), case
+
+
+@pytest.mark.parametrize("case", ["gpt_dora_tied_embed", "vit_dora_conv"])
+def test_dora_conv_embed_sharded_equals_single_device(case, mesh_2d):
+    """DoRA on a vocab-sharded (tied) embedding and an out-channel-sharded conv, adapters on their base's split
+    (adapter_rules): the jitted unmerged forward and the merge equal the single-device ones."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxmodels.models import GPT_RULES_TP, VIT_RULES_TP
+    from jaxmodels.sharding import shard
+
+    model, x, cfg = CASES[case]
+    params = _params(model, x)
+    lora = _perturbed(params, cfg)
+    for m, n in ad.dora_norms(params, lora, cfg).items():
+        functools.reduce(lambda d, k: d[k], m.split("/"), lora)["lora_magnitude"] = n * jnp.linspace(0.9, 1.1,
+                                                                                                     n.shape[-1])
+    rules = [(r"(^|/)embed/embedding$", P("model", None)), (r"(^|/)patch_embed/kernel$", P(None, None, None, "model")),
+             *(GPT_RULES_TP if case.startswith("gpt") else VIT_RULES_TP)]
+    rules = ad.adapter_rules(lora, params, rules, mesh_2d) + rules
+    run = jax.jit(lambda p, a: (ad.apply(model, p, a, cfg, x), ad.merge(p, a, cfg)))
+    want_out, want_merged = run(params, lora)
+    ps, ls = shard(params, rules, mesh_2d), shard(lora, rules, mesh_2d)
+    assert any(len(leaf.sharding.device_set) > 1 and not leaf.sharding.is_fully_replicated
+               for leaf in jax.tree.leaves(ls))  # the adapters really are split
+    got_out, got_merged = run(ps, ls)
+    # the same math with the column norms and matmuls reduced across devices: float32 reassociation of O(1) values
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=1e-5, rtol=0)
+    for g, w in zip(jax.tree.leaves(got_merged), jax.tree.leaves(want_merged)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=0)
 
 
 def _np_dora_conv_torch(w, a, b, mag, s):
