@@ -66,9 +66,11 @@ def _linear_mse(x, eff, ref):
     return jnp.mean((x @ eff - x @ ref) ** 2)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _scaled_q(k, s, bits, gs, zp):
+def _scaled_q_impl(k, s, bits, gs, zp):
     return (awq_pseudo_quantize(k.T * s[None, :], bits, gs, zp) / s[None, :]).T
+
+
+_scaled_q = jax.jit(_scaled_q_impl, static_argnums=(2, 3, 4))
 
 
 def scale_candidates(x_mean_abs, n_grid):
@@ -80,7 +82,8 @@ def scale_candidates(x_mean_abs, n_grid):
 
 def search_scale(loss_fn, kernels: dict, x_mean_abs, cfg: AWQConfig):
     """Grid search of α: ``loss_fn({name: effective kernel [in, out]}) -> MSE``; kernels are Flax ``[in, out]``.
-    Returns ``(best_s, best_alpha, losses)``."""
+    Returns ``(best_s, best_alpha, losses)``. (:func:`awq` itself evaluates the whole grid in one compiled call,
+    :func:`_grid_losses`; this one takes any Python loss.)"""
     cands = scale_candidates(x_mean_abs, cfg.n_grid)
     losses = []
     for s in cands:
@@ -88,6 +91,24 @@ def search_scale(loss_fn, kernels: dict, x_mean_abs, cfg: AWQConfig):
         losses.append(float(loss_fn(eff)))
     i = int(np.argmin(losses))
     return cands[i], i / cfg.n_grid, losses
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _grid_losses(block, bits, gs, zp, kernels, cands, x, block_params, h, ctx, y_ref, rows):
+    """L(α) for every candidate scale ``cands [n_grid, in]`` in one program (``jax.lax.map`` over the grid; the same
+    per-candidate ops as :func:`search_scale`'s loop, without a dispatch and a host sync per α). ``block`` None:
+    the group's own outputs, ``Σ_n mean((x Ŵ_n − x W_n)²)·out_n / Σ_n out_n``; else the whole block's output on the
+    real tokens ``rows`` against ``y_ref``."""
+
+    def one(s):
+        eff = {n: _scaled_q_impl(k, s, bits, gs, zp) for n, k in kernels.items()}
+        if block is None:
+            return sum(jnp.mean((x @ eff[n] - x @ kernels[n]) ** 2) * kernels[n].shape[1]
+                       for n in eff) / sum(k.shape[1] for k in kernels.values())
+        yq = block.apply({"params": set_kernels(block_params, eff)}, h, **ctx)
+        return jnp.mean((yq.reshape(-1, yq.shape[-1])[rows] - y_ref) ** 2)
+
+    return jax.lax.map(one, cands)
 
 
 @jax.jit
@@ -128,7 +149,8 @@ def _search_clip(w_oi, x, bits, group_size, zero_point, n_steps, n_grid):
 def awq_codes(w_oi, bits: int, group_size: int, sym: bool):
     """The integer codes of :func:`quant.ptq._common.awq_pseudo_quantize` on ``w_oi[out, in]``: ``(codes[out, in]
     uint8, scale[out, G], zero[out, G] or None)`` with ``Q(w) = scale · (codes − zero)`` (asymmetric) or
-    ``scale · (codes − 2^(b−1))`` (``sym``: llm-awq's ``zero_point=False`` grid, s = max(max|w_g|, 1e-5)/(2^(b−1)−1))."""
+    ``scale · (codes − 2^(b−1))`` (``sym``: llm-awq's ``zero_point=False`` grid,
+    s = max(max|w_g|, 1e-5)/(2^(b−1)−1))."""
     g = group_view(w_oi, group_size)
     if sym:
         qmax = 2 ** (bits - 1) - 1
@@ -168,6 +190,8 @@ def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress
         bias = {n: jnp.asarray(get_sub(block, n)["bias"], jnp.float32) for n in kern if "bias" in get_sub(block, n)}
         xs = {n: jnp.asarray(rec[n][0], jnp.float32).reshape(-1, kern[n].shape[0])[valid] for n in kern}
         in_scale = {}
+        rows = jnp.asarray(np.nonzero(valid)[0], jnp.int32)
+        y_ref = jnp.asarray(y_float).reshape(-1, y_float.shape[-1])[rows]
         # 1) scale search on the float block (all groups searched before any is applied, as auto_scale_block)
         scales = {}
         for g in model.awq_groups:
@@ -176,17 +200,15 @@ def awq(params, model, calib_batch, config: AWQConfig = AWQConfig(), *, progress
             x = xs[g.linears[0]]
             x_mean = jnp.abs(x).mean(0)
             sub = {n: kern[n] for n in g.linears}
+            cands = scale_candidates(x_mean, config.n_grid)
             if g.inspect == "block":
-                yv = jnp.asarray(y_float).reshape(-1, y_float.shape[-1])[valid]
-
-                def loss_fn(eff, _blk=block):
-                    yq = model.apply_block(set_kernels(_blk, eff), h, ctx)
-                    return jnp.mean((yq.reshape(-1, yq.shape[-1])[valid] - yv) ** 2)
+                losses = _grid_losses(model.block, config.bits, config.group_size, not config.sym, sub, cands,
+                                      None, block, h, ctx, y_ref, rows)
             else:
-                def loss_fn(eff, _x=x, _sub=sub):
-                    return sum(_linear_mse(_x, eff[n], _sub[n]) * _sub[n].shape[1]
-                               for n in eff) / sum(_sub[n].shape[1] for n in eff)
-            s, alpha, _ = search_scale(loss_fn, sub, x_mean, config)
+                losses = _grid_losses(None, config.bits, config.group_size, not config.sym, sub, cands, x,
+                                      None, None, None, None, None)
+            i = int(np.argmin(np.asarray(losses)))
+            s, alpha = cands[i], i / config.n_grid
             scales[g] = s
             alphas[view.path, g.linears] = alpha
         # 2) apply: W ← diag(s) W; x ← x / s; fold 1/s into prev (a linear's output features or a norm's

@@ -384,15 +384,11 @@ def test_minilm_w4a8_zeroquant_fp_and_lorc(minilm):
     q_int4, _ = rtn(params, model, None, RTNConfig(4, 128), progress=False)
     c = {"zeroquant_fp_w4a8": cos(embed_a8(model, q_zq, ev)), "rtn_fp4_w4a8": cos(embed_a8(model, q_fp4, ev)),
          "rtn_int4_w4a16": cos(embed_batches(model, q_int4, ev))}
-    q3, _ = rtn(params, model, None, RTNConfig(3, 128), progress=False)
-    q3l, lrep = lorc(params, q3, 8, progress=False)
-    c["rtn_int3"], c["rtn_int3_lorc8"] = cos(embed_batches(model, q3, ev)), cos(embed_batches(model, q3l, ev))
-    print("\nMiniLM embedding cosine:", {k: round(v, 4) for k, v in c.items()},
-          f"LoRC r8 extra bits/weight {lrep['bits_per_weight']:.3f}")
+    print("\nMiniLM embedding cosine:", {k: round(v, 4) for k, v in c.items()})
     assert rep["cast_exact"] is True  # every FP4 weight of the model casts to FP8 with a pure exponent shift
     # measured (64 calibration / 64 held-out sentences): ZeroQuant-FP 0.975 > INT4 RTN 0.960 (W4A16) > RTN-FP4 M2
     # 0.957; GPTQ's error feedback must beat both RTN baselines (by > 0.005) even with FP8 activations on top
     assert c["zeroquant_fp_w4a8"] > c["rtn_fp4_w4a8"] + 0.005, c
     assert c["zeroquant_fp_w4a8"] > c["rtn_int4_w4a16"] + 0.005, c
-    # LoRC rank 8 on RTN W3 g128: measured 0.831 -> 0.843 for +0.25 bits/weight
-    assert c["rtn_int3_lorc8"] > c["rtn_int3"] + 0.005, c
+    # (LoRC on the MiniLM, RTN W3 g128 + rank 8 > RTN W3 g128, is asserted on the PTQ colab's table, which computes
+    # both rows anyway: tests/quant/ptq/test_colab_ptq.py)
