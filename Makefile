@@ -27,7 +27,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --durations=15 tests
 
-# Render the jupytext percent-format colabs to .ipynb notebooks (outputs stripped).
+# Render the jupytext percent-format colabs to the committed .ipynb notebooks (outputs stripped; edit the .py, then
+# run this: tests/test_notebooks_in_sync.py fails while the two differ).
 colabs: $(STAMP)
 	$(BIN)/jupytext --to ipynb colabs/*.py
 
@@ -35,4 +36,4 @@ bench: $(STAMP)
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info colabs/*.ipynb
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -12,6 +12,11 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab][colab-badge]][colab-link]
+#
+# [colab-badge]: https://colab.research.google.com/assets/colab-badge.svg
+# [colab-link]: https://colab.research.google.com/github/weightlab/weightlab/blob/main/colabs/llm_ptq.ipynb
+#
 # # Post-training quantization of a decoder, judged by perplexity (the AWQ paper's table)
 #
 # The AWQ paper (Lin et al., 2024, Table 4) and GPTQ (Frantar et al., 2023) report WikiText-2 perplexity of
@@ -35,13 +40,40 @@
 # table (fewer calibration windows, RTN / GPTQ / AWQ at W4 and W3: the rows the test's claims use).
 
 # %%
+# Setup, the same first cell in every weightlab notebook. Outside a checkout (Colab) it clones WEIGHTLAB_REPO (a fork
+# or a local path: the one thing to change) and installs it with its notebook extras when weightlab is not
+# importable; then jaxmodels.runtime chooses the devices: on CPU only, 8 virtual devices so the sharded code paths
+# really run; on a GPU or TPU runtime, the real devices, unchanged. Quick mode (the tests): `--quick` or
+# WEIGHTLAB_QUICK=1.
+WEIGHTLAB_REPO = "https://github.com/weightlab/weightlab"
 import os
+import subprocess
 import sys
+
+if "__file__" in globals():  # a script in a checkout: the repository root first (colabs/merging.py must not
+    _here = os.path.dirname(os.path.abspath(__file__))  # shadow the `merging` package)
+    REPO_ROOT = os.path.dirname(_here)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+else:  # a notebook: its checkout (the kernel runs in colabs/ or the root), else a clone
+    REPO_ROOT = next((d for d in (os.getcwd(), os.path.dirname(os.getcwd()))
+                      if os.path.isfile(os.path.join(d, "jaxmodels", "runtime.py"))), None)
+    if REPO_ROOT is None:
+        REPO_ROOT = WEIGHTLAB_REPO if os.path.isdir(WEIGHTLAB_REPO) else os.path.abspath("weightlab")
+        if not os.path.isdir(REPO_ROOT):
+            subprocess.run(["git", "clone", "--depth", "1", WEIGHTLAB_REPO, REPO_ROOT], check=True)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if p != REPO_ROOT]
+try:
+    import jaxmodels.runtime
+except ImportError:  # a dependency is missing: install the checkout with its notebook extras
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", REPO_ROOT + "[colab]"], check=True)
+    import jaxmodels.runtime
+PLATFORM = jaxmodels.runtime.setup_devices(8)
+QUICK = jaxmodels.runtime.quick_mode()
+print(f"weightlab from {REPO_ROOT}; platform {PLATFORM}; quick {QUICK}")
+
+# %%
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() else os.getcwd()
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 import dataclasses
 
@@ -58,7 +90,6 @@ from quant.ptq.codebook import CodebookConfig, codebook_quantize
 from quant.ptq.evaluate import real_bits_per_weight, run_method
 from quant.ptq.zeroquant_fp import fp_act_quant
 
-QUICK = "--quick" in sys.argv
 N_CAL, SEQ_LEN = (16, 128) if QUICK else (128, 128)
 SETTINGS = {"W4 g128": (4, 128), "W3 g128": (3, 128)}
 METHODS = (("rtn", "gptq", "awq") if QUICK else
@@ -66,7 +97,7 @@ METHODS = (("rtn", "gptq", "awq") if QUICK else
 print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, quick={QUICK}")
 
 # %%
-FOLDER = os.path.join(_ROOT, "tests", "data", "tiny_decoder")
+FOLDER = os.path.join(REPO_ROOT, "tests", "data", "tiny_decoder")
 tokenizer = text.load_tokenizer(FOLDER)
 model, params = load_pretrained(FOLDER, dtype=jnp.float32, progress=False)
 train_ids = text.corpus_tokens(tokenizer, "train")
@@ -77,7 +108,6 @@ calib = {"input_ids": train_ids[offsets[:, None] + np.arange(SEQ_LEN)]}
 bm = block_model(model)
 print(f"{len(train_ids)} train tokens, {len(test_ids)} test tokens ({len(test_ids) // SEQ_LEN} windows of "
       f"{SEQ_LEN}); calibration {calib['input_ids'].shape}")
-
 
 # %% [markdown]
 # ZeroQuant-FP also quantizes activations (FP8 E4M3, per token) at the input of every linear of the blocks; its
@@ -106,7 +136,6 @@ def ppl(p, report=None):
     act = (report or {}).get("config", {}).get("act_format") if (report or {}).get("method") == "zeroquant_fp" else None
     fn = ActQuantModel(model, act) if act else model
     return evaluate_perplexity(fn, p, test_ids, SEQ_LEN, batch_size=16, progress=False)
-
 
 # %% [markdown]
 # ## The table

@@ -13,6 +13,11 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab][colab-badge]][colab-link]
+#
+# [colab-badge]: https://colab.research.google.com/assets/colab-badge.svg
+# [colab-link]: https://colab.research.google.com/github/weightlab/weightlab/blob/main/colabs/merging.ipynb
+#
 # # Model merging on a real small benchmark
 #
 # One MLP is pre-trained on scikit-learn's handwritten digits and fine-tuned into three **task experts**, each on
@@ -29,35 +34,54 @@
 # (`python colabs/merging.py [--quick]`) or in Colab.
 
 # %%
+# Setup, the same first cell in every weightlab notebook. Outside a checkout (Colab) it clones WEIGHTLAB_REPO (a fork
+# or a local path: the one thing to change) and installs it with its notebook extras when weightlab is not
+# importable; then jaxmodels.runtime chooses the devices: on CPU only, 8 virtual devices so the sharded code paths
+# really run; on a GPU or TPU runtime, the real devices, unchanged. Quick mode (the tests): `--quick` or
+# WEIGHTLAB_QUICK=1.
+WEIGHTLAB_REPO = "https://github.com/weightlab/weightlab"
 import os
+import subprocess
 import sys
 
-# Run as `python colabs/merging.py`, this file's folder comes first on sys.path and its name would shadow the
-# `merging` package: replace it by the repository root.
-if "__file__" in globals():
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+if "__file__" in globals():  # a script in a checkout: the repository root first (colabs/merging.py must not
+    _here = os.path.dirname(os.path.abspath(__file__))  # shadow the `merging` package)
+    REPO_ROOT = os.path.dirname(_here)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+else:  # a notebook: its checkout (the kernel runs in colabs/ or the root), else a clone
+    REPO_ROOT = next((d for d in (os.getcwd(), os.path.dirname(os.getcwd()))
+                      if os.path.isfile(os.path.join(d, "jaxmodels", "runtime.py"))), None)
+    if REPO_ROOT is None:
+        REPO_ROOT = WEIGHTLAB_REPO if os.path.isdir(WEIGHTLAB_REPO) else os.path.abspath("weightlab")
+        if not os.path.isdir(REPO_ROOT):
+            subprocess.run(["git", "clone", "--depth", "1", WEIGHTLAB_REPO, REPO_ROOT], check=True)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if p != REPO_ROOT]
+try:
+    import jaxmodels.runtime
+except ImportError:  # a dependency is missing: install the checkout with its notebook extras
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", REPO_ROOT + "[colab]"], check=True)
+    import jaxmodels.runtime
+PLATFORM = jaxmodels.runtime.setup_devices(8)
+QUICK = jaxmodels.runtime.quick_mode()
+print(f"weightlab from {REPO_ROOT}; platform {PLATFORM}; quick {QUICK}")
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# %%
 # --quick trains tiny models for a few steps: compiling them is most of the run, and XLA's LLVM optimization level
 # 0 cuts that by a third at no cost here (the same numbers); the full run keeps the default.
-if "--quick" in sys.argv:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+if QUICK:
+    jaxmodels.runtime.setup_devices(8, fast_compile=True)
 
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import merging  # noqa: E402  (registers the data-free methods)
+import merging  # noqa: E402, F401  (registers the data-free methods)
 from jaxmodels.datasets import load_digits_split  # noqa: E402
 from jaxmodels.models import MLP  # noqa: E402
 from jaxmodels.train import init_train_state, make_train_step, softmax_cross_entropy  # noqa: E402
@@ -74,7 +98,6 @@ from merging.pleas import pleas_mlp  # noqa: E402
 from merging.regmean import regmean_from_data, regmean_plusplus  # noqa: E402
 from merging.twin_merging import twin_apply, twin_merging  # noqa: E402
 
-QUICK = "--quick" in sys.argv
 OUT = os.environ.get("WEIGHTLAB_COLAB_OUT") or tempfile.mkdtemp(prefix="weightlab_merging_")
 os.makedirs(OUT, exist_ok=True)
 t_start = time.perf_counter()
@@ -335,8 +358,8 @@ for name, q in candidates.items():
     path = paths[name]
     mid_acc = float((np.argmax(wide_jit(interpolate(pa, q, jnp.float32(0.5)), x_te), -1) == y_te).mean())
     print(f"{name:>20}: loss barrier {path.barrier:.4f}   midpoint test acc {mid_acc:.4f}")
-print(f"weight matching took {wm_time:.2f} s; endpoint test accuracies "
-      f"{np.mean(np.argmax(wide_jit(pa, x_te), -1) == y_te):.4f} / {np.mean(np.argmax(wide_jit(pb, x_te), -1) == y_te):.4f}")
+acc_a, acc_b = (np.mean(np.argmax(wide_jit(p, x_te), -1) == y_te) for p in (pa, pb))
+print(f"weight matching took {wm_time:.2f} s; endpoint test accuracies {acc_a:.4f} / {acc_b:.4f}")
 assert paths["weight matching"].barrier < paths["naive"].barrier, "alignment did not lower the barrier"
 assert paths["activation matching"].barrier < paths["naive"].barrier, "alignment did not lower the barrier"
 lap("re-basin + barriers")

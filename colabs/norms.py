@@ -12,6 +12,11 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab][colab-badge]][colab-link]
+#
+# [colab-badge]: https://colab.research.google.com/assets/colab-badge.svg
+# [colab-link]: https://colab.research.google.com/github/weightlab/weightlab/blob/main/colabs/norms.ipynb
+#
 # # Where to put the norm: Post-LN, Pre-LN, Peri-LN and LayerNorm Scaling
 #
 # We train the GPT-style decoder of `jaxmodels.models.gpt` as a character-level language model on a text that
@@ -31,22 +36,49 @@
 # Runs as a script (`python colabs/norms.py [--quick] [--out DIR]`) and as a notebook.
 
 # %%
+# Setup, the same first cell in every weightlab notebook. Outside a checkout (Colab) it clones WEIGHTLAB_REPO (a fork
+# or a local path: the one thing to change) and installs it with its notebook extras when weightlab is not
+# importable; then jaxmodels.runtime chooses the devices: on CPU only, 8 virtual devices so the sharded code paths
+# really run; on a GPU or TPU runtime, the real devices, unchanged. Quick mode (the tests): `--quick` or
+# WEIGHTLAB_QUICK=1.
+WEIGHTLAB_REPO = "https://github.com/weightlab/weightlab"
+import os
+import subprocess
+import sys
+
+if "__file__" in globals():  # a script in a checkout: the repository root first (colabs/merging.py must not
+    _here = os.path.dirname(os.path.abspath(__file__))  # shadow the `merging` package)
+    REPO_ROOT = os.path.dirname(_here)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+else:  # a notebook: its checkout (the kernel runs in colabs/ or the root), else a clone
+    REPO_ROOT = next((d for d in (os.getcwd(), os.path.dirname(os.getcwd()))
+                      if os.path.isfile(os.path.join(d, "jaxmodels", "runtime.py"))), None)
+    if REPO_ROOT is None:
+        REPO_ROOT = WEIGHTLAB_REPO if os.path.isdir(WEIGHTLAB_REPO) else os.path.abspath("weightlab")
+        if not os.path.isdir(REPO_ROOT):
+            subprocess.run(["git", "clone", "--depth", "1", WEIGHTLAB_REPO, REPO_ROOT], check=True)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if p != REPO_ROOT]
+try:
+    import jaxmodels.runtime
+except ImportError:  # a dependency is missing: install the checkout with its notebook extras
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", REPO_ROOT + "[colab]"], check=True)
+    import jaxmodels.runtime
+PLATFORM = jaxmodels.runtime.setup_devices(8)
+QUICK = jaxmodels.runtime.quick_mode()
+print(f"weightlab from {REPO_ROOT}; platform {PLATFORM}; quick {QUICK}")
+
+# %%
 import argparse
 import inspect
-import os
-import sys
 import tempfile
 import time
 
 # --quick trains tiny models for a few steps: compiling them is most of the run, and XLA's LLVM optimization level
 # 0 cuts that by a third at no cost here (the same numbers); the full run keeps the default.
-if "--quick" in sys.argv:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+if QUICK:
+    jaxmodels.runtime.setup_devices(8, fast_compile=True)
 
-import matplotlib
 
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import jax
 import jax.numpy as jnp
@@ -59,9 +91,10 @@ from jaxmodels.train import init_train_state, make_train_step
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--quick", action="store_true")
-ap.add_argument("--out", default=None, help="folder for the plots (default: a new temporary folder)")
+ap.add_argument("--out", default=os.environ.get("WEIGHTLAB_COLAB_OUT"),
+                help="folder for the plots (default: $WEIGHTLAB_COLAB_OUT, else a new temporary folder)")
 args, _ = ap.parse_known_args()
-QUICK = args.quick
+QUICK = QUICK or args.quick
 OUT = args.out or tempfile.mkdtemp(prefix="weightlab_norms_")
 os.makedirs(OUT, exist_ok=True)
 PROGRESS = os.environ.get("WEIGHTLAB_NO_PROGRESS", "0") != "1"

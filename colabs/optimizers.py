@@ -12,6 +12,11 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab][colab-badge]][colab-link]
+#
+# [colab-badge]: https://colab.research.google.com/assets/colab-badge.svg
+# [colab-link]: https://colab.research.google.com/github/weightlab/weightlab/blob/main/colabs/optimizers.ipynb
+#
 # # Layer-aware optimizers: LAMB, LARS, AdamP/SGDP, LISA
 #
 # `jaxmodels.optim` implements optimizers that treat each layer differently, as Optax transforms:
@@ -31,14 +36,45 @@
 # [--quick]`) and as a notebook.
 
 # %%
+# Setup, the same first cell in every weightlab notebook. Outside a checkout (Colab) it clones WEIGHTLAB_REPO (a fork
+# or a local path: the one thing to change) and installs it with its notebook extras when weightlab is not
+# importable; then jaxmodels.runtime chooses the devices: on CPU only, 8 virtual devices so the sharded code paths
+# really run; on a GPU or TPU runtime, the real devices, unchanged. Quick mode (the tests): `--quick` or
+# WEIGHTLAB_QUICK=1.
+WEIGHTLAB_REPO = "https://github.com/weightlab/weightlab"
 import os
+import subprocess
 import sys
+
+if "__file__" in globals():  # a script in a checkout: the repository root first (colabs/merging.py must not
+    _here = os.path.dirname(os.path.abspath(__file__))  # shadow the `merging` package)
+    REPO_ROOT = os.path.dirname(_here)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+else:  # a notebook: its checkout (the kernel runs in colabs/ or the root), else a clone
+    REPO_ROOT = next((d for d in (os.getcwd(), os.path.dirname(os.getcwd()))
+                      if os.path.isfile(os.path.join(d, "jaxmodels", "runtime.py"))), None)
+    if REPO_ROOT is None:
+        REPO_ROOT = WEIGHTLAB_REPO if os.path.isdir(WEIGHTLAB_REPO) else os.path.abspath("weightlab")
+        if not os.path.isdir(REPO_ROOT):
+            subprocess.run(["git", "clone", "--depth", "1", WEIGHTLAB_REPO, REPO_ROOT], check=True)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if p != REPO_ROOT]
+try:
+    import jaxmodels.runtime
+except ImportError:  # a dependency is missing: install the checkout with its notebook extras
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", REPO_ROOT + "[colab]"], check=True)
+    import jaxmodels.runtime
+PLATFORM = jaxmodels.runtime.setup_devices(8)
+QUICK = jaxmodels.runtime.quick_mode()
+print(f"weightlab from {REPO_ROOT}; platform {PLATFORM}; quick {QUICK}")
+
+# %%
+import tempfile
 import time
 
 # --quick trains tiny models for a few steps: compiling them is most of the run, and XLA's LLVM optimization level
 # 0 cuts that by a third at no cost here (the same numbers); the full run keeps the default.
-if "--quick" in sys.argv:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+if QUICK:
+    jaxmodels.runtime.setup_devices(8, fast_compile=True)
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +87,8 @@ from jaxmodels import optim
 from jaxmodels.datasets import load_digits_split
 from jaxmodels.train import accuracy, init_train_state, make_train_step
 
-QUICK = "--quick" in sys.argv
 t_start = time.perf_counter()
+OUT = tempfile.mkdtemp(prefix="weightlab_optimizers_")  # the figures, when run as a script
 print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, quick={QUICK}")
 
 # %% [markdown]
@@ -161,7 +197,7 @@ axes[2].set(ylabel="optimizer state / AdamW's", title="optimizer-state memory")
 for ax in axes[:2]:
     ax.legend()
 plt.tight_layout()
-plt.show()
+fig.savefig(os.path.join(OUT, "optimizers_curves.png"), dpi=80)  # shown inline in a notebook, a file as a script
 
 # %% [markdown]
 # ## Results
@@ -199,7 +235,7 @@ for n in ("adamw", "gradnorm_lorp"):
             label=f"{n} (state {state_bytes[n] / state_bytes['adamw']:.2f} of AdamW's)")
 ax.set(yscale="log", xlabel="step", ylabel="train loss (smoothed)", title="AdamW vs GradNormLoRP (rank 16)")
 ax.legend()
-plt.show()
+fig.savefig(os.path.join(OUT, "gradnorm_lorp_curve.png"), dpi=80)
 print(f"LOWRANK gradnorm_lorp accuracy {results['gradnorm_lorp']:.4f} adamw_accuracy {results['adamw']:.4f} "
       f"state_ratio {state_bytes['gradnorm_lorp'] / state_bytes['adamw']:.4f}")
 print(f"total time {time.perf_counter() - t_start:.1f}s")

@@ -12,6 +12,11 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab][colab-badge]][colab-link]
+#
+# [colab-badge]: https://colab.research.google.com/assets/colab-badge.svg
+# [colab-link]: https://colab.research.google.com/github/weightlab/weightlab/blob/main/colabs/peft.ipynb
+#
 # # Parameter-efficient fine-tuning: full vs LoRA vs DoRA vs Bone vs EVA vs QLoRA on a pre-trained decoder
 #
 # The model is the project's pre-trained Llama-family decoder (`tests/data/tiny_decoder`: hidden 128, 3 layers,
@@ -36,29 +41,47 @@
 # `--quick` only shrinks the step budget and the evaluation windows.
 
 # %%
+# Setup, the same first cell in every weightlab notebook. Outside a checkout (Colab) it clones WEIGHTLAB_REPO (a fork
+# or a local path: the one thing to change) and installs it with its notebook extras when weightlab is not
+# importable; then jaxmodels.runtime chooses the devices: on CPU only, 8 virtual devices so the sharded code paths
+# really run; on a GPU or TPU runtime, the real devices, unchanged. Quick mode (the tests): `--quick` or
+# WEIGHTLAB_QUICK=1.
+WEIGHTLAB_REPO = "https://github.com/weightlab/weightlab"
 import os
+import subprocess
 import sys
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+if "__file__" in globals():  # a script in a checkout: the repository root first (colabs/merging.py must not
+    _here = os.path.dirname(os.path.abspath(__file__))  # shadow the `merging` package)
+    REPO_ROOT = os.path.dirname(_here)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+else:  # a notebook: its checkout (the kernel runs in colabs/ or the root), else a clone
+    REPO_ROOT = next((d for d in (os.getcwd(), os.path.dirname(os.getcwd()))
+                      if os.path.isfile(os.path.join(d, "jaxmodels", "runtime.py"))), None)
+    if REPO_ROOT is None:
+        REPO_ROOT = WEIGHTLAB_REPO if os.path.isdir(WEIGHTLAB_REPO) else os.path.abspath("weightlab")
+        if not os.path.isdir(REPO_ROOT):
+            subprocess.run(["git", "clone", "--depth", "1", WEIGHTLAB_REPO, REPO_ROOT], check=True)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if p != REPO_ROOT]
+try:
+    import jaxmodels.runtime
+except ImportError:  # a dependency is missing: install the checkout with its notebook extras
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", REPO_ROOT + "[colab]"], check=True)
+    import jaxmodels.runtime
+PLATFORM = jaxmodels.runtime.setup_devices(8)
+QUICK = jaxmodels.runtime.quick_mode()
+print(f"weightlab from {REPO_ROOT}; platform {PLATFORM}; quick {QUICK}")
 
-# Make the repository importable when run as `python colabs/peft.py` from a checkout.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() else os.getcwd()
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
+# %%
 import importlib
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from jaxmodels import adapters as ad
@@ -70,7 +93,6 @@ from jaxmodels.perplexity import evaluate_perplexity
 from jaxmodels.tree import tree_bytes
 from quant.qlora import dequantize_base, frozen_bytes, is_qlora_weight, qlora_base
 
-QUICK = "--quick" in sys.argv
 STEPS, BATCH, SEQ = (40, 8, 64) if QUICK else (400, 16, 128)
 EVAL_WINDOWS = 48 if QUICK else None
 LR = {"full": 1e-3, "lora": 5e-3, "dora": 5e-3, "bone": 2e-3, "eva": 5e-3, "qlora": 5e-3}
@@ -81,7 +103,7 @@ print(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} 
 # ## The model and the two domains
 
 # %%
-FOLDER = os.path.join(_ROOT, "tests", "data", "tiny_decoder")
+FOLDER = os.path.join(REPO_ROOT, "tests", "data", "tiny_decoder")
 tokenizer = text.load_tokenizer(FOLDER)
 model, params = load_pretrained(FOLDER, dtype=jnp.float32, progress=False)
 
@@ -110,7 +132,6 @@ windows = code_train[rng.integers(0, len(code_train) - SEQ - 1, size=(STEPS, BAT
 
 def ppl(p, tokens, fn=model):
     return evaluate_perplexity(fn, p, tokens, SEQ, batch_size=16, max_windows=EVAL_WINDOWS, progress=False)
-
 
 # %% [markdown]
 # ## The arms
@@ -167,7 +188,6 @@ def train(arm):
 
 def nparams(tree):
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
 
 # %% [markdown]
 # ## Train every arm, then evaluate

@@ -12,15 +12,20 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab][colab-badge]][colab-link]
+#
+# [colab-badge]: https://colab.research.google.com/assets/colab-badge.svg
+# [colab-link]: https://colab.research.google.com/github/weightlab/weightlab/blob/main/colabs/ptq.ipynb
+#
 # # Post-training quantization of a real sentence encoder
 #
 # all-MiniLM-L6-v2 (real weights, `jaxmodels.models.bert`): every linear layer quantized with RTN, GPTQ (with and
 # without act-order), AWQ, RSQ, FlexRound, codebook (vector) quantization, RTN + LoRC and layer-wise mixed precision
-# (LIM / ZD ranking, half a bit above the setting, and a random ranking at the same budget) at W4 g128, W3 g128 and W2 g64, calibrated on sentences from
-# Python's stdlib docstrings and evaluated on held-out sentences from other modules: mean cosine similarity of the
-# embeddings to the float model, and Spearman rank retention of all pairwise similarities. Then ZeroQuant-FP (FP4
-# weights, FP8 activations), and export: a packed checkpoint, its size, and a model that runs from it with
-# dequantize-on-the-fly.
+# (LIM / ZD ranking, half a bit above the setting, and a random ranking at the same budget) at W4 g128, W3 g128 and
+# W2 g64, calibrated on sentences from Python's stdlib docstrings and evaluated on held-out sentences from other
+# modules: mean cosine similarity of the embeddings to the float model, and Spearman rank retention of all pairwise
+# similarities. Then ZeroQuant-FP (FP4 weights, FP8 activations), and export: a packed checkpoint, its size, and a
+# model that runs from it with dequantize-on-the-fly.
 # Every row also gives its real bits per weight (`bpw`: the bytes of the packed export — codes, float16 scales, zero
 # points, act-order permutations, AWQ input scales, LoRC factors, codebooks — per quantized weight), so that methods
 # that spend more bits are compared with controls at the same bits: mixed precision against a random allocation at
@@ -30,17 +35,44 @@
 # on MiniLM).
 
 # %%
+# Setup, the same first cell in every weightlab notebook. Outside a checkout (Colab) it clones WEIGHTLAB_REPO (a fork
+# or a local path: the one thing to change) and installs it with its notebook extras when weightlab is not
+# importable; then jaxmodels.runtime chooses the devices: on CPU only, 8 virtual devices so the sharded code paths
+# really run; on a GPU or TPU runtime, the real devices, unchanged. Quick mode (the tests): `--quick` or
+# WEIGHTLAB_QUICK=1.
+WEIGHTLAB_REPO = "https://github.com/weightlab/weightlab"
 import os
+import subprocess
 import sys
+
+if "__file__" in globals():  # a script in a checkout: the repository root first (colabs/merging.py must not
+    _here = os.path.dirname(os.path.abspath(__file__))  # shadow the `merging` package)
+    REPO_ROOT = os.path.dirname(_here)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+else:  # a notebook: its checkout (the kernel runs in colabs/ or the root), else a clone
+    REPO_ROOT = next((d for d in (os.getcwd(), os.path.dirname(os.getcwd()))
+                      if os.path.isfile(os.path.join(d, "jaxmodels", "runtime.py"))), None)
+    if REPO_ROOT is None:
+        REPO_ROOT = WEIGHTLAB_REPO if os.path.isdir(WEIGHTLAB_REPO) else os.path.abspath("weightlab")
+        if not os.path.isdir(REPO_ROOT):
+            subprocess.run(["git", "clone", "--depth", "1", WEIGHTLAB_REPO, REPO_ROOT], check=True)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if p != REPO_ROOT]
+try:
+    import jaxmodels.runtime
+except ImportError:  # a dependency is missing: install the checkout with its notebook extras
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", REPO_ROOT + "[colab]"], check=True)
+    import jaxmodels.runtime
+PLATFORM = jaxmodels.runtime.setup_devices(8)
+QUICK = jaxmodels.runtime.quick_mode()
+print(f"weightlab from {REPO_ROOT}; platform {PLATFORM}; quick {QUICK}")
+
+# %%
 import tempfile
 import time
 
 import jax
-import matplotlib
 import numpy as np
 
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from jaxmodels.io import save_safetensors
@@ -60,7 +92,6 @@ from quant.ptq.minilm import (
     evaluation_sentences,
 )
 
-QUICK = "--quick" in sys.argv
 N_CAL, N_EVAL, MAX_LEN = (32, 48, 32) if QUICK else (128, 256, 128)
 SETTINGS = ("W4 g128", "W3 g128") if QUICK else ("W4 g128", "W3 g128", "W2 g64")
 METHODS = (("rtn", "gptq-ao", "awq", "rsq", "rtn+lorc", "mp-lim", "mp-random") if QUICK else

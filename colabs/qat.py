@@ -12,6 +12,11 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab][colab-badge]][colab-link]
+#
+# [colab-badge]: https://colab.research.google.com/assets/colab-badge.svg
+# [colab-link]: https://colab.research.google.com/github/weightlab/weightlab/blob/main/colabs/qat.ipynb
+#
 # # Quantization-aware training: LSQ vs oscillation-free QAT on a ViT, and BitNet b1.58
 #
 # 1. Train a small ViT on scikit-learn's 8x8 digits in float32.
@@ -26,19 +31,41 @@
 # step per method (`quant.lsq` / `quant.statsq` accept a traced integer `bits`), so W4, W3 and W2 share it.
 
 # %%
+# Setup, the same first cell in every weightlab notebook. Outside a checkout (Colab) it clones WEIGHTLAB_REPO (a fork
+# or a local path: the one thing to change) and installs it with its notebook extras when weightlab is not
+# importable; then jaxmodels.runtime chooses the devices: on CPU only, 8 virtual devices so the sharded code paths
+# really run; on a GPU or TPU runtime, the real devices, unchanged. Quick mode (the tests): `--quick` or
+# WEIGHTLAB_QUICK=1.
+WEIGHTLAB_REPO = "https://github.com/weightlab/weightlab"
 import os
+import subprocess
 import sys
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+if "__file__" in globals():  # a script in a checkout: the repository root first (colabs/merging.py must not
+    _here = os.path.dirname(os.path.abspath(__file__))  # shadow the `merging` package)
+    REPO_ROOT = os.path.dirname(_here)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+else:  # a notebook: its checkout (the kernel runs in colabs/ or the root), else a clone
+    REPO_ROOT = next((d for d in (os.getcwd(), os.path.dirname(os.getcwd()))
+                      if os.path.isfile(os.path.join(d, "jaxmodels", "runtime.py"))), None)
+    if REPO_ROOT is None:
+        REPO_ROOT = WEIGHTLAB_REPO if os.path.isdir(WEIGHTLAB_REPO) else os.path.abspath("weightlab")
+        if not os.path.isdir(REPO_ROOT):
+            subprocess.run(["git", "clone", "--depth", "1", WEIGHTLAB_REPO, REPO_ROOT], check=True)
+    sys.path = [REPO_ROOT] + [p for p in sys.path if p != REPO_ROOT]
+try:
+    import jaxmodels.runtime
+except ImportError:  # a dependency is missing: install the checkout with its notebook extras
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", REPO_ROOT + "[colab]"], check=True)
+    import jaxmodels.runtime
+PLATFORM = jaxmodels.runtime.setup_devices(8)
+QUICK = jaxmodels.runtime.quick_mode()
+print(f"weightlab from {REPO_ROOT}; platform {PLATFORM}; quick {QUICK}")
 
+# %%
 import re
 import time
 
-# Make the repository importable when run as `python colabs/qat.py` from a checkout.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() else os.getcwd()
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +79,6 @@ from jaxmodels.models.vit import ViT, VIT_CONFIGS
 from jaxmodels.train import softmax_cross_entropy
 from quant import oscillation, qat, statsq
 
-QUICK = "--quick" in sys.argv
 SEED = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else 0
 t_start = time.perf_counter()
 results: list[tuple[str, str]] = []

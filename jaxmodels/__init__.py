@@ -7,6 +7,7 @@ from jaxmodels import selection  # exact k-th largest / top-k mask (import jaxmo
 from jaxmodels import atomic, progress  # crash-safe overwrites (AtomicOutput); the one progress bar (progress_bar)
 from jaxmodels import adapters  # LoRA / rsLoRA / DoRA, QLoRA hook, PEFT files (import jaxmodels.adapters)
 from jaxmodels import perplexity, text  # GPTQ/AWQ window perplexity; bundled corpus + HF tokenizers
+from jaxmodels import runtime  # platform detection; CPU-only virtual devices for notebooks, tests and benches
 from jaxmodels.perplexity import evaluate_perplexity
 from jaxmodels.io import (
     CheckpointError,

@@ -5,8 +5,6 @@ On a GPU/TPU runner the flag only affects the host platform; tests use ``jax.dev
 
 import os
 
-import importlib.util
-
 # NumPy/SciPy's OpenBLAS threads spin while waiting: with 2 xdist workers on 2 cores they burn the other worker's
 # core (a 384x384 SVD: 0.45 CPU-s, 0.02 with one thread). The references' small matrices need no BLAS threads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -20,12 +18,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 
 def _cpu_only() -> bool:
-    """No accelerator plugin is installed, or JAX is told to use the CPU: the tests then run on XLA:CPU."""
-    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
-        return True
-    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu",
-               "jax_plugins")
-    return not any(importlib.util.find_spec(p) for p in plugins)
+    """No accelerator will start (none installed and visible, or JAX is told to use the CPU): the tests then run on
+    XLA:CPU. One detection for the notebooks and the tests: :func:`jaxmodels.runtime.accelerator_expected` (it
+    imports jax without starting a backend, so the flags below still apply)."""
+    from jaxmodels.runtime import accelerator_expected
+
+    return accelerator_expected() is None
 
 
 # On XLA:CPU the suite is compile-bound (tiny models, hundreds of distinct programs): LLVM's backend optimization

@@ -7,7 +7,7 @@ from tests.colab_runner import run_colab
 
 @pytest.mark.slow
 def test_norms_colab_quick(tmp_path):
-    out = run_colab("norms", "--out", str(tmp_path))
+    out = run_colab("norms", out=tmp_path)
     assert (tmp_path / "norms_loss_curves.png").stat().st_size > 1000
     assert (tmp_path / "norms_hidden_norm.png").stat().st_size > 1000
     rows = re.findall(r"^\s*(\d+)\s+(Post-LN|Pre-LN|Peri-LN|LN-Scaling)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+"
