@@ -304,9 +304,18 @@ def run_merge(config: str | os.PathLike | dict | MergeConfig, out: str | os.Path
     return summary
 
 
+EPILOG = """examples:
+  python -m merging ties.yaml --out merged/              # merge, writing merged/ atomically
+  python -m merging ties.yaml --out merged/ --dry-run    # check config, tensors and shapes only
+  python -m merging ties.yaml --out merged/ --overwrite --json --no-progress   # for scripts
+
+exit codes: 0 merged (or the dry run passed), 2 bad input (config, checkpoints, existing --out)"""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m merging", description="Merge checkpoints with a mergekit-style "
-                                 "YAML config (streaming, atomic output).")
+                                 "YAML config (streaming, atomic output).", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config (merge_method, base_model, models, parameters, dtype)")
     ap.add_argument("--out", required=True, help="output directory (written atomically)")
     ap.add_argument("--dry-run", action="store_true", help="validate config, tensors and shapes, then stop")
@@ -314,13 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", action="store_true", help="merge each tensor sharded over all devices")
     ap.add_argument("--random-seed", type=int, default=None, help="seed for stochastic methods (default 0)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON object (errors too)")
     args = ap.parse_args(argv)
     try:
         s = run_merge(args.config, args.out, dry_run=args.dry_run, progress=not args.no_progress, shard=args.shard,
                       random_seed=args.random_seed, overwrite=args.overwrite)
     except (ConfigError, jio.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(e)}))
         return 2
+    if args.json:
+        print(json.dumps({"ok": True, "dry_run": args.dry_run, **s}, default=str))
+        return 0
     verb = "would merge" if args.dry_run else "merged"
     print(f"{verb} {s['tensors']} tensors with {s['method']} -> {s['out']} "
           f"({s['bytes_read'] / 1e6:.1f} MB read, {s['bytes_written'] / 1e6:.1f} MB written)")

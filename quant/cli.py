@@ -411,14 +411,24 @@ def _write_weightlab(out, cfg, qparams, report, extra, overwrite):
     stage.commit()
 
 
+EPILOG = """examples:
+  python -m quant gptq.yaml --out llama-gptq/             # quantize, writing llama-gptq/ atomically
+  python -m quant gptq.yaml --out llama-gptq/ --dry-run   # check config, model shapes and calibration only
+  python -m quant awq.yaml --out llama-awq/ --overwrite --json --no-progress   # for scripts
+
+exit codes: 0 quantized (or the dry run passed), 2 bad input (config, model folder, existing --out)"""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m quant", description="Quantize a Hugging Face decoder folder with a "
-                                 "PTQ method and write a serving format (atomic output).")
+                                 "PTQ method and write a serving format (atomic output).", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config (model, method, bits, group_size, sym, calibration, format, ...)")
     ap.add_argument("--out", required=True, help="output directory (written atomically)")
     ap.add_argument("--dry-run", action="store_true", help="validate config, model shapes and calibration, then stop")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (also WEIGHTLAB_NO_PROGRESS=1)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON object (errors too)")
     args = ap.parse_args(argv)
     from jaxmodels.io import CheckpointError
 
@@ -427,7 +437,12 @@ def main(argv: list[str] | None = None) -> int:
                          progress=False if args.no_progress else None)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(e)}))
         return 2
+    if args.json:
+        print(json.dumps({"ok": True, "dry_run": args.dry_run, **s}, default=str))
+        return 0
     verb = "would quantize" if args.dry_run else "quantized"
     print(f"{verb} {s['layers']} linears with {s['method']} -> {s['out']} ({s['format']})")
     return 0

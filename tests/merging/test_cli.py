@@ -15,7 +15,7 @@ import pytest
 
 import jaxmodels
 from jaxmodels.io import SafetensorsWriter, load_safetensors, save_safetensors
-from merging.cli import ConfigError, load_config, run_merge
+from merging.cli import ConfigError, run_merge
 from merging.dare import dare_ties
 from merging.ties import ties
 
@@ -270,11 +270,18 @@ def test_command_line_dry_run_and_run(tmp_path, monkeypatch, capsys):
     code, out, err = _python_m_merging(args + ["--dry-run"], monkeypatch, capsys)
     assert code == 0, err
     assert "would merge 4 tensors with ties" in out and not (tmp_path / "out").exists()
+    code, out, err = _python_m_merging(args + ["--dry-run", "--json"], monkeypatch, capsys)
+    summary = json.loads(out)
+    assert code == 0 and summary["ok"] and summary["dry_run"] and summary["tensors"] == 4, (out, err)
+    code, out, _ = _python_m_merging(["--help"], monkeypatch, capsys)
+    assert code == 0 and "exit codes: 0" in out and "examples:" in out
     r = subprocess.run([sys.executable, "-m", "merging", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "model.safetensors").exists()
     code, out, err = _python_m_merging(args, monkeypatch, capsys)  # exists: refuse
     assert code == 2 and "already exists" in err
+    code, out, err = _python_m_merging(args + ["--json"], monkeypatch, capsys)
+    assert code == 2 and json.loads(out)["ok"] is False and "already exists" in json.loads(out)["error"]
 
 
 def _stream_growth(d: Path, sizes: dict[str, int], n_models: int = 4, shape=(256, 1024)) -> dict[str, int]:

@@ -155,4 +155,13 @@ def test_existing_output_and_cli_exit_code(workdir, capsys):
     cfg = _write(workdir, "ok", GPTQ)
     assert main([str(cfg), "--out", str(workdir / "exists"), "--dry-run"]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main([str(cfg), "--out", str(workdir / "exists"), "--dry-run", "--json"]) == 2
+    err = json.loads(capsys.readouterr().out)
+    assert err["ok"] is False and "already exists" in err["error"]
+    assert main([str(cfg), "--out", str(workdir / "new"), "--dry-run", "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ok"] and summary["dry_run"] and summary["layers"] == 14 and summary["method"] == "gptq"
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "exit codes: 0" in capsys.readouterr().out
     assert load_config(cfg).calibration["samples"] == 2
