@@ -1,6 +1,8 @@
 """jaxmodels: Flax linen layers and models used as pure functions, Optax optimizers, and the shared core
 (pytree utilities, sharding helpers, checkpoint I/O) that `merging` and `quant` build on."""
 
+__version__ = "0.2.0"  # the one version of the weightlab distribution (pyproject.toml reads it; see CHANGELOG.md)
+
 from jaxmodels import io, sharding, tree
 from jaxmodels import capture, datasets, layers, models, optim, train
 from jaxmodels import selection  # exact k-th largest / top-k mask (import jaxmodels.selection)

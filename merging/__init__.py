@@ -48,6 +48,7 @@ Data-aware merges (the calling convention)
     :func:`merging.linear.uniform_soup`.
 """
 
+from jaxmodels import __version__  # the distribution's one version
 from merging.registry import MergeMethod, available, get, register
 
 # data-free methods (one module each)

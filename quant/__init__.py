@@ -58,6 +58,7 @@ Training-time::
                qat_calibrate; quantize_weights; weight_levels
 """
 
+from jaxmodels import __version__  # the distribution's one version
 from quant import activation, floats, formats, gaussws, intgrid, lsq, mx, oscillation, packing, qarray, qat, qkr, statsq
 from quant.fake_quant import STE_MODES, fake_quant, ste_round
 from quant.formats import (
