@@ -53,6 +53,11 @@ def mesh_2d():
     return make_mesh(model=2 if n % 2 == 0 else 1)
 
 
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("accelerator") is not None and _cpu_only():
+        pytest.skip("accelerator-only test (no GPU/TPU here)")
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Run the slowest test modules first, so that ``pytest -n 3`` (xdist, as ``make test``) does not end on one
     worker alone with a two-minute colab while the others idle.
