@@ -50,6 +50,13 @@ from merging.federated.partitions import (DOMAINS, ClientData, MultiDomainDigits
 from merging.federated.harness import (FederatedResult, ServerRule, check_client_data, format_table,
                                        make_local_update, run_federated)
 from merging.federated.fedau import FedAUState, fedau, fedau_init, fedau_step, fedau_update, fedau_weights
+from merging.federated.dp import clip_client_deltas, dp_fedavg
+from merging.federated.gossip import (TARGETS, check_mixing_matrix, complete_graph, gossip_step, layer_variances,
+                                      metropolis_hastings, mixing_matrix, neighbor_average, random_regular_graph,
+                                      rescale_to_variance, ring_graph)
+from merging.federated.robust import (coordinate_median, krum, krum_scores, multi_krum, pairwise_sq_distances,
+                                      trimmed_mean)
+from merging.federated.flag import FlagSubspace, flag_aggregator, flag_subspace
 
 __all__ = [
     "broadcast_clients", "client_shapes", "client_sharding", "num_clients", "shard_clients", "stack_clients",
@@ -59,6 +66,8 @@ __all__ = [
     "FederatedResult", "ServerRule", "check_client_data", "format_table", "make_local_update", "run_federated",
     "FedAUState", "fedau", "fedau_init", "fedau_step", "fedau_update", "fedau_weights",
     "dp_fedavg", "clip_client_deltas",
+    "coordinate_median", "trimmed_mean", "krum", "multi_krum", "krum_scores", "pairwise_sq_distances",
+    "flag_aggregator", "flag_subspace", "FlagSubspace",
     "gossip_step", "mixing_matrix", "metropolis_hastings", "neighbor_average", "ring_graph", "complete_graph",
     "random_regular_graph", "check_mixing_matrix", "layer_variances", "rescale_to_variance", "TARGETS",
 ]
