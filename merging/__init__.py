@@ -23,8 +23,10 @@ Data-free merges (every registered method; the calling convention)
     opts out). Under ``jax.jit`` the inputs are tracers without values, so the finiteness check is skipped there
     (check concrete inputs before jitting); shape/dtype/hyper-parameter checks still run. Interpolation factors
     (``t``, ``alpha``) may be traced under ``jax.jit``; their range is checked when they are concrete.
-    Not of this form: :mod:`merging.moe_expert_merge` merges the experts inside one model (``experts``, a tree of
-    stacked ``[E, ...]`` leaves) and :func:`merging.tall_masks.tall_masks` returns masks, not a merged model.
+    :func:`merging.wise_ft.layerwise_wise_ft` is WiSE-FT with one α per path-regex part (not registered: it takes
+    ``alphas`` and ``groups``). Not of this form: :mod:`merging.moe_expert_merge` merges the experts inside one
+    model (``experts``, a tree of stacked ``[E, ...]`` leaves) and :func:`merging.tall_masks.tall_masks` returns
+    masks, not a merged model.
 
 Data-aware merges (the calling convention)
     ``method(base, models, <statistics or objective>, *, **hparams) -> MergeResult(params, info)``: the data-free
@@ -32,7 +34,9 @@ Data-aware merges (the calling convention)
     ``regmean(base, models, grams)``), a held-out score (``greedy_soup(base, models, eval_fn)``), or a model
     function and data (``regmean_from_data`` / ``regmean_plusplus(base, models, apply_fn, batches)``,
     ``adamerging`` / ``atlas(base, models, apply_fn, batches)``, ``twin_merging(base, models, apply_fn,
-    router_batches)``, ``pleas_mlp(base, [params_a, params_b], [x_a, x_b])``). ``base`` means the same as above:
+    router_batches)``, ``learn_layerwise_alphas(base, [ft], objective, groups=...)`` (Lin et al.'s AMA/HMA
+    layer-wise ratios; ``info`` ``alphas`` / ``losses`` / ``objective``), ``pleas_mlp(base, [params_a, params_b],
+    [x_a, x_b])``). ``base`` means the same as above:
     task-vector methods (AdaMerging, aTLAS) need θ_0; the others (Fisher, RegMean, RegMean++, greedy soup,
     Twin-Merging, PLeaS) accept and ignore it (pass None; put the base in ``models`` to make it an ingredient).
     Every one returns :class:`merging.result.MergeResult`: ``params`` is the merged tree (each leaf in its input

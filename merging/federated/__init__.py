@@ -39,6 +39,9 @@ The convention (every module here follows it)
 
     **Decentralized** (gossip) averaging (:mod:`merging.federated.gossip`) has no server: client-stacked trees go in
     and out, ``gossip_step(client_params, W)`` with a mixing matrix ``W`` (:func:`mixing_matrix`).
+
+    **Post-hoc calibration** (:mod:`merging.federated.ccvr`): CCVR (Luo et al. 2021) pools the clients' per-class
+    feature means/covariances, samples virtual features and re-trains the classifier head.
 """
 
 from merging.federated.clients import (broadcast_clients, client_shapes, client_sharding, num_clients, shard_clients,
@@ -57,6 +60,8 @@ from merging.federated.gossip import (TARGETS, check_mixing_matrix, complete_gra
 from merging.federated.robust import (coordinate_median, krum, krum_scores, multi_krum, pairwise_sq_distances,
                                       trimmed_mean)
 from merging.federated.flag import FlagSubspace, flag_aggregator, flag_subspace
+from merging.federated.ccvr import (FeatureStats, VirtualFeatures, aggregate_feature_stats, calibrate_head,
+                                    client_feature_stats, sample_virtual_features)
 
 __all__ = [
     "broadcast_clients", "client_shapes", "client_sharding", "num_clients", "shard_clients", "stack_clients",
@@ -68,6 +73,8 @@ __all__ = [
     "dp_fedavg", "clip_client_deltas",
     "coordinate_median", "trimmed_mean", "krum", "multi_krum", "krum_scores", "pairwise_sq_distances",
     "flag_aggregator", "flag_subspace", "FlagSubspace",
+    "FeatureStats", "VirtualFeatures", "aggregate_feature_stats", "calibrate_head", "client_feature_stats",
+    "sample_virtual_features",
     "gossip_step", "mixing_matrix", "metropolis_hastings", "neighbor_average", "ring_graph", "complete_graph",
     "random_regular_graph", "check_mixing_matrix", "layer_variances", "rescale_to_variance", "TARGETS",
 ]
