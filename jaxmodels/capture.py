@@ -85,6 +85,8 @@ class LayerStats(NamedTuple):
 
 
 def module_path(module: nn.Module) -> str:
+    """A bound linen module's path as one ``"/"``-joined string, e.g. ``"block_0/attn/query"``: the key of its
+    statistics, and the path of its parameters (``params["block_0"]["attn"]["query"]``)."""
     return "/".join(str(p) for p in module.path)
 
 

@@ -10,6 +10,8 @@ __all__ = ["Split", "load_digits_split"]
 
 
 class Split(NamedTuple):
+    """A train / test split of arrays: ``x_train``, ``y_train`` (int32 labels), ``x_test``, ``y_test``."""
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray

@@ -65,6 +65,8 @@ def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Dev
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The fully replicated sharding on ``mesh`` (``NamedSharding(mesh, PartitionSpec())``): every device holds the
+    whole array."""
     return NamedSharding(mesh, P())
 
 

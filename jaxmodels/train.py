@@ -17,6 +17,10 @@ __all__ = ["TrainState", "synchronize_on_cpu_mesh", "make_train_step", "softmax_
 
 
 class TrainState(NamedTuple):
+    """What :func:`make_train_step`'s step carries: ``step`` (int32 counter), ``params``, the optimizer's
+    ``opt_state`` and ``model_state`` (non-trained variables such as BatchNorm ``batch_stats``; None if the model has
+    none)."""
+
     step: jax.Array
     params: PyTree
     opt_state: PyTree
@@ -29,6 +33,8 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Top-1 accuracy ``mean(argmax(logits, -1) == labels)`` for ``logits [..., classes]`` and integer ``labels [...]``
+    (a float scalar)."""
     return (jnp.argmax(logits, -1) == labels).mean()
 
 

@@ -56,6 +56,9 @@ def key_to_str(key: Any) -> str:
 
 
 def path_to_str(path: Sequence[Any], sep: str = SEP) -> str:
+    """A ``jax.tree_util`` key path as one string, its entries (:func:`key_to_str`) joined by ``sep``, e.g.
+    ``(DictKey("Dense_0"), DictKey("kernel")) -> "Dense_0/kernel"``: the path names used by :func:`flatten` and
+    every regex rule."""
     return sep.join(key_to_str(k) for k in path)
 
 

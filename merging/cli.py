@@ -313,6 +313,10 @@ exit codes: 0 merged (or the dry run passed), 2 bad input (config, checkpoints, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``python -m merging CONFIG.yaml --out DIR`` entry point (``argv``: the arguments, default ``sys.argv[1:]``):
+    runs :func:`run_merge` and returns the exit code, 0 (merged, or the dry run passed) or 2 (bad config, checkpoints
+    or an existing ``--out``; argparse usage errors also exit 2). ``--json`` prints the summary or the error as one
+    JSON object."""
     ap = argparse.ArgumentParser(prog="python -m merging", description="Merge checkpoints with a mergekit-style "
                                  "YAML config (streaming, atomic output).", epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,6 +32,11 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class MergeConfig:
+    """A parsed, validated merge config (:func:`load_config`): the registered ``method``, ``base_model`` (None for
+    methods without a base), the non-base ``models`` in config order, their per-model ``model_params`` settings, the
+    method-wide ``params`` settings, ``dtype`` (None: the base model's), ``out_dtype`` (None: ``dtype``),
+    ``random_seed`` and the ``root`` that relative model paths resolve against."""
+
     method: registry.MergeMethod
     base_model: str | None
     models: list[str]                    # the non-base inputs, in config order
@@ -130,6 +135,10 @@ _LAYER_RE = re.compile(r"(?:^|[./])(?:layers?|h|blocks?|block)[./_](\d+)(?:[./]|
 
 
 def layer_index(name: str) -> int | None:
+    """The layer index in a tensor name, or None: the first number after ``layer``/``layers``/``h``/``block``/``blocks``
+    between separators (``.``, ``/``, ``_``), e.g. ``"model.layers.3.mlp.up_proj.weight" -> 3``,
+    ``"transformer.h.11.attn.c_attn.weight" -> 11``, ``"block_2/conv1/kernel" -> 2``, ``"lm_head.weight" -> None``.
+    The position at which a gradient setting is interpolated."""
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None
 

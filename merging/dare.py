@@ -32,6 +32,10 @@ def dare_linear(base: Any, models: Sequence[Any], *, key: jax.Array | None = Non
                 weights: float | Sequence[float] | None = None, density: float | Sequence[float] = 1.0,
                 normalize: bool = False, rescale: bool = True, rescale_norm: str = "l1", lambda_: float = 1.0, int8_mask: bool = False,
                 check_finite: bool = True) -> Any:
+    """DARE with a linear merge (mergekit ``dare_linear``): drop each task-vector entry with probability
+    ``1 - density_t`` (``m_t ~ Bernoulli(density_t)``, from ``key``), rescale the kept entries (``rescale_norm``, see
+    the module docstring), then ``θ = θ_0 + λ Σ_t w_t τ̂_t`` (``/ Σ_t w_t`` with ``normalize``). Any pytree; the same
+    ``key`` gives the same merge, whole or streamed tensor by tensor."""
     return generalized_task_arithmetic(base, models, weights=weights, density=density, sparsification="random",
                                        consensus=None, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm, lambda_=lambda_,
                                        key=key, method="dare_linear", check_finite=check_finite)
@@ -44,6 +48,9 @@ def dare_ties(base: Any, models: Sequence[Any], *, key: jax.Array | None = None,
               weights: float | Sequence[float] | None = None, density: float | Sequence[float] = 1.0,
               normalize: bool = False, rescale: bool = True, rescale_norm: str = "l1", consensus: str = "sum", lambda_: float = 1.0,
               int8_mask: bool = False, check_finite: bool = True) -> Any:
+    """DARE with TIES sign election (mergekit ``dare_ties``): the random drop and rescale of :func:`dare_linear`, then
+    ``θ = θ_0 + λ Σ_t m_t w_t τ̂_t`` with ``m_t`` the agreement with the elected sign (``consensus`` "sum" or "count";
+    ``/ Σ_t m_t w_t`` with ``normalize``)."""
     return generalized_task_arithmetic(base, models, weights=weights, density=density, sparsification="random",
                                        consensus=consensus, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm, lambda_=lambda_,
                                        key=key, method="dare_ties", check_finite=check_finite)

@@ -34,6 +34,10 @@ def della(base: Any, models: Sequence[Any], *, key: jax.Array | None = None, wei
           density: float | Sequence[float] = 1.0, epsilon: float | Sequence[float] = 0.15, lambda_: float = 1.0,
           normalize: bool = True, rescale: bool = True, rescale_norm: str = "l1", consensus: str = "sum", int8_mask: bool = False,
           check_finite: bool = True) -> Any:
+    """DELLA-Merging with TIES sign election (mergekit ``della``): MagPrune keeps the entry of ascending magnitude rank
+    ``r`` in each row with probability ``p_r = density - ε + 2ε (r - 1)/(m - 1)`` (from ``key``) and rescales it
+    (``rescale_norm``), then ``θ = θ_0 + λ Σ_t m_t w_t τ̂_t / Σ_t m_t w_t`` (``normalize``, default True); see the
+    module docstring."""
     return generalized_task_arithmetic(base, models, weights=weights, density=density, sparsification="della_magprune",
                                        epsilon=epsilon, consensus=consensus, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm,
                                        lambda_=lambda_, key=key, method="della", check_finite=check_finite)
@@ -46,6 +50,8 @@ def della_linear(base: Any, models: Sequence[Any], *, key: jax.Array | None = No
                  weights: float | Sequence[float] | None = None, density: float | Sequence[float] = 1.0,
                  epsilon: float | Sequence[float] = 0.15, lambda_: float = 1.0, normalize: bool = False, rescale: bool = True, rescale_norm: str = "l1",
                  int8_mask: bool = False, check_finite: bool = True) -> Any:
+    """DELLA-Merging without the election (mergekit ``della_linear``): MagPrune as :func:`della`, then
+    ``θ = θ_0 + λ Σ_t w_t τ̂_t`` (``/ Σ_t w_t`` with ``normalize``, default False)."""
     return generalized_task_arithmetic(base, models, weights=weights, density=density, sparsification="della_magprune",
                                        epsilon=epsilon, consensus=None, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm,
                                        lambda_=lambda_, key=key, method="della_linear", check_finite=check_finite)

@@ -27,6 +27,9 @@ __all__ = ["InterpolationPath", "interpolate", "interpolation_path", "loss_barri
 
 
 class InterpolationPath(NamedTuple):
+    """The evaluated path of :func:`interpolation_path`: ``ts [K]`` (coefficients ``t`` in [0, 1]) and ``values [K]``
+    (``eval_fn(θ(t))``); ``barrier`` is ``max_t values(t) − ((1 − t) values(0) + t values(1))``."""
+
     ts: np.ndarray  # [K] interpolation coefficients in [0, 1]
     values: np.ndarray  # [K] eval_fn(θ(t))
 

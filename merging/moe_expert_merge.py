@@ -45,6 +45,11 @@ __all__ = ["MoEMerge", "expert_usage", "group_experts", "align_experts", "merge_
 
 
 class MoEMerge(NamedTuple):
+    """The result of :func:`mc_smoe_merge`: ``experts`` (the merged experts, leaves ``[num_groups, ...]``),
+    ``group_of_expert`` (``[E]`` int32, the merged expert of each original expert, to remap the router),
+    ``dominant`` (``[num_groups]`` int32, each group's dominant expert) and ``frequency`` (``[E]`` float32, the
+    activation frequencies ``f_e``)."""
+
     experts: Any  # merged experts, leaves [num_groups, ...]
     group_of_expert: jax.Array  # [E] int32: merged expert index of each original expert
     dominant: jax.Array  # [num_groups] int32: the dominant (center) expert of each group

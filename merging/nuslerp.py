@@ -25,6 +25,11 @@ __all__ = ["nuslerp", "nuslerp_arrays"]
 
 
 def nuslerp_arrays(t, v0, v1, *, row_wise: bool = False, flatten: bool = True, eps: float = 1e-8):
+    """The NuSLERP rule on two arrays of the same shape (see the module docstring): ``(sin((1-t)Ω) v0 + sin(tΩ) v1) /
+    sin Ω`` with ``Ω`` the angle between the normalised vectors, linear interpolation where they are colinear
+    (``1 - cos²Ω ≤ eps²``). The vectors are the whole flattened tensor (``flatten=True``, the default), else the
+    slices along axis 0 (``row_wise=True``, mergekit's ``dim = 0``) or along the last axis. Returns a float32 array
+    of ``v0``'s shape."""
     shape = v0.shape
     v0 = v0.astype(jnp.float32)
     v1 = v1.astype(jnp.float32)

@@ -62,11 +62,18 @@ __all__ = [
 
 
 class PermutationSpec(NamedTuple):
+    """Which axes of which parameters share a permutation: ``axes_to_perm[path]`` has one entry per axis of the leaf at
+    ``path`` (a permutation name or None); ``perm_to_axes[name]`` lists every ``(path, axis)`` that permutation acts on.
+    Build one with :func:`permutation_spec_from_axes_to_perm`."""
+
     perm_to_axes: dict[str, list[tuple[str, int]]]
     axes_to_perm: dict[str, tuple[str | None, ...]]
 
 
 def permutation_spec_from_axes_to_perm(axes_to_perm: Mapping[str, Sequence[str | None]]) -> PermutationSpec:
+    """The :class:`PermutationSpec` of an ``axes_to_perm`` mapping (``{path: (perm name or None per axis)}``, paths as
+    in :func:`jaxmodels.tree.flatten`), e.g. ``{"Dense_0/kernel": (None, "P_0"), "Dense_0/bias": ("P_0",),
+    "Dense_1/kernel": ("P_0", None)}``; ``perm_to_axes`` is derived from it."""
     perm_to_axes: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for path, axis_perms in axes_to_perm.items():
         for axis, p in enumerate(axis_perms):
@@ -227,6 +234,8 @@ def identity_permutation(params: PyTree, spec: PermutationSpec) -> Perm:
 
 
 def invert_permutation(perm: Perm) -> Perm:
+    """The inverse of every permutation in ``perm`` (``{name: indices}``): ``argsort(perm[name])``, so
+    ``apply_permutation(apply_permutation(params, spec, perm), spec, invert_permutation(perm)) == params``."""
     return {p: np.argsort(np.asarray(v)) for p, v in perm.items()}
 
 

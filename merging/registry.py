@@ -27,6 +27,11 @@ __all__ = ["MergeMethod", "register", "get", "available", "REGISTRY", "PYTHON_NA
 
 @dataclasses.dataclass(frozen=True)
 class MergeMethod:
+    """A registered merge method (:func:`register`): its ``name``, the function ``fn(base, models, **hparams)`` (calling
+    the record calls it), ``needs_base`` (True, False or "optional"), the ``per_model`` hyper-parameter names, the
+    ``defaults`` of the others, ``stochastic`` (takes a ``key``) and ``streamable`` (merges each tensor independently,
+    so the CLI streams it tensor by tensor)."""
+
     name: str
     fn: Callable[..., Any]
     needs_base: bool | str = True
@@ -80,4 +85,5 @@ def get(name: str) -> MergeMethod:
 
 
 def available() -> list[str]:
+    """The sorted names of every registered merge method (what ``merge_method:`` in a config may name)."""
     return sorted(REGISTRY)

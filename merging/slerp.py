@@ -24,6 +24,10 @@ DOT_THRESHOLD = 0.9995
 
 
 def slerp_arrays(t: jax.Array, v0: jax.Array, v1: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """The SLERP rule on two arrays of the same shape (whole-tensor norms; see the module docstring):
+    ``sin((1-t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1`` with ``cos Ω = <v0/|v0|, v1/|v1|>``, and ``(1-t) v0 + t v1``
+    where ``|cos Ω| > 0.9995`` (:data:`DOT_THRESHOLD`); a norm ``≤ eps`` is not normalized. Float32 result, jit-able
+    (``t`` may be traced)."""
     v0 = v0.astype(jnp.float32)
     v1 = v1.astype(jnp.float32)
     n0 = jnp.linalg.norm(v0.reshape(-1))

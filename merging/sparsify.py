@@ -91,6 +91,9 @@ def _check_norm(norm, random: bool):
 
 
 def magnitude(x: jax.Array, density: float, rescale_norm: str | None = None) -> jax.Array:
+    """TIES trim: keep exactly the ``k = max(1, floor(density · n))`` entries of largest ``|x|`` (ties: lowest flat
+    index first, :func:`magnitude_mask`), zero the rest, then rescale (``rescale_norm``: None, "l1", "l2" or "linf";
+    see the module docstring). ``density >= 1`` returns ``x``; same shape and dtype as ``x``."""
     _check_norm(rescale_norm, False)
     if density >= 1.0:
         return x
@@ -115,6 +118,10 @@ def bernoulli(x: jax.Array, density: float, key: jax.Array, rescale_norm: str | 
 
 
 def magnitude_outliers(x: jax.Array, density: float, gamma: float = 0.01, rescale_norm: str | None = None) -> jax.Array:
+    """Model Breadcrumbs mask: in ascending ``|x|`` order drop the ``n_bot`` smallest entries, keep the next
+    ``floor(density · n)`` and drop the ``n_top = floor(gamma · n)`` largest (``n_top`` reduced when
+    ``n_bot = n - target - n_top`` would be negative), then rescale (``rescale_norm``); ties as in the module docstring.
+    ``density >= 1`` returns ``x``; a zero target returns zeros. Same shape and dtype as ``x``."""
     _check_norm(rescale_norm, False)
     if density >= 1.0:
         return x

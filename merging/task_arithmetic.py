@@ -36,14 +36,18 @@ def apply_task_vector(base: Any, tau: Any, scaling: float = 1.0) -> Any:
 
 
 def negate(tau: Any) -> Any:
+    """``-τ`` for every leaf of a task vector (forgetting a task: ``apply_task_vector(base, negate(tau))``)."""
     return jax.tree.map(lambda t: -t, tau)
 
 
 def scale(tau: Any, factor: float) -> Any:
+    """``factor · τ`` for every leaf (computed in float32, returned in each leaf's dtype)."""
     return jax.tree.map(lambda t: (factor * t.astype(jnp.float32)).astype(t.dtype), tau)
 
 
 def add(*taus: Any) -> Any:
+    """``Σ_t τ_t`` of task vectors with the same structure and shapes (checked first; computed in float32, returned in
+    the first tree's dtypes)."""
     check_compatible(*taus, check_dtype=False)
     return jax.tree.map(lambda *ts: sum(t.astype(jnp.float32) for t in ts).astype(ts[0].dtype), *taus)
 

@@ -77,6 +77,9 @@ def _low_rank(m, rank):
 
 
 def decompress(compressed: dict[str, Any], like: PyTree) -> PyTree:
+    """The dense exclusive knowledge ``δ̂_k`` of one task from its compressed form (``info["exclusive"][k]``:
+    ``{path: (A [d_in, r], B [r, d_out]) | dense array}``): ``A @ B`` reshaped to the leaf's shape in ``like``, or the
+    dense array, as a float32 tree with ``like``'s structure."""
     fl = flatten(like)
     out = {}
     for k, v in fl.items():

@@ -68,6 +68,11 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class QuantConfig:
+    """A parsed, validated quantization config (:func:`load_config`; keys as in the module docstring): the resolved
+    ``model`` folder and ``tokenizer`` paths, ``method``, ``bits``, ``group_size``, ``sym``, ``act_order``,
+    ``static_groups``, ``format``, ``checkpoint_format``, ``granularity``, the ``calibration`` settings (None for an
+    ``rtn`` config without one), the method's extra ``options`` and the model's ``config.json`` as ``hf_config``."""
+
     model: Path
     method: str
     bits: int
@@ -420,6 +425,10 @@ exit codes: 0 quantized (or the dry run passed), 2 bad input (config, model fold
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``python -m quant CONFIG.yaml --out DIR`` entry point (``argv``: the arguments, default ``sys.argv[1:]``):
+    runs :func:`run_quantize` and returns the exit code, 0 (quantized, or the dry run passed) or 2 (bad config, model
+    folder or an existing ``--out``; argparse usage errors also exit 2). ``--json`` prints the summary or the error as
+    one JSON object."""
     ap = argparse.ArgumentParser(prog="python -m quant", description="Quantize a Hugging Face decoder folder with a "
                                  "PTQ method and write a serving format (atomic output).", epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

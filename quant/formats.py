@@ -211,6 +211,8 @@ class BinaryFormat:
 
 
 Format = Union[IntFormat, FloatFormat, MXFormat, NF4Format, TernaryFormat, BinaryFormat]
+"""Any number format of this module: what ``compute_qparams``, ``quantize_levels``, ``dequantize_levels``,
+``round_trip`` and :func:`quant.fake_quant` accept."""
 
 INT2 = IntFormat(2)
 INT3 = IntFormat(3)
@@ -402,6 +404,10 @@ def quantize_levels(x: jax.Array, fmt: Format, qparams: QParams) -> jax.Array:
 
 
 def dequantize_levels(q: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.float32) -> jax.Array:
+    """The real values of quantized levels ``q`` (the inverse of :func:`quantize_levels`), in ``dtype``: ``q · s`` for
+    symmetric int, float, ternary and binary formats, ``(q − z) · s`` for asymmetric int, ``NF4_LEVELS[q] · s`` for
+    NF4 and the exact power-of-two scaling ``q · 2^(c − 127)`` for MX (``c`` the E8M0 scale byte); ``s`` (or ``c``)
+    and ``z`` are ``qparams.scale`` / ``qparams.zero`` broadcast to ``q``'s shape."""
     s = expand(qparams.scale, q.shape)
     if isinstance(fmt, MXFormat):
         out = mx_scale_mul(q, s)

@@ -34,6 +34,9 @@ __all__ = ["lsq_range", "grad_scale", "round_pass", "lsq_fake_quant", "lsq_grad_
 
 
 class LSQParams(NamedTuple):
+    """Learned quantizer parameters: the step size ``step`` ``s`` (a scalar or one per channel, broadcast against ``x``)
+    and, for LSQ+, the learnable ``offset`` ``beta`` (None: LSQ, no offset)."""
+
     step: jax.Array
     offset: jax.Array | None = None
 

@@ -22,6 +22,11 @@ __all__ = ["OscillationState", "oscillation_init", "oscillation_update", "oscill
 
 
 class OscillationState(NamedTuple):
+    """Oscillation tracker state, each field a pytree shaped like the tracked levels: ``prev`` (the last integer levels
+    ``q_{t-1}``), ``last_dir`` (the direction of the last nonzero change, -1 / 0 / 1, float32), ``count``
+    (oscillations per weight, int32), ``flips`` (level changes per weight, int32), ``ema`` (the EMA of the
+    oscillation indicator, float32); ``steps`` counts the updates (int32 scalar)."""
+
     prev: Any  # last integer levels
     last_dir: Any  # direction of the last nonzero change (-1, 0, 1)
     count: Any  # oscillations per weight (int32)
@@ -31,12 +36,18 @@ class OscillationState(NamedTuple):
 
 
 def oscillation_init(levels: Any) -> OscillationState:
+    """The tracker state for the initial integer ``levels`` (any pytree of arrays, e.g. ``quantize_levels`` of every
+    quantized weight): ``prev = levels``, every counter, direction and EMA zero, ``steps = 0``."""
     z = lambda dt: jax.tree_util.tree_map(lambda q: jnp.zeros(jnp.shape(q), dt), levels)
     return OscillationState(levels, z(jnp.float32), z(jnp.int32), z(jnp.int32), z(jnp.float32),
                             jnp.zeros((), jnp.int32))
 
 
 def oscillation_update(state: OscillationState, levels: Any, momentum: float = 0.01) -> OscillationState:
+    """One step of the tracker with the new integer ``levels`` ``q_t`` (same structure as the state's): per weight,
+    ``dir_t = sign(round(q_t − q_{t−1}))``, ``osc_t = [dir_t · last_dir = −1]``, ``count += osc_t``, ``flips +=
+    [dir_t ≠ 0]``, ``ema_t = m osc_t + (1 − m) ema_{t−1}`` (``m = momentum``), ``last_dir`` updated where
+    ``dir_t ≠ 0``. Pure and jit-able."""
     def one(prev, last_dir, count, flips, ema, q):
         d = jnp.sign(jnp.round(q - prev))
         osc = (d * last_dir) == -1

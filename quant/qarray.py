@@ -76,6 +76,8 @@ class QuantizedArray:
 
 
 def is_quantized(x: Any) -> bool:
+    """True if ``x`` is a :class:`QuantizedArray` (bit-packed levels + scales), e.g. as ``is_leaf`` in ``jax.tree.map``
+    over a tree of quantized and plain leaves."""
     return isinstance(x, QuantizedArray)
 
 

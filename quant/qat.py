@@ -73,6 +73,10 @@ class StatsQW:
 
 @dataclasses.dataclass(frozen=True)
 class DynamicActQ:
+    """Dynamic activation fake quantization (:func:`quant.activation.dynamic_act_quant`): ``bits``-bit scales from the
+    input's own statistics per ``"token"`` (last axis reduced) or per ``"tensor"``, symmetric absmax or asymmetric
+    min/max (``symmetric=False``); straight-through gradients."""
+
     bits: int = 8
     granularity: str = "token"
     symmetric: bool = True
@@ -80,6 +84,10 @@ class DynamicActQ:
 
 @dataclasses.dataclass(frozen=True)
 class StaticActQ:
+    """Static symmetric activation fake quantization (:func:`quant.activation.static_act_quant`) with a calibrated
+    ``amax`` per module (``calib`` from :func:`qat_calibrate`): ``max|x|`` over the calibration batches, per tensor or
+    per channel (``per_channel``), or a ``percentile`` of ``|x|`` to clip outliers."""
+
     bits: int = 8
     per_channel: bool = False
     percentile: float | None = None
@@ -87,6 +95,9 @@ class StaticActQ:
 
 @dataclasses.dataclass(frozen=True)
 class LSQActQ:
+    """LSQ (``plus=False``) / LSQ+ (``plus=True``, learnable offset) on a module's input: one learnable step per module,
+    initialised from the sample batch by :func:`qat_init`, ``bits`` wide, ``signed`` or unsigned range."""
+
     bits: int = 8
     signed: bool = True
     plus: bool = False
@@ -104,6 +115,12 @@ class QKRConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QATConfig:
+    """The QAT rules (module docstring): ``weights`` and ``activations`` are ``(regex, quantizer)`` pairs (first
+    ``re.search`` match on the path wins; None keeps it in float) with :class:`FakeQuantW` / :class:`LSQW` /
+    :class:`StatsQW` for weights and :class:`DynamicActQ` / :class:`StaticActQ` / :class:`LSQActQ` for activations,
+    ``qkr`` an optional :class:`QKRConfig`, and ``min_ndim`` (leaves with fewer axes, e.g. biases and norm scales,
+    stay in float). Invalid rules raise at construction."""
+
     weights: tuple = ()
     activations: tuple = ()
     qkr: QKRConfig | None = None

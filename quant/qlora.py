@@ -69,6 +69,8 @@ class QLoRAWeight:
 
 
 def is_qlora_weight(x: Any) -> bool:
+    """True if ``x`` is a :class:`QLoRAWeight` (a frozen NF4 base with double-quantized scales), e.g. as ``is_leaf``
+    when walking a QLoRA model's params."""
     return isinstance(x, QLoRAWeight)
 
 

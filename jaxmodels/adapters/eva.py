@@ -72,6 +72,10 @@ class EvaConfig:
 
 
 class IPCAState(NamedTuple):
+    """State of the streaming incremental PCA (scikit-learn's ``IncrementalPCA`` attributes, float32): ``n`` rows
+    seen (scalar), per-feature ``mean`` and population ``var`` ``[d]``, ``components [k, d]`` (rows are the
+    right-singular vectors ``Vᵀ``), ``singular_values [k]`` and ``explained_variance_ratio [k]``."""
+
     n: jax.Array  # float32 scalar: rows seen
     mean: jax.Array  # [d]
     var: jax.Array  # [d] (population variance, as scikit-learn's var_)
@@ -81,6 +85,8 @@ class IPCAState(NamedTuple):
 
 
 def ipca_init(d: int, k: int) -> IPCAState:
+    """The empty incremental-PCA state for ``d`` features and ``k`` components (all zeros, ``n = 0``), to feed to
+    :func:`ipca_update`; ``ValueError`` unless ``1 <= k <= d``."""
     if not 1 <= k <= d:
         raise ValueError(f"ipca_init: need 1 <= k <= d, got k={k}, d={d}")
     z = jnp.zeros

@@ -112,6 +112,11 @@ def principal_mask(w: jax.Array, config: LiftConfig) -> jax.Array:
 
 
 class LiftState(NamedTuple):
+    """State of :func:`lift`: ``count`` (int32 step counter), ``indices`` (``{path: int32[k]}``, the sorted flat indices
+    of each selected matrix's Principal Weights mask ``M``), ``inner`` (the inner transform's state over the gathered
+    ``{path: [k]}`` vectors) and ``dense`` (the ``dense`` transform's state over the other leaves, or
+    ``optax.EmptyState``)."""
+
     count: chex.Array  # int32 step counter
     indices: Any  # {path: int32[k]} sorted flat indices of the masked entries
     inner: Any  # inner state over {path: [k]}

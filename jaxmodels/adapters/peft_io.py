@@ -97,6 +97,9 @@ def hf_module_name(module: str, model_type: str) -> str:
 
 
 def linen_module_name(hf: str, model_type: str) -> str:
+    """Hugging Face module path -> linen module path (the inverse of :func:`hf_module_name`, by the family's
+    ``to_linen`` rules in :data:`NAME_MAPS`), e.g. ``linen_module_name("model.layers.0.self_attn.q_proj", "llama")
+    == "layers_0/self_attn/q_proj"``; ``ValueError`` if the family has no rule for it."""
     out = _apply_rules(hf, _family(model_type)["to_linen"])
     if out is None:
         raise ValueError(f"no linen path for {model_type!r} Hugging Face module {hf!r}")

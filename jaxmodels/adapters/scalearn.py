@@ -138,4 +138,6 @@ def scalearn_merge(params: PyTree, sources: Sequence[PyTree], configs: LoraConfi
 
 
 def scalearn_num_params(omega: dict) -> int:
+    """The number of trainable transfer parameters in ``omega`` (the tree of :func:`init_scalearn`): the total size of
+    its leaves, e.g. ``K`` for ScaLearnUniform++ ("8 parameters for 8 source tasks")."""
     return int(sum(x.size for x in jax.tree.leaves(omega)))

@@ -35,6 +35,10 @@ def reparameterize_tree(params: PyTree, transform: Callable, include: str | Sequ
 
 
 def transformed_kernel(module: nn.Module, shape, transform, kernel_init) -> jax.Array:
+    """Declare ``module``'s float32 ``"kernel"`` parameter of ``shape`` (initialised by ``kernel_init``) and return
+    ``transform(kernel)`` (the kernel itself when ``transform`` is None): the weight the layer uses,
+    ``W = transform(V)``. ``TypeError`` if ``transform`` is not callable, ``ValueError`` if it changes the shape.
+    Call it from inside a compact ``__call__``."""
     kernel = module.param("kernel", kernel_init, shape, jnp.float32)
     if transform is None:
         return kernel

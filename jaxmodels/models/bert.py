@@ -102,6 +102,11 @@ _ACTIVATIONS = {
 
 
 class BertLayer(nn.Module):
+    """One Post-LN encoder layer ``a = LN(h + MHA(h; mask))``, ``h' = LN(a + W_out act(W_in a + b_in) + b_out)``
+    (``act`` = ``config.hidden_act``) on ``h [B, T, d]`` with the key mask ``mask``; parameters ``attention/{query,
+    key,value,attention_output}``, ``attention_norm``, ``intermediate``, ``output``, ``output_norm``. ``norm`` picks
+    the normalization (:func:`jaxmodels.models.transformer.make_norm`)."""
+
     config: BertConfig
     norm: Any = "layernorm"
     dtype: Any = None

@@ -42,6 +42,11 @@ def layers_to_blocks(layers: Sequence[int]) -> tuple[int, ...]:
 
 
 class ResNetBlock(nn.Module):
+    """One basic block ``y = relu(BN(conv3x3(relu(BN(conv3x3_s(x))))) + shortcut(x))`` (He et al., 2016, §4.2) on NHWC
+    ``x [B, H, W, C] -> [B, H/s, W/s, features]``, ``s = stride``. ``shortcut`` "A" (identity, subsampled and
+    zero-padded to ``features`` channels) or "B" (1x1 conv + BN projection) where the shape changes; parameters
+    ``conv1``, ``bn1``, ``conv2``, ``bn2`` (+ ``shortcut_conv``, ``shortcut_bn``). ``__call__(x, train=False)``."""
+
     features: int
     stride: int = 1
     shortcut: str = "A"

@@ -43,6 +43,10 @@ __all__ = ["ErrorFeedbackState", "top_k", "lgreco_allocate", "error_feedback", "
 
 
 class ErrorFeedbackState(NamedTuple):
+    """State of :func:`error_feedback`: ``count`` (int32 step counter), ``memory`` (per leaf: EF21's estimate
+    ``g_t``, or classic EF's residual ``e_t``) and ``k`` (per leaf, an int32 scalar: the entries top-k keeps;
+    L-GreCo adapts it)."""
+
     count: jax.Array
     memory: PyTree  # EF21: the estimate g_t; EF: the residual e_t
     k: PyTree  # int32 scalar per leaf: entries kept by top-k (adapted by L-GreCo)

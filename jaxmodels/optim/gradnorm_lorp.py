@@ -113,6 +113,12 @@ def scale_by_adam_hf(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> o
 
 
 class GradNormLoRPState(NamedTuple):
+    """State of :func:`scale_by_gradnorm_lorp`: ``count`` (int32 step counter; the projectors refresh when
+    ``count % update_proj_gap == 0``), ``rho`` (``{path: ‖v‖_c / δ}``, float32 ``[*layers, n]``, for the
+    weight-normalised leaves), ``projector`` (``{path: P [*layers, m, r] | Q [*layers, n, r] | (P, Q)}``, for the
+    projected leaves) and ``base`` (the base optimizer's state over ``{"direction": {path: R or G}, "magnitude":
+    {path: ∇δ}}``)."""
+
     count: jax.Array  # int32 step counter (projectors refresh when count % update_proj_gap == 0)
     rho: dict  # {path: ‖v‖_c / δ}, float32, shape [*layers, n], for the weight-normalised leaves
     projector: dict  # {path: P [*layers, m, r] | Q [*layers, n, r] | (P, Q)}, for the projected leaves

@@ -40,6 +40,10 @@ __all__ = ["LisaState", "scale_by_lisa", "lisa", "lisa_layers"]
 
 
 class LisaState(NamedTuple):
+    """State of :func:`scale_by_lisa`: ``count`` (int32 step counter), ``key`` (the PRNG key of the next resample),
+    ``active`` (``int32[γ]``, the sorted indices of the active layers ``A``), ``stacked`` (the inner state vmapped over
+    the γ active layers, leaves ``[γ, ...]``) and ``rest`` (the inner state of the always-trained leaves)."""
+
     count: jax.Array  # int32 step counter
     key: jax.Array  # uint32[2] PRNG key for the next resample
     active: jax.Array  # int32[γ] sorted indices of the active layers

@@ -136,6 +136,9 @@ def dense_names(block_params: PyTree) -> list[str]:
 
 
 def set_kernels(block_params: PyTree, kernels: dict[str, jax.Array], biases: dict[str, jax.Array] | None = None):
+    """A copy of ``block_params`` with the kernels (and optionally biases) replaced: ``kernels`` / ``biases`` map a
+    layer name of :func:`dense_names` to its new ``kernel`` / ``bias``, cast to the old leaf's dtype; ``ValueError`` if
+    a kernel's shape differs. The input is not modified."""
     flat = dict(flatten(block_params))
     for n, k in kernels.items():
         if flat[n + "/kernel"].shape != k.shape:

@@ -35,6 +35,10 @@ _forward = None
 
 
 def embedding_metrics(e_float: np.ndarray, e_quant: np.ndarray) -> dict:
+    """``{"cosine", "spearman"}`` of quantized embeddings ``e_quant [N, d]`` against the float ones ``e_float [N, d]``:
+    the mean cosine ``(1/N) Σ_i cos(e_i, ê_i)`` and Spearman's ρ between the pairwise similarities
+    ``{cos(e_i, e_j)}_{i<j}`` and ``{cos(ê_i, ê_j)}_{i<j}`` (computed in NumPy float64 on the host; ``ValueError`` if
+    the shapes differ)."""
     e_float = np.asarray(e_float, np.float64)
     e_quant = np.asarray(e_quant, np.float64)
     if e_float.shape != e_quant.shape:
@@ -156,6 +160,8 @@ def ptq_table(params, model, calib, eval_batches, methods=("rtn", "gptq", "gptq-
 
 
 def format_table(rows) -> str:
+    """The PTQ table as fixed-width text, one line per row of :func:`ptq_table` (``setting``, ``method``, ``cosine``,
+    ``spearman``, ``bpw`` bits per weight, ``seconds``)."""
     lines = [f"{'setting':8s} {'method':12s} {'cosine':>8s} {'spearman':>9s} {'bpw':>6s} {'time s':>7s}"]
     for r in rows:
         lines.append(f"{r['setting']:8s} {r['method']:12s} {r['cosine']:8.4f} {r['spearman']:9.4f} "

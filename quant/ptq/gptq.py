@@ -45,6 +45,11 @@ __all__ = ["GPTQConfig", "MinMaxQuantizer", "gptq_quantize_weight", "hessian_fro
 
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig:
+    """GPTQ's settings (the reference's names): ``bits``, ``group_size`` (input features per group; -1: one group per
+    output channel), ``sym``, ``act_order`` (``desc_act``: columns in descending ``diag H`` order), ``static_groups``
+    (group parameters up front on the full weight), ``block_size`` (columns per lazy block) and ``percdamp`` (the
+    damping ``λ = percdamp · mean(diag H)``). ``validate()`` raises on invalid settings."""
+
     bits: int = 4
     group_size: int = 128          # -1: one group per output channel
     sym: bool = False

@@ -53,10 +53,14 @@ def docstring_sentences(modules, n: int | None, seed: int = 0, min_chars: int = 
 
 
 def calibration_sentences(n: int = 128, seed: int = 0) -> list[str]:
+    """``n`` calibration sentences (order fixed by ``seed``) from the docstrings of :data:`CALIB_MODULES` (standard
+    library modules, offline and deterministic), via :func:`docstring_sentences`."""
     return docstring_sentences(CALIB_MODULES, n, seed)
 
 
 def evaluation_sentences(n: int = 256, seed: int = 1) -> list[str]:
+    """``n`` evaluation sentences (order fixed by ``seed``) from the docstrings of :data:`EVAL_MODULES`, excluding every
+    calibration sentence; raises if any overlap remains."""
     calib = set(docstring_sentences(CALIB_MODULES, None))
     ev = docstring_sentences(EVAL_MODULES, n, seed, exclude=calib)
     overlap = calib.intersection(ev)

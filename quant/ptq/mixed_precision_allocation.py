@@ -88,6 +88,9 @@ def allocate_knapsack(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[s
 
 
 def default_levels(candidates, budget) -> tuple[int, int]:
+    """The two widths of the ranked allocation when none are given: ``(lo, hi)`` = the largest candidate ``<= budget``
+    and the smallest candidate ``>= budget`` (equal when the budget is a candidate), e.g. ``default_levels((2, 3, 4,
+    8), 3.5) == (3, 4)``."""
     c = sorted(candidates)
     lo = max(b for b in c if b <= budget)
     hi = min(b for b in c if b >= budget)

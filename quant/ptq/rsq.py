@@ -27,6 +27,11 @@ __all__ = ["RSQConfig", "rsq", "hadamard", "random_hadamard", "attention_concent
 
 @dataclasses.dataclass(frozen=True)
 class RSQConfig:
+    """RSQ's settings: the ``gptq`` config of step 3, ``rotate`` (step 1, the random Hadamard rotation),
+    ``scale_tokens`` (step 2: token importance ``r_t`` min/max-normalized to ``[min_value, max_value]``, default
+    ``[1, 3]``; False: the plain GPTQ Hessian) and the ``seed`` of the rotations' random signs. ``validate()`` raises
+    on invalid settings."""
+
     gptq: GPTQConfig = GPTQConfig(bits=3, group_size=128, act_order=True)
     rotate: bool = True
     scale_tokens: bool = True

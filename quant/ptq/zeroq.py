@@ -143,6 +143,9 @@ class DistillConfig:
 
 
 class Distilled(NamedTuple):
+    """The result of :func:`distill_data`: the distilled inputs ``data`` (``[num_batches · batch_size, *input_shape]``,
+    float32) and ``losses`` (``[num_batches, steps]``, the loss ``L(x)`` of :func:`bn_loss` before each Adam step)."""
+
     data: jax.Array  # [num_batches * batch_size, *input_shape], float32
     losses: np.ndarray  # [num_batches, steps]: the loss L(x) before each Adam step
 

@@ -26,6 +26,9 @@ def pack_fp8(lin: FPCodes) -> dict[str, np.ndarray]:
 
 
 def unpack_fp8(t: dict) -> FPCodes:
+    """The inverse of :func:`pack_fp8`: one linear's compressed-tensors tensors (``weight`` float8_e4m3fn ``[out, in]``,
+    ``weight_scale`` ``[out, 1]`` or ``[1]``) as :class:`FPCodes` (uint8 codes ``[in, out]``, float32 scale, the
+    strategy read from the scale's size); ``ValueError`` if the weight is not float8_e4m3fn."""
     w = np.asarray(t["weight"])
     if w.dtype != np.dtype(ml_dtypes.float8_e4m3fn):
         raise ValueError(f"compressed-tensors FP8 weight must be float8_e4m3fn, got {w.dtype}")
