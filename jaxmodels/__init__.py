@@ -10,6 +10,7 @@ from jaxmodels import atomic, progress  # crash-safe overwrites (AtomicOutput); 
 from jaxmodels import adapters  # LoRA / rsLoRA / DoRA, QLoRA hook, PEFT files (import jaxmodels.adapters)
 from jaxmodels import perplexity, text  # GPTQ/AWQ window perplexity; bundled corpus + HF tokenizers
 from jaxmodels import runtime  # platform detection; CPU-only virtual devices for notebooks, tests and benches
+from jaxmodels import analysis  # HT-SR / FARMS weight spectra, neural collapse, data diet (import jaxmodels.analysis)
 from jaxmodels.perplexity import evaluate_perplexity
 from jaxmodels.io import (
     CheckpointError,
@@ -36,5 +37,5 @@ __all__ = [
     "CheckpointError", "iter_safetensors", "load_safetensors", "restore_checkpoint", "save_checkpoint",
     "save_safetensors", "make_mesh", "rules_to_shardings", "shard", "jit_sharded", "check_compatible", "flatten",
     "unflatten", "select", "filter_paths", "map_with_path", "compute_in_float32", "tree_bytes",
-    "perplexity", "text", "evaluate_perplexity",
+    "perplexity", "text", "evaluate_perplexity", "runtime", "analysis", "selection", "atomic", "progress",
 ]
