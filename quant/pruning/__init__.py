@@ -1,0 +1,64 @@
+"""Post-training pruning on the calibration engine of :mod:`quant.ptq`: magnitude, Wanda and SparseGPT, unstructured
+(per layer / per output row / global) and N:M (2:4, 4:8); mask pytrees and an optax wrapper that keeps them
+through training; layer-adaptive sparsity allocation.
+
+Calling convention (the one of :mod:`quant.ptq`). Every method is ``method(params, model: BlockModel, calib,
+config) -> (pruned params, report)``:
+
+* :func:`prune_magnitude` (:class:`MagnitudeConfig`; ``model`` / ``calib`` optional: data-free, they only add the
+  per-layer output errors),
+* :func:`wanda` (:class:`WandaConfig`: per-output-row comparison group by default, as the paper),
+* :func:`sparsegpt` (:class:`SparseGPTConfig`: ``block_size=128``, ``percdamp=0.01`` as the reference),
+
+with ``model`` from :func:`quant.ptq.block_model` (BERT / MiniLM, the project's GPT, Llama / Mistral / Qwen2,
+GPT-2) and ``calib`` one batch or a list of batches (padding tokens weigh 0). They run on the one block walk of
+:mod:`quant.ptq.engine`: each block's linears are scored on the inputs of the unpruned block and the next block is
+fed the pruned block's outputs (the references' sequential loop). The one-layer forms are ``*_prune_weight(w,
+stats, config) -> record`` with ``w`` a Flax kernel ``[in, out]``: :func:`magnitude_prune_weight` (``stats``
+unused), :func:`wanda_prune_weight` (the squared input norms ``E[x_j²]``, or a Hessian / LayerStats),
+:func:`sparsegpt_prune_weight` (the Hessian ``2 E[x xᵀ]``); they are registered as the engine's layer functions
+``"magnitude"``, ``"wanda"`` and ``"sparsegpt"`` (:func:`quant.ptq.quantize_layers`, e.g. with a transform).
+
+Config. ``sparsity`` in [0, 1) (⌊n·s⌋ pruned per comparison group, exactly); ``nm="2:4"`` (or ``(2, 4)``): ``n``
+of every ``m`` consecutive input weights of each output row pruned (the references' ``prune_n:prune_m``, ``1 <= n <
+m``). Bad configs and layer shapes (``in`` not a multiple of ``m``) are rejected before any work.
+
+Report. ``{"method", "config", "layers": {kernel_path: record}, "masks": mask pytree, "sparsity": overall}``; each
+record has ``weight`` (the pruned kernel the returned params hold), ``mask`` (bool ``[in, out]``, True = kept),
+``sparsity`` (that layer's pruned fraction), ``pattern`` (``"unstructured"`` or ``"n:m"``), ``error`` (relative
+output error ``‖XW − XŴ‖² / ‖XW‖²`` on the calibration tokens, when there is data) and, for SparseGPT, ``loss`` and
+``percdamp``. The mask pytree has the params' structure (bool arrays at the pruned kernels, ``None`` elsewhere):
+:func:`apply_masks`, :func:`mask_sparsity`, :func:`masked` (optax: pruned weights stay 0 through training).
+
+Layer-adaptive sparsity (:mod:`quant.pruning.allocation`): per-layer output-distortion curves over candidate
+sparsities, allocated under a global budget by the exact multiple-choice knapsack of
+:func:`quant.ptq.allocate_knapsack`.
+"""
+
+from quant.ptq.engine import register_layer_quantizer
+
+from .allocation import (
+    AllocationConfig, allocate_sparsity, distortion_curves, joint_distortion, layer_adaptive_prune,
+    prune_with_sparsities,
+)
+from .magnitude import MagnitudeConfig, block_kernel_shapes, magnitude_prune_weight, prune_magnitude
+from .masks import (
+    MaskedState, apply_masks, check_sparsity, mask_sparsity, masked, masks_from_layers, num_pruned, parse_nm,
+    prune_mask, pruning_report,
+)
+from .sparsegpt import SparseGPTConfig, sparsegpt, sparsegpt_prune_weight
+from .wanda import WandaConfig, input_sq_norms, wanda, wanda_prune_weight
+
+register_layer_quantizer("magnitude", magnitude_prune_weight, None)
+register_layer_quantizer("wanda", wanda_prune_weight, "hessian")
+register_layer_quantizer("sparsegpt", sparsegpt_prune_weight, "hessian")
+
+__all__ = [
+    "MagnitudeConfig", "magnitude_prune_weight", "prune_magnitude", "block_kernel_shapes",
+    "WandaConfig", "wanda_prune_weight", "wanda", "input_sq_norms",
+    "SparseGPTConfig", "sparsegpt_prune_weight", "sparsegpt",
+    "MaskedState", "masked", "apply_masks", "mask_sparsity", "masks_from_layers", "prune_mask", "pruning_report",
+    "parse_nm", "check_sparsity", "num_pruned",
+    "AllocationConfig", "distortion_curves", "allocate_sparsity", "prune_with_sparsities", "layer_adaptive_prune",
+    "joint_distortion",
+]
