@@ -20,7 +20,9 @@ from jaxmodels.layers.powernorm import PowerNorm, apply_grad_stats, power_normal
 from jaxmodels.layers.prepbn import PRepBN, RepBN, fold_repbn, prepbn_gamma
 from jaxmodels.layers.reparam import ReparamConv, ReparamDense, reparameterize_tree
 from jaxmodels.layers.unified_norm import UnifiedNorm, fold_un_into_dense, un_normalize
-from jaxmodels.layers.weight_standardization import WSConv, weight_standardize
+from jaxmodels.layers.weight_standardization import (NF_GAINS, RELU_GAIN, ScaledWS, ScaledWSConv, ScaledWSDense,
+                                                     WSConv, scaled_weight_standardize, weight_standardize)
+from jaxmodels.layers.alpha_bn import alpha_bn_apply, mix_batch_stats
 
 __all__ = [
     "BatchChannelNorm",
@@ -34,5 +36,6 @@ __all__ = [
     "PRepBN", "RepBN", "fold_repbn", "prepbn_gamma",
     "ReparamConv", "ReparamDense", "reparameterize_tree",
     "UnifiedNorm", "fold_un_into_dense", "un_normalize",
-    "WSConv", "weight_standardize",
+    "WSConv", "weight_standardize", "ScaledWS", "ScaledWSConv", "ScaledWSDense", "scaled_weight_standardize",
+    "NF_GAINS", "RELU_GAIN", "alpha_bn_apply", "mix_batch_stats",
 ]

@@ -12,6 +12,7 @@ Every optimizer is an ``optax.GradientTransformation`` built from small ``scale_
 | ``scale_by_tract`` | Petersen et al. 2024, TrAct | ``tract`` |
 | ``error_feedback`` / ``sgd_ef21`` | EF21 (Richtárik et al. 2021, 2024); L-GreCo (Alimohammadi et al.) | |
 | ``gradnorm_lorp`` | Huang et al. 2025, GradNormLoRP | ``gradnorm_lorp`` |
+| ``cotta`` | Wang et al. 2022, CoTTA (continual test-time adaptation) | ``cotta`` |
 | ``per_layer_clip`` | McMahan et al. 2018 (PerLayerClip, DP-FedAvg); Pelikan et al. 2023, DP-FL for ASR | ``dp_clip`` |
 """
 
@@ -41,6 +42,8 @@ from jaxmodels.optim.gradnorm_lorp import (
     scale_by_gradnorm_lorp,
 )
 from jaxmodels.optim.dp_clip import PerLayerClipState, clip_layers, layer_clip_norms, per_layer_clip
+from jaxmodels.optim.cotta import (CoTTA, CoTTAState, cotta, cotta_augment, ema_update, restore_masks,
+                                   soft_cross_entropy, stochastic_restore)
 
 __all__ = [
     "lamb", "scale_by_layerwise_trust_ratio",
@@ -51,4 +54,6 @@ __all__ = [
     "error_feedback", "sgd_ef21", "top_k", "lgreco_allocate", "ErrorFeedbackState",
     "gradnorm_lorp", "scale_by_gradnorm_lorp", "scale_by_adam_hf", "GradNormLoRPState",
     "per_layer_clip", "clip_layers", "layer_clip_norms", "PerLayerClipState",
+    "cotta", "CoTTA", "CoTTAState", "cotta_augment", "ema_update", "restore_masks", "soft_cross_entropy",
+    "stochastic_restore",
 ]

@@ -60,6 +60,8 @@ from merging.federated.gossip import (TARGETS, check_mixing_matrix, complete_gra
 from merging.federated.robust import (coordinate_median, krum, krum_scores, multi_krum, pairwise_sq_distances,
                                       trimmed_mean)
 from merging.federated.flag import FlagSubspace, flag_aggregator, flag_subspace
+from merging.federated.fedwon import (FEDBN_LOCAL, DomainCNN, DomainMLP, bn_statistics, fedbn, fedbn_client_params,
+                                      run_fedbn)
 from merging.federated.ccvr import (FeatureStats, VirtualFeatures, aggregate_feature_stats, calibrate_head,
                                     client_feature_stats, sample_virtual_features)
 
@@ -75,6 +77,7 @@ __all__ = [
     "flag_aggregator", "flag_subspace", "FlagSubspace",
     "FeatureStats", "VirtualFeatures", "aggregate_feature_stats", "calibrate_head", "client_feature_stats",
     "sample_virtual_features",
+    "FEDBN_LOCAL", "DomainCNN", "DomainMLP", "bn_statistics", "fedbn", "fedbn_client_params", "run_fedbn",
     "gossip_step", "mixing_matrix", "metropolis_hastings", "neighbor_average", "ring_graph", "complete_graph",
     "random_regular_graph", "check_mixing_matrix", "layer_variances", "rescale_to_variance", "TARGETS",
 ]
