@@ -35,7 +35,9 @@ The convention (every module here follows it)
     **Harness** (:mod:`merging.federated.harness`): :func:`make_local_update` (``local_steps`` optax steps per
     client from a fresh optimizer state, vmapped over clients, jitted once, sharded over the data axis) and
     :func:`run_federated` (participation sampling, local update, aggregation with ``participated * counts``
-    weights, evaluation, a history printable by :func:`format_table`). Deterministic under a seed.
+    weights, evaluation, a history printable by :func:`format_table`), and :func:`run_gossip` (decentralized:
+    every node trains from its own model, ``local_update(..., stacked=True)``, then ``gossip_step``).
+    Deterministic under a seed.
 
     **Decentralized** (gossip) averaging (:mod:`merging.federated.gossip`) has no server: client-stacked trees go in
     and out, ``gossip_step(client_params, W)`` with a mixing matrix ``W`` (:func:`mixing_matrix`).
@@ -51,7 +53,7 @@ from merging.federated.partitions import (DOMAINS, ClientData, MultiDomainDigits
                                           label_distribution, multi_domain_digits, partition_dirichlet,
                                           partition_iid, participation_probabilities)
 from merging.federated.harness import (FederatedResult, ServerRule, check_client_data, format_table,
-                                       make_local_update, run_federated)
+                                       make_local_update, run_federated, run_gossip)
 from merging.federated.fedau import FedAUState, fedau, fedau_init, fedau_step, fedau_update, fedau_weights
 from merging.federated.dp import clip_client_deltas, dp_fedavg
 from merging.federated.gossip import (TARGETS, check_mixing_matrix, complete_graph, gossip_step, layer_variances,
@@ -71,6 +73,7 @@ __all__ = [
     "DOMAINS", "ClientData", "MultiDomainDigits", "client_data", "domain_transform", "label_distribution",
     "multi_domain_digits", "partition_dirichlet", "partition_iid", "participation_probabilities",
     "FederatedResult", "ServerRule", "check_client_data", "format_table", "make_local_update", "run_federated",
+    "run_gossip",
     "FedAUState", "fedau", "fedau_init", "fedau_step", "fedau_update", "fedau_weights",
     "dp_fedavg", "clip_client_deltas",
     "coordinate_median", "trimmed_mean", "krum", "multi_krum", "krum_scores", "pairwise_sq_distances",

@@ -9,6 +9,13 @@ One round of :func:`run_federated` (FedAvg's loop, McMahan et al. 2017, Algorith
 Every client trains every round (one vmapped program of fixed shape, compiled once); the non-participants' models
 are then replaced by θ_t (``Δ_i = 0``) and get weight 0, so their result is ignored by every rule. Stateful rules
 (:class:`ServerRule`, e.g. FedAU) also receive the participation mask and keep their state across rounds.
+
+One round of :func:`run_gossip` (decentralized gossip learning: no server, every node keeps its own model; the
+synchronous form of the loop of Tian et al.'s simulator, github.com/twoentartian/DFL_torch: every node trains, sends
+its model to its neighbours and averages what it received, :mod:`merging.federated.gossip`)::
+
+    θ_i ← local_update(θ_i, D_i)                             each node from its OWN model (``stacked=True``)
+    θ_i ← Σ_j W_ij θ_j   [then the variance correction]      gossip_step(θ, W, variance_correction=...)
 """
 
 from __future__ import annotations
@@ -25,17 +32,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmodels.progress import progress_bar
 from jaxmodels.sharding import make_mesh
-from merging.federated.clients import client_sharding
+from merging.federated.clients import client_sharding, num_clients
+from merging.federated.gossip import TARGETS, check_mixing_matrix, gossip_step
 from merging.federated.partitions import ClientData
 
 PyTree = Any
 
-__all__ = ["FederatedResult", "ServerRule", "make_local_update", "run_federated", "format_table", "check_client_data"]
+__all__ = ["FederatedResult", "ServerRule", "make_local_update", "run_federated", "run_gossip", "format_table",
+           "check_client_data"]
 
 
 class FederatedResult(NamedTuple):
     """:func:`run_federated`'s result: the final global ``params`` and ``history``, one dict per round: ``round``
-    (1-based), ``participants`` (how many clients took part) and the ``eval_fn`` metrics of that round's model."""
+    (1-based), ``participants`` (how many clients took part) and the ``eval_fn`` metrics of that round's model.
+    :func:`run_gossip`'s: the nodes' final client-stacked models, and ``round`` plus the metrics per round."""
     params: PyTree
     history: list[dict]
 
@@ -74,12 +84,33 @@ def _check_positive_int(value: Any, name: str, method: str) -> int:
     return int(value)
 
 
+def _check_loop_inputs(tree: PyTree, name: str, data: ClientData, seed: Any, eval_fn: Any, method: str) -> np.ndarray:
+    """The round loops' shared checks (seed, eval_fn, counts vs mask, a floating and finite starting tree); returns
+    the counts."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"{method}: `seed` must be an integer, got {seed!r}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"{method}: `eval_fn` must be callable, got {type(eval_fn).__name__}")
+    counts = np.asarray(data.counts)
+    if not np.array_equal(counts, np.asarray(data.mask).sum(1)) or np.any(counts < 0):
+        raise ValueError(f"{method}: ClientData counts {counts} disagree with its mask")
+    for p, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(f"{method}: leaf {jax.tree_util.keystr(p)} of {name} has non-floating dtype")
+        if not np.all(np.isfinite(np.asarray(jax.device_get(leaf), np.float32))):
+            raise ValueError(f"{method}: {name} hold NaN/Inf at {jax.tree_util.keystr(p)}")
+    return counts
+
+
 def make_local_update(apply_fn: Callable[[PyTree, jax.Array], jax.Array], tx: optax.GradientTransformation, *,
                       local_steps: int, batch_size: int, loss_fn: Callable | None = None,
                       mesh: Mesh | None = None) -> Callable[[PyTree, ClientData, jax.Array], PyTree]:
     """``local_update(global_params, data, key) -> client_params`` (client-stacked): every client starts from
     ``global_params`` with a fresh ``tx.init`` state (FedAvg's ClientUpdate) and takes ``local_steps`` steps of
-    ``tx`` on minibatches of its own data.
+    ``tx`` on minibatches of its own data. ``local_update(client_params, data, key, stacked=True)``: every client
+    starts from its OWN model instead (``client_params`` client-stacked, leaf ``[C, ...]``, the ``C`` of ``data``):
+    the local step of decentralized (gossip) learning, :func:`run_gossip`. Same keys, same steps: client ``i``
+    started from ``broadcast_clients(global_params, C)`` computes exactly what the unstacked call computes.
 
     ``apply_fn(params, x) -> logits``; ``loss_fn(logits, labels) -> per-example losses [B]`` (default: softmax
     cross-entropy with integer labels). A minibatch is ``batch_size`` examples drawn uniformly with replacement
@@ -94,8 +125,9 @@ def make_local_update(apply_fn: Callable[[PyTree, jax.Array], jax.Array], tx: op
     ``global_params`` replicated; otherwise no sharding is imposed. A one-device mesh gives the single-device
     computation. ``local_update.place(data)`` puts a ClientData where the update wants it,
     ``local_update.place_params(tree, n)`` a global tree (replicated on the mesh when the ``n`` clients are
-    sharded) and ``local_update.mesh_for(n)`` says over which mesh (None: not sharded); ``run_federated`` uses them
-    so that every round runs one compiled program on inputs placed alike.
+    sharded), ``local_update.place_clients(tree)`` a client-stacked tree (sharded like the data: the stacked start)
+    and ``local_update.mesh_for(n)`` says over which mesh (None: not sharded); ``run_federated`` and
+    :func:`run_gossip` use them so that every round runs one compiled program on inputs placed alike.
     """
     method = "make_local_update"
     local_steps = _check_positive_int(local_steps, "local_steps", method)
@@ -134,18 +166,19 @@ def make_local_update(apply_fn: Callable[[PyTree, jax.Array], jax.Array], tx: op
                                       jax.random.split(key, local_steps))
         return params
 
-    def run(global_params, x, y, mask, key, sharded: bool):
+    def run(params, x, y, mask, key, sharded: bool, stacked: bool):
         n = x.shape[0]
         m = the_mesh()
         if sharded:
             put = lambda a: jax.lax.with_sharding_constraint(a, client_sharding(m, n, a.ndim))  # noqa: E731
             x, y, mask = put(x), put(y), put(mask)
-            global_params = jax.lax.with_sharding_constraint(global_params, NamedSharding(m, P()))
-        out = jax.vmap(one_client, in_axes=(None, 0, 0, 0, 0))(global_params, x, y, mask,
-                                                               jax.random.split(key, n))
+            params = (jax.tree.map(put, params) if stacked
+                      else jax.lax.with_sharding_constraint(params, NamedSharding(m, P())))
+        out = jax.vmap(one_client, in_axes=(0 if stacked else None, 0, 0, 0, 0))(params, x, y, mask,
+                                                                                 jax.random.split(key, n))
         return jax.tree.map(put, out) if sharded else out
 
-    jitted = jax.jit(run, static_argnames=("sharded",))
+    jitted = jax.jit(run, static_argnames=("sharded", "stacked"))
 
     def is_sharded(n: int) -> bool:
         m = the_mesh()
@@ -161,16 +194,22 @@ def make_local_update(apply_fn: Callable[[PyTree, jax.Array], jax.Array], tx: op
             return ClientData(*(jax.device_put(a, client_sharding(the_mesh(), n, np.ndim(a))) for a in data))
         return ClientData(*jax.device_put(tuple(data), the_mesh().devices.flat[0]))
 
-    def local_update(global_params: PyTree, data: ClientData, key: jax.Array) -> PyTree:
+    def local_update(global_params: PyTree, data: ClientData, key: jax.Array, *, stacked: bool = False) -> PyTree:
         n = check_client_data(data, "local_update")
         if batch_size > np.shape(data.x)[1]:
             raise ValueError(f"local_update: batch_size={batch_size} exceeds the {np.shape(data.x)[1]} slots per "
                              "client")
+        if not isinstance(stacked, (bool, np.bool_)):
+            raise TypeError(f"local_update: `stacked` must be a bool, got {stacked!r}")
+        name = "client_params" if stacked else "global_params"
+        if stacked and num_clients(global_params) != n:
+            raise ValueError(f"local_update: client_params hold {num_clients(global_params)} clients; the data has "
+                             f"{n}")
         for p, leaf in jax.tree_util.tree_leaves_with_path(global_params):
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-                raise TypeError(f"local_update: leaf {jax.tree_util.keystr(p)} of global_params has non-floating "
+                raise TypeError(f"local_update: leaf {jax.tree_util.keystr(p)} of {name} has non-floating "
                                 f"dtype {jnp.result_type(leaf)}")
-        return jitted(global_params, data.x, data.y, data.mask, key, sharded=is_sharded(n))
+        return jitted(global_params, data.x, data.y, data.mask, key, sharded=is_sharded(n), stacked=bool(stacked))
 
     def place_params(tree: PyTree, n: int) -> PyTree:
         """A global tree for ``n`` clients: replicated on the mesh when the clients are sharded (the sharding
@@ -179,8 +218,17 @@ def make_local_update(apply_fn: Callable[[PyTree, jax.Array], jax.Array], tx: op
             return jax.device_put(tree, NamedSharding(the_mesh(), P()))
         return jax.device_put(tree, the_mesh().devices.flat[0])
 
+    def place_clients(tree: PyTree) -> PyTree:
+        """A client-stacked tree placed like the data of its ``C`` clients: sharded on the client axis when they
+        are, else on the one device."""
+        n = num_clients(tree)
+        if is_sharded(n):
+            return jax.tree.map(lambda a: jax.device_put(a, client_sharding(the_mesh(), n, np.ndim(a))), tree)
+        return jax.device_put(tree, the_mesh().devices.flat[0])
+
     local_update.place = place
     local_update.place_params = place_params
+    local_update.place_clients = place_clients
     local_update.mesh_for = mesh_for
     return local_update
 
@@ -248,15 +296,11 @@ def run_federated(params: PyTree, data: ClientData, local_update: Callable, aggr
     n = check_client_data(data, method)
     rounds = _check_positive_int(rounds, "rounds", method)
     eval_every = _check_positive_int(eval_every, "eval_every", method)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"{method}: `seed` must be an integer, got {seed!r}")
     if weighting not in ("counts", "uniform"):
         raise ValueError(f"{method}: weighting must be 'counts' or 'uniform', got {weighting!r}")
     stateful = isinstance(aggregate, ServerRule)
     if not (stateful or callable(aggregate)) or not callable(local_update):
         raise TypeError(f"{method}: `local_update` and `aggregate` must be callables (or a ServerRule)")
-    if eval_fn is not None and not callable(eval_fn):
-        raise TypeError(f"{method}: `eval_fn` must be callable, got {type(eval_fn).__name__}")
     probs = None
     if participation is not None:
         probs = np.asarray(participation, np.float64)
@@ -264,14 +308,7 @@ def run_federated(params: PyTree, data: ClientData, local_update: Callable, aggr
             raise ValueError(f"{method}: `participation` has shape {probs.shape}; the data has {n} clients")
         if not np.all(np.isfinite(probs)) or np.any(probs < 0) or np.any(probs > 1):
             raise ValueError(f"{method}: participation probabilities must be in [0, 1], got {probs}")
-    counts_np = np.asarray(data.counts)
-    if not np.array_equal(counts_np, np.asarray(data.mask).sum(1)) or np.any(counts_np < 0):
-        raise ValueError(f"{method}: ClientData counts {counts_np} disagree with its mask")
-    for p, leaf in jax.tree_util.tree_leaves_with_path(params):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise TypeError(f"{method}: leaf {jax.tree_util.keystr(p)} of params has non-floating dtype")
-        if not np.all(np.isfinite(np.asarray(jax.device_get(leaf), np.float32))):
-            raise ValueError(f"{method}: params hold NaN/Inf at {jax.tree_util.keystr(p)}")
+    counts_np = _check_loop_inputs(params, "params", data, seed, eval_fn, method)
 
     place = getattr(local_update, "place", None)
     data = place(data) if place is not None else ClientData(*(jnp.asarray(a) for a in data))
@@ -301,6 +338,94 @@ def run_federated(params: PyTree, data: ClientData, local_update: Callable, aggr
     for row in history:  # one transfer at the end, not one per round
         row["participants"] = int(row["participants"])
     return FederatedResult(params, history)
+
+
+def _gossip_round(local_update, gossip_kw, clients, data, mixing, r, base_key):
+    """Local training from every node's own model, then one gossip step: one round as one program (the nodes'
+    models stay sharded over the local update's mesh when it shards the clients)."""
+    clients = local_update(clients, data, jax.random.fold_in(base_key, r), stacked=True)
+    clients = gossip_step(clients, mixing, check_finite=False, **dict(gossip_kw))
+    n = mixing.shape[0]
+    mesh = local_update.mesh_for(n) if hasattr(local_update, "mesh_for") else None
+    if mesh is None:
+        return clients
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, client_sharding(mesh, n, a.ndim)), clients)
+
+
+@functools.lru_cache(maxsize=32)
+def _gossip_fn(local_update, gossip_kw, jit_round: bool):
+    fn = functools.partial(_gossip_round, local_update, gossip_kw)
+    return jax.jit(fn) if jit_round else fn
+
+
+def run_gossip(client_params: PyTree, data: ClientData, local_update: Callable, mixing: Any, *, rounds: int,
+               seed: int, variance_correction: bool = False, target: str = "others", eps: float = 1e-4,
+               exclude: Any = None, eval_fn: Callable | None = None, progress: bool | None = None,
+               eval_every: int = 1, jit_round: bool = True) -> FederatedResult:
+    """Simulate ``rounds`` rounds of gossip learning (module docstring): every node ``i`` trains its own model
+    θ_i on its data ``D_i`` (``local_update(θ, data, key, stacked=True)``, :func:`make_local_update`), then mixes
+    with its neighbours through the row-stochastic ``mixing`` matrix W, optionally followed by the variance
+    correction of Tian et al. (``variance_correction`` / ``target`` / ``eps`` / ``exclude`` of
+    :func:`~merging.federated.gossip.gossip_step`)::
+
+        θ_i ← Σ_j W_ij θ_j,      then, per layer l with the pre-mixing variances v_j^l (target="others"):
+        θ_i^l ← (θ_i^l − mean) · √((t_i^l + ε) / (var(θ_i^l) + ε)) + mean,   t_i^l = Σ_{j≠i} W_ij v_j^l / Σ_{j≠i} W_ij
+
+    The authors' "VC" preset (DFL_torch ``default_config.py``) is ``mixing=neighbor_average(adjacency, 0.5)`` with
+    ``variance_correction=True, target="others"``. ``client_params``: the nodes' starting models, client-stacked
+    (e.g. independently initialized, the paper's setting; :func:`~merging.federated.clients.stack_clients`), as
+    many as the clients of ``data``. ``eval_fn(client_params) -> {name: scalar}`` (or a scalar, recorded as
+    ``eval``; it gets the client-stacked tree, e.g. the mean test accuracy over nodes) runs every ``eval_every``
+    rounds and after the last. Returns a :class:`FederatedResult` whose ``params`` are the final client-stacked
+    models and whose ``history`` has one dict per round (``round`` and the metrics). Deterministic under ``seed``
+    (round ``r`` trains with ``fold_in(PRNGKey(seed), r)``). Bad input raises before any work. A round is one
+    jitted program (``jit_round=False``: op by op), compiled once per ``local_update`` and gossip options (W is
+    an argument: any mixing matrix reuses it); with a sharding ``local_update`` the nodes stay sharded over the
+    mesh's data axis for the whole run.
+    """
+    method = "run_gossip"
+    n = check_client_data(data, method)
+    rounds = _check_positive_int(rounds, "rounds", method)
+    eval_every = _check_positive_int(eval_every, "eval_every", method)
+    if not callable(local_update):
+        raise TypeError(f"{method}: `local_update` must be callable, got {type(local_update).__name__}")
+    if not isinstance(variance_correction, (bool, np.bool_)):
+        raise TypeError(f"{method}: `variance_correction` must be a bool, got {variance_correction!r}")
+    if target not in TARGETS:
+        raise ValueError(f"{method}: `target` must be one of {TARGETS}, got {target!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.number)) or not 0 <= eps < np.inf:
+        raise ValueError(f"{method}: `eps` must be a finite number >= 0, got {eps!r}")
+    exclude = exclude if exclude is None or isinstance(exclude, str) else tuple(exclude)  # hashable: a static arg
+    if num_clients(client_params) != n:
+        raise ValueError(f"{method}: client_params hold {num_clients(client_params)} nodes; the data has {n} clients")
+    if np.shape(mixing) != (n, n):
+        raise ValueError(f"{method}: `mixing` must have shape ({n}, {n}) for {n} nodes, got {np.shape(mixing)}")
+    check_mixing_matrix(mixing, doubly_stochastic=False, method=method)
+    _check_loop_inputs(client_params, "client_params", data, seed, eval_fn, method)
+
+    place = getattr(local_update, "place", None)
+    data = place(data) if place is not None else ClientData(*(jnp.asarray(a) for a in data))
+    place_clients = getattr(local_update, "place_clients", None)
+    clients = place_clients(client_params) if place_clients is not None else client_params
+    w = jnp.asarray(np.asarray(jax.device_get(mixing), np.float32))
+    gossip_kw = (("variance_correction", bool(variance_correction)), ("target", target), ("eps", float(eps)),
+                 ("exclude", exclude))
+    try:
+        step = _gossip_fn(local_update, gossip_kw, jit_round)
+    except TypeError:  # an unhashable callable: compile for this run only
+        step = _gossip_fn.__wrapped__(local_update, gossip_kw, jit_round)
+    base_key = jax.random.PRNGKey(int(seed))
+    history: list[dict] = []
+    bar = progress_bar(range(1, rounds + 1), progress, desc="gossip rounds", total=rounds)
+    for r in bar:
+        clients = jax.block_until_ready(step(clients, data, w, jnp.asarray(r, jnp.int32), base_key))
+        row: dict = {"round": r}
+        if eval_fn is not None and (r % eval_every == 0 or r == rounds):
+            row.update(_metrics(jax.device_get(eval_fn(clients))))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({name: v for name, v in row.items() if name != "round"})
+        history.append(row)
+    return FederatedResult(clients, history)
 
 
 def format_table(history: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".4f") -> str:
