@@ -56,8 +56,11 @@ def test_one_helper_and_no_private_cross_package_imports():
                 if m.group(1) == pkg:
                     continue  # inside one package its own private helpers are fine
                 names = [n.split("#")[0].strip() for n in re.split(r"[,\n]", m.group(3).strip("()"))]
-                if any(part.startswith("_") for part in (m.group(2) or "").split(".")) or any(
-                        n.startswith("_") for n in names):
+                def private_name(n):  # _x is private; a dunder (__version__) is public by convention
+                    return n.startswith("_") and not (n.startswith("__") and n.endswith("__"))
+
+                if any(private_name(part) for part in (m.group(2) or "").split(".")) or any(
+                        private_name(n) for n in names):
                     bad.append(f"{f.relative_to(ROOT)}: {m.group(0).strip()}")
             if f.name != "progress.py" and gating.search(text):
                 copies.append(str(f.relative_to(ROOT)))
