@@ -126,6 +126,18 @@ def check_unit_interval(value: float, name: str, method: str, open_low: bool = F
         raise ValueError(f"{method}: `{name}` must be in {lo}0, 1{hi}, got {value}")
 
 
+def cycle_batches(batches, method: str):
+    """Yield the batches of a re-iterable forever, one pass after another (the learned-coefficient methods take one
+    batch per step); an empty iterable raises ``ValueError`` naming ``method`` at the first ``next``."""
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise ValueError(f"{method}: `batches` is empty")
+
+
 def path_seed(path: str) -> int:
     """A stable 31-bit seed from a leaf path: the same tensor gets the same random stream whether the tree is
     merged whole or streamed tensor by tensor by the CLI."""

@@ -30,7 +30,7 @@ import optax
 
 from jaxmodels.progress import progress_bar
 from jaxmodels.tree import flatten, unflatten
-from merging._common import validate_trees
+from merging._common import cycle_batches, validate_trees
 from merging.result import MergeResult
 
 PyTree = Any
@@ -70,16 +70,6 @@ def merge_with_coefficients(base: PyTree, models: Sequence[PyTree], coefficients
     tvs = [[(m - b) for m, b in zip(flatten(mm).values(), fb.values())] for mm in models]
     leaves = _combine(list(fb.values()), tvs, jnp.asarray(coefficients, jnp.float32), granularity, clamp)
     return unflatten(dict(zip(fb.keys(), leaves)), like=base)
-
-
-def _cycle(batches):
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("empty batch iterable")
 
 
 def learn_coefficients(base: PyTree, models: Sequence[PyTree], objective: Callable[[PyTree, Sequence[Any]], jax.Array],
@@ -127,7 +117,7 @@ def learn_coefficients(base: PyTree, models: Sequence[PyTree], objective: Callab
         u, s = tx.update(g, s, c)
         return optax.apply_updates(c, u), s, loss
 
-    streams = [_cycle(b) for b in batches]
+    streams = [cycle_batches(b, "learn_coefficients") for b in batches]
     losses = []
     for _ in progress_bar(range(steps), progress, desc=desc, leave=False):
         bs = [next(s) for s in streams]

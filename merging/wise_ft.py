@@ -208,16 +208,6 @@ def normalized_alphas(logits: jax.Array, *, mean: float, epsilon: float = 0.2) -
     return _alphas_of(jnp.asarray(logits, jnp.float32), (mean, epsilon))
 
 
-def _cycle(batches):
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("learn_layerwise_alphas: `batches` is empty")
-
-
 @jax.jit
 def _alphas_of(w, hp):
     s = jax.nn.sigmoid(w) + hp[1]
@@ -308,7 +298,7 @@ def learn_layerwise_alphas(base: Any, models: Sequence[Any], objective: Callable
     if batches is None:
         w, losses, datas = run_steps(w, tx.init(w), base, models[0], hp)
     else:
-        stream, state, losses, datas = _cycle(batches), tx.init(w), [], []
+        stream, state, losses, datas = C.cycle_batches(batches, method), tx.init(w), [], []
         for _ in progress_bar(range(int(steps)), progress, desc=method, leave=False):
             w, state, loss, data = step(w, state, base, models[0], next(stream), hp)
             losses.append(loss)

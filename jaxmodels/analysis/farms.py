@@ -60,7 +60,6 @@ API::
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Literal, Mapping, NamedTuple
 
 import jax
@@ -78,6 +77,7 @@ from jaxmodels.analysis.spectral import (
     _matrix_metrics,
     _slices,
     _thresh,
+    select_matrices,
 )
 from jaxmodels.tree import flatten, map_with_path
 
@@ -214,18 +214,7 @@ def layer_farms(params: PyTree, *, include: str = r"kernel$", exclude: str | Non
     least ``min_evals`` full-matrix eigenvalues: ``{path: FarmsResult}``. One compilation per distinct shape."""
     _check_metric_args(fit, thresh, xmin_pos)
     sampling = _sampling(num_row_samples, q_ratio, sampling_ops_per_dim, step_size, conv_norm)
-    inc = re.compile(include)
-    exc = re.compile(exclude) if exclude else None
-    chosen = {}
-    for path, leaf in flatten(params).items():
-        if not inc.search(path) or (exc is not None and exc.search(path)):
-            continue
-        if getattr(leaf, "ndim", 0) < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
-            continue
-        if int(np.prod(leaf.shape[:-2])) * min(leaf.shape[-2:]) >= max(2, min_evals):
-            chosen[path] = leaf
-    for path, leaf in chosen.items():
-        _check_float_array(leaf, path, 2)
+    chosen = select_matrices(params, include, exclude, max(2, min_evals))
     t, xp = _thresh(thresh), jnp.float32(xmin_pos)
     return {path: _farms_and_full(leaf, t, xp, fit=fit, sampling=sampling) for path, leaf in chosen.items()}
 

@@ -68,7 +68,7 @@ from jaxmodels.tree import flatten, is_concrete
 PyTree = Any
 
 __all__ = ["EVALS_THRESH", "PowerLawFit", "SpectralMetrics", "esd", "fit_power_law", "hill_alpha", "esd_metrics",
-           "matrix_metrics", "layer_metrics"]
+           "matrix_metrics", "layer_metrics", "select_matrices"]
 
 EVALS_THRESH = 1e-5  # weightwatcher's EVALS_THRESH: eigenvalues <= this are left out of the power-law fit
 SMALL_N = 20  # weightwatcher's SMALL_N_CUTOFF: fewer eigenvalues than this use the small-N fit
@@ -352,14 +352,11 @@ def _num_evals(shape) -> int:
     return int(np.prod(shape[:-2], dtype=np.int64)) * min(shape[-2:])
 
 
-def layer_metrics(params: PyTree, *, include: str = r"(kernel|embedding)$", exclude: str | None = None,
-                  min_evals: int = 8, max_evals: int = 15000, **kwargs) -> dict[str, SpectralMetrics]:
-    """:func:`matrix_metrics` for every leaf of ``params`` whose path matches ``include`` (and not ``exclude``) and
-    has ``ndim >= 2``: ``{path: SpectralMetrics}`` in tree order. As weightwatcher, layers with fewer than
-    ``min_evals`` or more than ``max_evals`` eigenvalues are skipped. ``kwargs`` go to :func:`matrix_metrics`
-    (``fit``, ``thresh``, ``xmin_pos``, ``normalize``, ``conv2d_norm``); each distinct shape compiles once."""
-    if min_evals < 2 or max_evals < min_evals:
-        raise ValueError(f"need 2 <= min_evals <= max_evals, got min_evals={min_evals}, max_evals={max_evals}")
+def select_matrices(params: PyTree, include: str, exclude: str | None, min_evals: int,
+                    max_evals: int | None = None) -> dict[str, Any]:
+    """The leaves the per-layer walks analyse, ``{path: leaf}`` in tree order: path matches ``include`` and not
+    ``exclude``, floating, ``ndim >= 2``, with ``min_evals <= (number of eigenvalues) <= max_evals`` (no upper
+    bound for ``None``); each chosen leaf is then checked finite (the error names its path) before any work."""
     inc = re.compile(include)
     exc = re.compile(exclude) if exclude else None
     chosen = {}
@@ -368,8 +365,21 @@ def layer_metrics(params: PyTree, *, include: str = r"(kernel|embedding)$", excl
             continue
         if getattr(leaf, "ndim", 0) < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
             continue
-        if min_evals <= _num_evals(leaf.shape) <= max_evals:
+        n = _num_evals(leaf.shape)
+        if n >= min_evals and (max_evals is None or n <= max_evals):
             chosen[path] = leaf
     for path, leaf in chosen.items():
         _check_float_array(leaf, path, 2)
+    return chosen
+
+
+def layer_metrics(params: PyTree, *, include: str = r"(kernel|embedding)$", exclude: str | None = None,
+                  min_evals: int = 8, max_evals: int = 15000, **kwargs) -> dict[str, SpectralMetrics]:
+    """:func:`matrix_metrics` for every leaf of ``params`` whose path matches ``include`` (and not ``exclude``) and
+    has ``ndim >= 2``: ``{path: SpectralMetrics}`` in tree order. As weightwatcher, layers with fewer than
+    ``min_evals`` or more than ``max_evals`` eigenvalues are skipped. ``kwargs`` go to :func:`matrix_metrics`
+    (``fit``, ``thresh``, ``xmin_pos``, ``normalize``, ``conv2d_norm``); each distinct shape compiles once."""
+    if min_evals < 2 or max_evals < min_evals:
+        raise ValueError(f"need 2 <= min_evals <= max_evals, got min_evals={min_evals}, max_evals={max_evals}")
+    chosen = select_matrices(params, include, exclude, min_evals, max_evals)
     return {path: matrix_metrics(leaf, **kwargs) for path, leaf in chosen.items()}
