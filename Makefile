@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 # CLI children, file I/O), and a third keeps both cores busy (tests/quant/ptq: 338 s with -n 2, 312 s with -n 3,
 # 372 s with -n 4, same machine, quiet).
 JOBS ?= 3
+# Python's bytecode caches on for every recipe, even where the environment turns them off (PYTHONDONTWRITEBYTECODE=1
+# on this machine and its CI, and uv installs no .pyc): without them each of the suite's processes (3 workers, the
+# colab kernels, the CLI and crash-test children) compiles jax, scipy and flax from source again, ~4 CPU-s each.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test colabs bench docs clean
 

@@ -21,10 +21,10 @@ back to the tensor's shape; any array that already broadcasts against the tensor
 
 Codes: :func:`encode` maps a tensor to *unsigned* integer codes in ``[0, 2**bits)`` (``uint8``), the form that
 :mod:`quant.packing` packs; :func:`decode` maps codes back to values. For integer formats the code is the integer
-level (asymmetric) or the level plus ``2**(bits-1)`` (symmetric, offset binary); for float and MX formats it is the IEEE-like
-bit pattern ``sign | exponent | mantissa`` of the element (identical to ``ml_dtypes``' bit patterns, NaN and inf
-included, see :mod:`quant.floats`); for NF4 the index of the level; for ternary ``q + 1``; for binary ``(q + 1) / 2``.
-MX scales are E8M0 bytes (:mod:`quant.mx`).
+level (asymmetric) or the level plus ``2**(bits-1)`` (symmetric, offset binary); for float and MX formats it is the
+IEEE-like bit pattern ``sign | exponent | mantissa`` of the element (identical to ``ml_dtypes``' bit patterns, NaN
+and inf included, see :mod:`quant.floats`); for NF4 the index of the level; for ternary ``q + 1``; for binary
+``(q + 1) / 2``. MX scales are E8M0 bytes (:mod:`quant.mx`).
 
 Non-finite input (NaN, +-inf):
 
@@ -324,6 +324,10 @@ def compute_qparams(x: jax.Array, fmt: Format) -> QParams:
     ``s = c mean|x|``. All-zero blocks get ``s = 1``. Non-finite input: see the module docstring.
     """
     _refuse_non_finite(x, fmt, "compute_qparams")
+    return _compute_qparams(x, fmt)
+
+
+def _compute_qparams_impl(x: jax.Array, fmt: Format) -> QParams:
     x = jnp.asarray(x).astype(jnp.float32)
     if isinstance(fmt, MXFormat):
         return QParams(e8m0_from_amax(reduce_stats(jnp.abs(x), fmt, jnp.max), fmt.elem), None)
@@ -380,6 +384,10 @@ def quantize_levels(x: jax.Array, fmt: Format, qparams: QParams) -> jax.Array:
     """The quantized *level* of each element, float32: the integer ``q`` for int formats (with zero point added for
     asymmetric), the rounded value ``RNE(x / s)`` for float formats (the element ``P`` for MX), the level index for
     NF4, ``{-1,0,1}`` / ``{-1,1}`` for ternary / binary. ``dequantize_levels`` inverts it."""
+    return _quantize_levels(x, fmt, qparams)
+
+
+def _quantize_levels_impl(x: jax.Array, fmt: Format, qparams: QParams) -> jax.Array:
     x = jnp.asarray(x).astype(jnp.float32)
     s = expand(qparams.scale, x.shape)
     if isinstance(fmt, MXFormat):
@@ -408,6 +416,11 @@ def dequantize_levels(q: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.flo
     symmetric int, float, ternary and binary formats, ``(q − z) · s`` for asymmetric int, ``NF4_LEVELS[q] · s`` for
     NF4 and the exact power-of-two scaling ``q · 2^(c − 127)`` for MX (``c`` the E8M0 scale byte); ``s`` (or ``c``)
     and ``z`` are ``qparams.scale`` / ``qparams.zero`` broadcast to ``q``'s shape."""
+    return _dequantize_levels(q, fmt, qparams, dtype)
+
+
+def _dequantize_levels_impl(q: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.float32) -> jax.Array:
+    q = jnp.asarray(q)
     s = expand(qparams.scale, q.shape)
     if isinstance(fmt, MXFormat):
         out = mx_scale_mul(q, s)
@@ -422,8 +435,14 @@ def dequantize_levels(q: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.flo
 
 def round_trip(x: jax.Array, fmt: Format, qparams: QParams | None = None) -> jax.Array:
     """``dequantize(quantize(x))`` in ``x``'s dtype, no gradient rule (see :func:`quant.fake_quant` for STE)."""
-    qp = compute_qparams(x, fmt) if qparams is None else qparams
-    return dequantize_levels(quantize_levels(x, fmt, qp), fmt, qp, dtype=jnp.asarray(x).dtype)
+    if qparams is None:
+        _refuse_non_finite(x, fmt, "compute_qparams")
+    return _round_trip(x, fmt, qparams)
+
+
+def _round_trip_impl(x: jax.Array, fmt: Format, qparams: QParams | None) -> jax.Array:
+    qp = _compute_qparams_impl(x, fmt) if qparams is None else qparams
+    return _dequantize_levels_impl(_quantize_levels_impl(x, fmt, qp), fmt, qp, dtype=jnp.asarray(x).dtype)
 
 
 # ----------------------------------------------------------------------------------------------------- codes
@@ -431,7 +450,11 @@ def round_trip(x: jax.Array, fmt: Format, qparams: QParams | None = None) -> jax
 def encode(x: jax.Array, fmt: Format, qparams: QParams) -> jax.Array:
     """Unsigned ``uint8`` codes in ``[0, 2^bits)`` (see module docstring)."""
     _refuse_non_finite(x, fmt, "encode")
-    q = quantize_levels(x, fmt, qparams)
+    return _encode(x, fmt, qparams)
+
+
+def _encode_impl(x: jax.Array, fmt: Format, qparams: QParams) -> jax.Array:
+    q = _quantize_levels_impl(x, fmt, qparams)
     if isinstance(fmt, IntFormat):
         off = 2 ** (fmt.bits - 1) if fmt.symmetric else 0
         return (q + off).astype(jnp.uint8)
@@ -448,7 +471,11 @@ def encode(x: jax.Array, fmt: Format, qparams: QParams) -> jax.Array:
 
 def decode(codes: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.float32) -> jax.Array:
     """Inverse of :func:`encode`: values ``x_hat`` from codes and parameters."""
-    c = codes.astype(jnp.int32)
+    return _decode(codes, fmt, qparams, dtype)
+
+
+def _decode_impl(codes: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.float32) -> jax.Array:
+    c = jnp.asarray(codes).astype(jnp.int32)
     if isinstance(fmt, IntFormat):
         off = 2 ** (fmt.bits - 1) if fmt.symmetric else 0
         q = (c - off).astype(jnp.float32)
@@ -462,4 +489,14 @@ def decode(codes: jax.Array, fmt: Format, qparams: QParams, dtype=jnp.float32) -
         q = (2 * c - 1).astype(jnp.float32)
     else:
         raise TypeError(f"unknown format {fmt!r}")
-    return dequantize_levels(q, fmt, qparams, dtype)
+    return _dequantize_levels_impl(q, fmt, qparams, dtype)
+
+
+# One compiled program per (shape, format) instead of a dozen op-by-op dispatches when called eagerly (the non-finite
+# checks above stay outside, on the concrete input); inside a caller's jit these inline like any jitted function.
+_compute_qparams = jax.jit(_compute_qparams_impl, static_argnums=1)
+_quantize_levels = jax.jit(_quantize_levels_impl, static_argnums=1)
+_dequantize_levels = jax.jit(_dequantize_levels_impl, static_argnums=(1, 3))
+_encode = jax.jit(_encode_impl, static_argnums=1)
+_decode = jax.jit(_decode_impl, static_argnums=(1, 3))
+_round_trip = jax.jit(_round_trip_impl, static_argnums=1)
