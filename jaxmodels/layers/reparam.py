@@ -2,9 +2,10 @@
 
 ``y = x W' + b`` (Dense) or ``y = conv(x, W') + b`` (Conv) with ``W' = transform(W)`` where ``W`` is the stored
 parameter ``kernel``. ``transform`` is either a plain function ``kernel -> kernel`` (e.g.
-:func:`jaxmodels.layers.weight_standardize`, :func:`jaxmodels.layers.weight_compander`) or a linen module called on
-the kernel (e.g. :class:`jaxmodels.layers.WeightCompander` with learnable hyper-parameters, whose parameters live
-under ``transform``). Flax layouts: Dense ``[in, out]``, Conv ``[*kernel_size, in, out]``, NHWC inputs.
+:func:`jaxmodels.layers.weight_standardize`) or a linen module called on the kernel, whose own parameters (learnable
+hyper-parameters of the transform, e.g. the gain of :class:`jaxmodels.layers.ScaledWS`) live under ``transform``.
+Weight Compander (Cakaj et al., 2023), the transform this hook was made for, is not built: its reparameterization
+function is not in the abstract, and its text could not be sourced here. Flax layouts: Dense ``[in, out]``, Conv ``[*kernel_size, in, out]``, NHWC inputs.
 """
 
 from __future__ import annotations
