@@ -7,7 +7,9 @@ share; both are rewritten in the loaded docstrings, the sources are untouched:
   an optional cross-reference to the object (a link where the site documents it, plain code otherwise; relative
   names are resolved in the docstring's scope, ``~`` shows the last component only);
 * literal blocks, ``paragraph::`` + blank line + indented block: ``text::`` becomes ``text:``, ``text ::`` becomes
-  ``text`` and a lone ``::`` line goes (the indented block is already a Markdown code block).
+  ``text`` and a lone ``::`` line goes (the indented block is already a Markdown code block);
+* doctest examples, a run of ``>>>`` / ``...`` lines and the output lines after them up to a blank line: fenced as a
+  ``python`` code block (Markdown would read ``p["kernel"]`` in them as a link).
 
 Loaded by mkdocstrings (``mkdocs.yml``: ``extensions: [docs/griffe_rst.py]``).
 """
@@ -37,6 +39,24 @@ def _target(obj: griffe.Object, name: str) -> str:
     return f"{full}.{rest}" if rest else full
 
 
+def fence_doctests(text: str) -> str:
+    """Every doctest run (``>>>`` line, its ``...`` continuations and output lines, up to a blank line or the end)
+    wrapped in a fenced ``python`` block at its own indentation; other lines unchanged."""
+    out, block, indent = [], [], ""
+    for line in text.split("\n") + [""]:
+        if block and line.strip():
+            block.append(line)
+            continue
+        if block:
+            out += [indent + "```python", *block, indent + "```"]
+            block = []
+        if line.lstrip().startswith(">>>"):
+            indent, block = line[:len(line) - len(line.lstrip())], [line]
+        else:
+            out.append(line)
+    return "\n".join(out[:-1])
+
+
 def rst_to_markdown(text: str, obj: griffe.Object) -> str:
     """The docstring ``text`` of ``obj`` with reST roles as optional autorefs and ``::`` literal markers as ``:``."""
 
@@ -51,7 +71,7 @@ def rst_to_markdown(text: str, obj: griffe.Object) -> str:
             return ""
         return m.group(1) + ("\n" if m.group(2) else ":\n")
 
-    return LITERAL.sub(literal, ROLE.sub(role, text))
+    return fence_doctests(LITERAL.sub(literal, ROLE.sub(role, text)))
 
 
 class RstDocstrings(griffe.Extension):

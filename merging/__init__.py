@@ -24,9 +24,10 @@ Data-free merges (every registered method; the calling convention)
     (check concrete inputs before jitting); shape/dtype/hyper-parameter checks still run. Interpolation factors
     (``t``, ``alpha``) may be traced under ``jax.jit``; their range is checked when they are concrete.
     :func:`merging.wise_ft.layerwise_wise_ft` is WiSE-FT with one α per path-regex part (not registered: it takes
-    ``alphas`` and ``groups``). Not of this form: :mod:`merging.moe_expert_merge` merges the experts inside one
-    model (``experts``, a tree of stacked ``[E, ...]`` leaves) and :func:`merging.tall_masks.tall_masks` returns
-    masks, not a merged model.
+    ``alphas`` and ``groups``); :mod:`merging.bang` is BANG's fine-tuning objective (MixUp + label smoothing) whose
+    result is then interpolated by ``wise_ft``. Not of this form: :mod:`merging.moe_expert_merge` merges the experts
+    inside one model (``experts``, a tree of stacked ``[E, ...]`` leaves) and :func:`merging.tall_masks.tall_masks`
+    returns masks, not a merged model.
 
 Data-aware merges (the calling convention)
     ``method(base, models, <statistics or objective>, *, **hparams) -> MergeResult(params, info)``: the data-free
@@ -46,7 +47,11 @@ Data-aware merges (the calling convention)
     ``exclusive`` / ``router`` / ..., PLeaS ``widths`` / ``merged_pairs``. Hyper-parameter names follow the
     data-free ones (``weights``: one per model). Permutation alignment is trees first, then the spec:
     ``weight_matching(params_a, params_b, spec)``, ``activation_matching(params_a, params_b, apply_fn, batches,
-    perm_layers)``, ``apply_permutation(params, spec, perm)``. Statistics helpers keep the model first:
+    perm_layers)``, ``ste_permutation_search(params_a, params_b, spec, loss_fn, batches)`` (Re-Basin's
+    straight-through estimator), ``apply_permutation(params, spec, perm)``; matching of N models is a merge,
+    ``merge_many(base, models, spec) -> MergeResult`` (:mod:`merging.ste_permutation`), and
+    :mod:`merging.alignment` measures how permutation aligns the layers' top singular vectors. Statistics helpers
+    keep the model first:
     ``diagonal_fisher(apply_fn, params, batches)`` (batches ``(x, y)`` or ``(x, y, mask)`` for padded sequences)
     like :func:`jaxmodels.capture.collect_stats`. The uniform average everywhere is
     :func:`merging.linear.uniform_soup`.
@@ -63,4 +68,5 @@ from merging import moe_expert_merge, robust_signatures, sparse_soup  # noqa: E4
 # data-aware methods
 from merging import (adamerging, atlas, fisher, greedy_soup, lmc, permutation, pleas, regmean,  # noqa: E402
                      twin_merging)
+from merging import alignment, bang, ste_permutation  # noqa: E402
 from merging.result import MergeResult  # noqa: E402

@@ -12,9 +12,15 @@ work and never modified; everything computes in float32.
   per-layer learning-rate scales (TempBalance's maps, TB_Sigmoid; an optax transform) or pruning ratios.
 - :mod:`~jaxmodels.analysis.neural_collapse`: NC1-NC4 (Papyan, Han & Donoho 2020).
 - :mod:`~jaxmodels.analysis.data_diet`: EL2N / GraNd example scores and pruning the data by score.
+- :mod:`~jaxmodels.analysis.interaction_basis`: the local interaction basis (Bushnaq et al.) of an MLP's layers and
+  the sparsity of the interactions between adjacent layers' directions, against the PCA and neuron bases.
+- :mod:`~jaxmodels.analysis.projection_head`: layer-wise feature weighting of a linear chain (Xue et al., ICLR 2024:
+  why a projection head helps), from weights or from representations; HaoChen et al.'s spectral contrastive loss.
+- :mod:`~jaxmodels.analysis.rift`: RiFT's module robust criticality, fine-tuning of the least critical module and
+  the interpolation back to the original weights.
 """
 
-from jaxmodels.analysis import data_diet, farms, neural_collapse, spectral
+from jaxmodels.analysis import data_diet, farms, interaction_basis, neural_collapse, projection_head, rift, spectral
 from jaxmodels.analysis.data_diet import el2n_scores, grand_scores, prune_by_score
 from jaxmodels.analysis.farms import (
     FarmsResult,
@@ -27,7 +33,34 @@ from jaxmodels.analysis.farms import (
     scale_by_layer,
     window_starts,
 )
+from jaxmodels.analysis.interaction_basis import (
+    EdgeSparsity,
+    InteractionBasis,
+    dense_layer_fns,
+    edge_sparsity,
+    interaction_edges,
+    local_interaction_basis,
+    neuron_basis,
+    node_activations,
+    pca_basis,
+)
 from jaxmodels.analysis.neural_collapse import NeuralCollapse, neural_collapse_metrics
+from jaxmodels.analysis.projection_head import (
+    FeatureWeighting,
+    feature_weights,
+    representation_feature_weights,
+    spectral_contrastive_loss,
+)
+from jaxmodels.analysis.rift import (
+    FinetuneResult,
+    InterpolationChoice,
+    ModuleCriticality,
+    finetune_module,
+    interpolate,
+    least_critical_module,
+    module_robust_criticality,
+    select_interpolation,
+)
 from jaxmodels.analysis.spectral import (
     EVALS_THRESH,
     PowerLawFit,
@@ -41,7 +74,12 @@ from jaxmodels.analysis.spectral import (
 )
 
 __all__ = [
-    "data_diet", "farms", "neural_collapse", "spectral",
+    "data_diet", "farms", "interaction_basis", "neural_collapse", "projection_head", "rift", "spectral",
+    "InteractionBasis", "EdgeSparsity", "dense_layer_fns", "node_activations", "local_interaction_basis", "pca_basis",
+    "neuron_basis", "interaction_edges", "edge_sparsity",
+    "FeatureWeighting", "feature_weights", "representation_feature_weights", "spectral_contrastive_loss",
+    "ModuleCriticality", "FinetuneResult", "InterpolationChoice", "module_robust_criticality", "least_critical_module",
+    "finetune_module", "interpolate", "select_interpolation",
     "el2n_scores", "grand_scores", "prune_by_score",
     "FarmsResult", "farms_esd", "farms_metrics", "layer_farms", "layer_scale_tree", "lr_scales_from_alpha",
     "pruning_ratios_from_alpha", "scale_by_layer", "window_starts",

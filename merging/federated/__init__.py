@@ -44,6 +44,11 @@ The convention (every module here follows it)
 
     **Post-hoc calibration** (:mod:`merging.federated.ccvr`): CCVR (Luo et al. 2021) pools the clients' per-class
     feature means/covariances, samples virtual features and re-trains the classifier head.
+
+    **Distributed pruning** (:mod:`merging.federated.fedtiny`): FedTiny (Huang et al. 2023) selects a coarse sparse
+    candidate by the clients' losses under re-estimated BatchNorm statistics (:func:`adaptive_bn_selection`), then
+    prunes and regrows one layer at a time from the clients' top-K gradients (:func:`prune_and_regrow`,
+    :func:`run_fedtiny`), each layer keeping its weight count.
 """
 
 from merging.federated.clients import (broadcast_clients, client_shapes, client_sharding, num_clients, shard_clients,
@@ -66,6 +71,10 @@ from merging.federated.fedwon import (FEDBN_LOCAL, DomainCNN, DomainMLP, bn_stat
                                       run_fedbn)
 from merging.federated.ccvr import (FeatureStats, VirtualFeatures, aggregate_feature_stats, calibrate_head,
                                     client_feature_stats, sample_virtual_features)
+from merging.federated.fedtiny import (PRUNABLE, BNSelection, FedTinyResult, adaptive_bn_selection,
+                                       aggregate_bn_statistics, apply_masks, client_bn_statistics, client_topk,
+                                       decay_fraction, layer_densities, magnitude_masks, masked_bn_statistics,
+                                       prunable_paths, prune_and_regrow, run_fedtiny)
 
 __all__ = [
     "broadcast_clients", "client_shapes", "client_sharding", "num_clients", "shard_clients", "stack_clients",
@@ -83,4 +92,7 @@ __all__ = [
     "FEDBN_LOCAL", "DomainCNN", "DomainMLP", "bn_statistics", "fedbn", "fedbn_client_params", "run_fedbn",
     "gossip_step", "mixing_matrix", "metropolis_hastings", "neighbor_average", "ring_graph", "complete_graph",
     "random_regular_graph", "check_mixing_matrix", "layer_variances", "rescale_to_variance", "TARGETS",
+    "BNSelection", "FedTinyResult", "PRUNABLE", "prunable_paths", "magnitude_masks", "layer_densities", "apply_masks",
+    "masked_bn_statistics", "client_bn_statistics", "aggregate_bn_statistics", "adaptive_bn_selection",
+    "decay_fraction", "client_topk", "prune_and_regrow", "run_fedtiny",
 ]
