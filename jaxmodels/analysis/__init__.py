@@ -16,12 +16,26 @@ work and never modified; everything computes in float32.
   the sparsity of the interactions between adjacent layers' directions, against the PCA and neuron bases.
 - :mod:`~jaxmodels.analysis.projection_head`: layer-wise feature weighting of a linear chain (Xue et al., ICLR 2024:
   why a projection head helps), from weights or from representations; HaoChen et al.'s spectral contrastive loss.
+- :mod:`~jaxmodels.analysis.sublayers`: a Llama-family / GPT-2 decoder run block by block from its params, with
+  attention and MLP sublayers kept, dropped or gated (one compiled program for every drop pattern), the residual
+  stream, and the smaller renumbered model after block removal.
+- :mod:`~jaxmodels.analysis.depth`: "Do language models use their depth efficiently?" (Csordás et al.): per-layer
+  contribution norms and cosines of the residual updates, and the effect of skipping a layer on later layers and
+  on the output distribution.
 - :mod:`~jaxmodels.analysis.rift`: RiFT's module robust criticality, fine-tuning of the least critical module and
   the interpolation back to the original weights.
 """
 
-from jaxmodels.analysis import data_diet, farms, interaction_basis, neural_collapse, projection_head, rift, spectral
+from jaxmodels.analysis import (data_diet, depth, farms, interaction_basis, neural_collapse, projection_head, rift,
+                                spectral, sublayers)
 from jaxmodels.analysis.data_diet import el2n_scores, grand_scores, prune_by_score
+from jaxmodels.analysis.depth import (
+    DepthContributions,
+    SkipEffects,
+    contributions_from_stream,
+    layer_contributions,
+    skip_effects,
+)
 from jaxmodels.analysis.farms import (
     FarmsResult,
     farms_esd,
@@ -72,9 +86,25 @@ from jaxmodels.analysis.spectral import (
     layer_metrics,
     matrix_metrics,
 )
+from jaxmodels.analysis.sublayers import (
+    DecoderSublayers,
+    KeptSublayers,
+    ResidualStream,
+    decoder_sublayers,
+    drop_sublayer_params,
+    gated_apply,
+    remove_blocks,
+    residual_stream,
+    sublayer_apply,
+    sublayer_forward,
+)
 
 __all__ = [
-    "data_diet", "farms", "interaction_basis", "neural_collapse", "projection_head", "rift", "spectral",
+    "data_diet", "depth", "farms", "interaction_basis", "neural_collapse", "projection_head", "rift", "spectral",
+    "sublayers",
+    "DecoderSublayers", "KeptSublayers", "ResidualStream", "decoder_sublayers", "residual_stream", "sublayer_forward",
+    "sublayer_apply", "gated_apply", "drop_sublayer_params", "remove_blocks",
+    "DepthContributions", "SkipEffects", "layer_contributions", "contributions_from_stream", "skip_effects",
     "InteractionBasis", "EdgeSparsity", "dense_layer_fns", "node_activations", "local_interaction_basis", "pca_basis",
     "neuron_basis", "interaction_edges", "edge_sparsity",
     "FeatureWeighting", "feature_weights", "representation_feature_weights", "spectral_contrastive_loss",

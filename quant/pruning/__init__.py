@@ -33,6 +33,13 @@ output error ``‖XW − XŴ‖² / ‖XW‖²`` on the calibration tokens, when
 Layer-adaptive sparsity (:mod:`quant.pruning.allocation`): per-layer output-distortion curves over candidate
 sparsities, allocated under a global budget by the exact multiple-choice knapsack of
 :func:`quant.ptq.allocate_knapsack`.
+
+Depth pruning of decoders (the convention's ``(params, model, calib, config)`` with ``model`` the Llama-family /
+GPT-2 linen model itself, run sublayer by sublayer through :mod:`jaxmodels.analysis.sublayers`):
+:mod:`quant.pruning.redundancy` (What Matters in Transformers: ``S = 1 − cos(X_in, X_out)`` per block / attention /
+MLP, and Block / Attention / MLP / Joint Layer Drop by :func:`layer_drop`) and :mod:`quant.pruning.block_fusion`
+(FuseGPT's learnable fusion of a removed block into its neighbours, FoldGPT's gated removal and block weight
+sharing), each returning the smaller model that still runs.
 """
 
 from quant.ptq.engine import register_layer_quantizer
@@ -41,10 +48,18 @@ from .allocation import (
     AllocationConfig, allocate_sparsity, distortion_curves, joint_distortion, layer_adaptive_prune,
     prune_with_sparsities,
 )
+from .block_fusion import (
+    FoldGPTConfig, FuseGPTConfig, Reduced, block_gates, foldgpt, fuse_group, fusegpt, macro_influence, share_groups,
+    unique_param_count,
+)
 from .magnitude import MagnitudeConfig, block_kernel_shapes, magnitude_prune_weight, prune_magnitude
 from .masks import (
     MaskedState, apply_masks, check_sparsity, mask_sparsity, masked, masks_from_layers, num_pruned, parse_nm,
     prune_mask, pruning_report,
+)
+from .redundancy import (
+    DROP_TARGETS, LayerDropConfig, RedundancyScores, layer_drop, random_drops, redundancy_from_stream,
+    redundancy_scores, select_drops,
 )
 from .sparsegpt import SparseGPTConfig, sparsegpt, sparsegpt_prune_weight
 from .wanda import WandaConfig, input_sq_norms, wanda, wanda_prune_weight
@@ -61,4 +76,8 @@ __all__ = [
     "parse_nm", "check_sparsity", "num_pruned",
     "AllocationConfig", "distortion_curves", "allocate_sparsity", "prune_with_sparsities", "layer_adaptive_prune",
     "joint_distortion",
+    "RedundancyScores", "LayerDropConfig", "DROP_TARGETS", "redundancy_from_stream", "redundancy_scores",
+    "select_drops", "random_drops", "layer_drop",
+    "FuseGPTConfig", "FoldGPTConfig", "Reduced", "macro_influence", "fuse_group", "fusegpt", "block_gates",
+    "share_groups", "foldgpt", "unique_param_count",
 ]
