@@ -12,6 +12,15 @@ work and never modified; everything computes in float32.
   per-layer learning-rate scales (TempBalance's maps, TB_Sigmoid; an optax transform) or pruning ratios.
 - :mod:`~jaxmodels.analysis.neural_collapse`: NC1-NC4 (Papyan, Han & Donoho 2020).
 - :mod:`~jaxmodels.analysis.data_diet`: EL2N / GraNd example scores and pruning the data by score.
+- :mod:`~jaxmodels.analysis.bn_only`: "Training BatchNorm and Only BatchNorm" (Frankle et al.): masks of the BN
+  affine leaves (or n random weights, the control), an optax wrapper that trains only a mask, and the share of
+  disabled features (|γ| ≈ 0).
+- :mod:`~jaxmodels.analysis.normgrad`: NormGrad saliency (Rebuffi et al.): ``‖g_u‖·‖y_u‖`` per location at a layer
+  (virtual identity, conv and selective variants), combined over layers.
+- :mod:`~jaxmodels.analysis.filters`: CNN Filter DB (Gavrikov & Keuper) 3×3 filter quality (sparsity, variance
+  entropy, orthogonality) and the PCA-histogram distribution shift between filter sets.
+- :mod:`~jaxmodels.analysis.orthogonality`: Orthogonal CNNs (Wang et al.): ``‖Conv(K, K) − I_r0‖²`` with the
+  stride, as a loss term for any train step, and the conditioning of a conv operator.
 - :mod:`~jaxmodels.analysis.interaction_basis`: the local interaction basis (Bushnaq et al.) of an MLP's layers and
   the sparsity of the interactions between adjacent layers' directions, against the PCA and neuron bases.
 - :mod:`~jaxmodels.analysis.projection_head`: layer-wise feature weighting of a linear chain (Xue et al., ICLR 2024:
@@ -26,8 +35,18 @@ work and never modified; everything computes in float32.
   the interpolation back to the original weights.
 """
 
-from jaxmodels.analysis import (data_diet, depth, farms, interaction_basis, neural_collapse, projection_head, rift,
-                                spectral, sublayers)
+from jaxmodels.analysis import (bn_only, data_diet, depth, farms, filters, interaction_basis, neural_collapse, normgrad,
+                                orthogonality, projection_head, rift, spectral, sublayers)
+from jaxmodels.analysis.bn_only import (
+    BN_PATTERN,
+    BN_SCALE_PATTERN,
+    DisabledFeatures,
+    bn_mask,
+    count_trainable,
+    disabled_features,
+    random_mask,
+    train_only,
+)
 from jaxmodels.analysis.data_diet import el2n_scores, grand_scores, prune_by_score
 from jaxmodels.analysis.depth import (
     DepthContributions,
@@ -47,6 +66,23 @@ from jaxmodels.analysis.farms import (
     scale_by_layer,
     window_starts,
 )
+from jaxmodels.analysis.filters import (
+    FilterPCA,
+    FilterQuality,
+    FilterShift,
+    coefficient_histograms,
+    entropy_max_threshold,
+    filter_distribution_shift,
+    filter_orthogonality,
+    filter_pca,
+    filter_quality,
+    filter_sparsity,
+    kernel_filters,
+    layer_filter_quality,
+    scale_filters,
+    symmetric_kl,
+    variance_entropy,
+)
 from jaxmodels.analysis.interaction_basis import (
     EdgeSparsity,
     InteractionBasis,
@@ -59,6 +95,22 @@ from jaxmodels.analysis.interaction_basis import (
     pca_basis,
 )
 from jaxmodels.analysis.neural_collapse import NeuralCollapse, neural_collapse_metrics
+from jaxmodels.analysis.normgrad import (
+    layer_output_shape,
+    normgrad_combined,
+    normgrad_map,
+    normgrad_saliency,
+    resize_saliency,
+)
+from jaxmodels.analysis.orthogonality import (
+    ConvConditioning,
+    conv_conditioning,
+    conv_orthogonality_loss,
+    conv_singular_values,
+    default_padding,
+    matrix_orthogonality_loss,
+    orthogonality_penalty,
+)
 from jaxmodels.analysis.projection_head import (
     FeatureWeighting,
     feature_weights,
@@ -101,7 +153,15 @@ from jaxmodels.analysis.sublayers import (
 
 __all__ = [
     "data_diet", "depth", "farms", "interaction_basis", "neural_collapse", "projection_head", "rift", "spectral",
-    "sublayers",
+    "sublayers", "bn_only", "filters", "normgrad", "orthogonality",
+    "BN_PATTERN", "BN_SCALE_PATTERN", "DisabledFeatures", "bn_mask", "count_trainable", "random_mask", "train_only",
+    "disabled_features",
+    "normgrad_saliency", "normgrad_map", "normgrad_combined", "resize_saliency", "layer_output_shape",
+    "FilterQuality", "FilterPCA", "FilterShift", "kernel_filters", "entropy_max_threshold", "filter_sparsity",
+    "variance_entropy", "filter_orthogonality", "filter_quality", "layer_filter_quality", "scale_filters", "filter_pca",
+    "coefficient_histograms", "symmetric_kl", "filter_distribution_shift",
+    "ConvConditioning", "conv_orthogonality_loss", "matrix_orthogonality_loss", "orthogonality_penalty",
+    "conv_singular_values", "conv_conditioning", "default_padding",
     "DecoderSublayers", "KeptSublayers", "ResidualStream", "decoder_sublayers", "residual_stream", "sublayer_forward",
     "sublayer_apply", "gated_apply", "drop_sublayer_params", "remove_blocks",
     "DepthContributions", "SkipEffects", "layer_contributions", "contributions_from_stream", "skip_effects",
