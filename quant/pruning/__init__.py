@@ -40,6 +40,12 @@ GPT-2 linen model itself, run sublayer by sublayer through :mod:`jaxmodels.analy
 MLP, and Block / Attention / MLP / Joint Layer Drop by :func:`layer_drop`) and :mod:`quant.pruning.block_fusion`
 (FuseGPT's learnable fusion of a removed block into its neighbours, FoldGPT's gated removal and block weight
 sharing), each returning the smaller model that still runs.
+
+Activation sparsity (:mod:`quant.pruning.activation_sparsity`): TEAL (keep the largest ``|x_j|``) and WINA (keep
+the largest ``|x_j|·‖W_{j,:}‖₂``, optionally after its orthogonalizing rotation) per token, with per-layer thresholds
+calibrated on the engine's block walk (:func:`calibrate_activation_sparsity`) and a masked decoder forward
+(:class:`SparseForward`). Dynamic channel masks (:mod:`quant.pruning.dynamic_masks`): Fire Together Wire Together's
+per-input gating heads, trained to predict each layer's most active channels (:func:`train_ftwt`).
 """
 
 from quant.ptq.engine import register_layer_quantizer
@@ -48,9 +54,18 @@ from .allocation import (
     AllocationConfig, allocate_sparsity, distortion_curves, joint_distortion, layer_adaptive_prune,
     prune_with_sparsities,
 )
+from .activation_sparsity import (
+    ActivationSparsityConfig, Orthogonalized, SparseForward, activation_mask, activation_scores,
+    calibrate_activation_sparsity, calibrate_threshold, output_error, row_norms, sparse_dense, sparse_forward,
+    threshold_mask, topk_mask, wina_orthogonalize,
+)
 from .block_fusion import (
     FoldGPTConfig, FuseGPTConfig, Reduced, block_gates, foldgpt, fuse_group, fusegpt, macro_influence, share_groups,
     unique_param_count,
+)
+from .dynamic_masks import (
+    FTWTConfig, FTWTHistory, GatedConv, GatedDense, GatingHead, ftwt_loss, heat, mask_density, mask_loss, mass_target,
+    static_masks, train_ftwt, uniform_target,
 )
 from .magnitude import MagnitudeConfig, block_kernel_shapes, magnitude_prune_weight, prune_magnitude
 from .masks import (
@@ -80,4 +95,9 @@ __all__ = [
     "select_drops", "random_drops", "layer_drop",
     "FuseGPTConfig", "FoldGPTConfig", "Reduced", "macro_influence", "fuse_group", "fusegpt", "block_gates",
     "share_groups", "foldgpt", "unique_param_count",
+    "ActivationSparsityConfig", "Orthogonalized", "row_norms", "activation_scores", "topk_mask", "calibrate_threshold",
+    "threshold_mask", "activation_mask", "sparse_dense", "output_error", "wina_orthogonalize",
+    "calibrate_activation_sparsity", "SparseForward", "sparse_forward",
+    "GatingHead", "GatedDense", "GatedConv", "heat", "mass_target", "uniform_target", "mask_loss", "ftwt_loss",
+    "mask_density", "static_masks", "FTWTConfig", "FTWTHistory", "train_ftwt",
 ]
