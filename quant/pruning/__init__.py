@@ -46,6 +46,12 @@ the largest ``|x_j|·‖W_{j,:}‖₂``, optionally after its orthogonalizing ro
 calibrated on the engine's block walk (:func:`calibrate_activation_sparsity`) and a masked decoder forward
 (:class:`SparseForward`). Dynamic channel masks (:mod:`quant.pruning.dynamic_masks`): Fire Together Wire Together's
 per-input gating heads, trained to predict each layer's most active channels (:func:`train_ftwt`).
+
+Structured pruning: :mod:`quant.pruning.structured` (channel groups of a conv / Dense + BatchNorm + the next layer,
+filter-norm importance, masking = removal, FLOPs; PAGCP's performance-aware sequential global channel pruning),
+:mod:`quant.pruning.k_level` (WGSEF's k-level group sparsity by the sparse envelope function and its prox) and
+:mod:`quant.pruning.inheritance` (TinyCLIP's weight inheritance: a smaller ViT / BERT sliced from a teacher's
+layers, heads and channels, and the affinity-mimicking distillation loss).
 """
 
 from quant.ptq.engine import register_layer_quantizer
@@ -67,6 +73,13 @@ from .dynamic_masks import (
     FTWTConfig, FTWTHistory, GatedConv, GatedDense, GatingHead, ftwt_loss, heat, mask_density, mask_loss, mass_target,
     static_masks, train_ftwt, uniform_target,
 )
+from .inheritance import (
+    ARCHS, BERT_SPEC, VIT_SPEC, ArchSpec, InheritancePlan, affinity_logits, affinity_loss, affinity_mimicking_loss,
+    head_importance, inherit, neuron_importance, plan_inheritance, select_layers, select_top, width_importance,
+)
+from .k_level import (
+    PENALTIES, GSEFState, group_norms, gsef_prox, gsef_proximal, gsef_value, k_level_project, sef_prox, sef_value,
+)
 from .magnitude import MagnitudeConfig, block_kernel_shapes, magnitude_prune_weight, prune_magnitude
 from .masks import (
     MaskedState, apply_masks, check_sparsity, mask_sparsity, masked, masks_from_layers, num_pruned, parse_nm,
@@ -77,6 +90,10 @@ from .redundancy import (
     redundancy_scores, select_drops,
 )
 from .sparsegpt import SparseGPTConfig, sparsegpt, sparsegpt_prune_weight
+from .structured import (
+    ChannelGroup, PAGCPConfig, PAGCPResult, count_flops, filter_norms, keep_mask, mask_channels, mask_groups, pagcp,
+    pagcp_decay, remove_channels, resnet_channel_groups, sequential_channel_groups, uniform_prune,
+)
 from .wanda import WandaConfig, input_sq_norms, wanda, wanda_prune_weight
 
 register_layer_quantizer("magnitude", magnitude_prune_weight, None)
@@ -100,4 +117,12 @@ __all__ = [
     "calibrate_activation_sparsity", "SparseForward", "sparse_forward",
     "GatingHead", "GatedDense", "GatedConv", "heat", "mass_target", "uniform_target", "mask_loss", "ftwt_loss",
     "mask_density", "static_masks", "FTWTConfig", "FTWTHistory", "train_ftwt",
+    "ArchSpec", "VIT_SPEC", "BERT_SPEC", "ARCHS", "InheritancePlan", "select_layers", "select_top", "head_importance",
+    "neuron_importance", "width_importance", "plan_inheritance", "inherit", "affinity_logits",
+    "affinity_mimicking_loss", "affinity_loss",
+    "ChannelGroup", "filter_norms", "keep_mask", "mask_channels", "mask_groups", "remove_channels", "count_flops",
+    "resnet_channel_groups", "sequential_channel_groups", "uniform_prune", "PAGCPConfig", "PAGCPResult", "pagcp",
+    "pagcp_decay",
+    "sef_value", "sef_prox", "PENALTIES", "group_norms", "gsef_value", "gsef_prox", "k_level_project",
+    "gsef_proximal", "GSEFState",
 ]
