@@ -115,9 +115,15 @@ print(f"{N_CAL} calibration sentences ({calib['input_ids'].shape}), {N_EVAL} hel
 # %%
 t0 = time.perf_counter()
 results = {}
+# quick mode: AWQ's searches on a coarser grid (10 scale exponents α and 10 clip ratios, not 20) and 128 sampled
+# tokens for the clip search (not 512): less than half its time, the same orderings (measured quick, W3 g128 cosine
+# 0.9134 with the full grid -> 0.9075)
+AWQ_GRID = {"n_grid": 10, "n_sample_token": 128} if QUICK else None
 if QUICK:
-    rows = (ptq_table(params, model, calib, eval_batches, methods=W4_QUICK, settings=SETTINGS[:1], results=results)
-            + ptq_table(params, model, calib, eval_batches, methods=METHODS, settings=SETTINGS[1:], results=results))
+    rows = (ptq_table(params, model, calib, eval_batches, methods=W4_QUICK, settings=SETTINGS[:1], results=results,
+                      awq_options=AWQ_GRID)
+            + ptq_table(params, model, calib, eval_batches, methods=METHODS, settings=SETTINGS[1:], results=results,
+                        awq_options=AWQ_GRID))
 else:
     rows = ptq_table(params, model, calib, eval_batches, methods=METHODS, settings=SETTINGS, results=results)
 # the equal-bits control of RTN + LoRC at W3: RTN with groups of 64 (3 + 24/64 bits, no more than LoRC's)

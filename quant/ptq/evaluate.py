@@ -55,7 +55,7 @@ SETTINGS = {"W4 g128": (4, 128), "W3 g128": (3, 128), "W3 g64": (3, 64), "W2 g64
 
 
 def run_method(method: str, params, model, calib, bits: int, group_size: int, progress=None, *,
-               mp_budget: float | None = None):
+               mp_budget: float | None = None, awq_options: dict | None = None):
     """Quantize all linears of ``model`` with ``method``:
 
     ``"rtn"``, ``"gptq"``, ``"gptq-ao"`` (act-order), ``"awq"``, ``"rsq"``, ``"flexround"``, ``"rtn+lorc"`` (RTN then
@@ -63,7 +63,9 @@ def run_method(method: str, params, model, calib, bits: int, group_size: int, pr
     activations; ``bits`` must be 4), ``"gptq-fp4"`` (the same weights, activations left in float),
     ``"mp-lim"`` / ``"mp-zd"`` / ``"mp-hessian"`` / ``"mp-random"`` (layer-wise mixed precision, RTN per layer, budget
     ``mp_budget`` average bits per weight, default ``bits + 0.5``; ``"mp-random"`` ranks the blocks at random (seed 0):
-    the allocation at the same budget that a score must beat), ``"codebook"`` (GPTVQ/AQLM-style vector quantization at about ``bits`` bits per weight).
+    the allocation at the same budget that a score must beat), ``"codebook"`` (GPTVQ/AQLM-style vector quantization
+    at about ``bits`` bits per weight). ``awq_options``: further :class:`quant.ptq.awq.AWQConfig` fields for
+    ``"awq"`` (e.g. a coarser search, ``{"n_grid": 10, "n_sample_token": 128}``).
     """
     from .awq import AWQConfig, awq
     from .gptq import GPTQConfig, gptq
@@ -77,7 +79,7 @@ def run_method(method: str, params, model, calib, bits: int, group_size: int, pr
     if method == "gptq-ao":
         return gptq(params, model, calib, GPTQConfig(bits, group_size, act_order=True), progress=progress)
     if method == "awq":
-        return awq(params, model, calib, AWQConfig(bits, group_size), progress=progress)
+        return awq(params, model, calib, AWQConfig(bits, group_size, **(awq_options or {})), progress=progress)
     if method == "rsq":
         return rsq(params, model, calib, RSQConfig(GPTQConfig(bits, group_size, act_order=True)), progress=progress)
     if method == "flexround":
@@ -126,9 +128,9 @@ def embed_quantized(model, q, report: dict, batches) -> np.ndarray:
 
 
 def real_bits_per_weight(q, report: dict) -> float:
-    """Bits per quantized weight as stored: 8 · the bytes of the packed layers of :func:`quant.ptq.export.quantized_tree`
-    (codes, float16 scales, zero points, act-order permutations, AWQ input scales, LoRC factors, codebooks) / the
-    number of their weights."""
+    """Bits per quantized weight as stored: 8 · the bytes of the packed layers of
+    :func:`quant.ptq.export.quantized_tree` (codes, float16 scales, zero points, act-order permutations, AWQ input
+    scales, LoRC factors, codebooks) / the number of their weights."""
     from .export import packed_nbytes, quantized_tree
 
     tree = quantized_tree(q, report)
