@@ -14,10 +14,19 @@ Calling convention (works with every model in :mod:`jaxmodels.models`, no model 
     lora, cfg = ad.extract_lora(base, finetuned, max_rank=16, energy=0.9)   # mergekit-extract-lora
 
 Training: differentiate w.r.t. the adapters only, the base is a constant argument, e.g. with
-``jaxmodels.train.make_train_step(..., has_model_state=True)`` and the frozen params as ``model_state``
-(see tests/jaxmodels/adapters/test_lora.py::test_train_step). Adapter leaves live under the targeted module's path (``.../query/lora_A [in, r]``,
-``lora_B [r, out]``, DoRA's ``lora_magnitude [out]``), so :func:`adapter_rules` derives their sharding from the
-model's rules. A frozen quantized base (QLoRA, :mod:`quant.qlora`) plugs in through ``materialize=``.
+``jaxmodels.train.make_train_step(..., has_model_state=True)`` and the frozen params as ``model_state`` (see
+tests/jaxmodels/adapters/test_lora.py::test_train_step). Adapter leaves live under the targeted module's path
+(``.../query/lora_A [in, r]``, ``lora_B [r, out]``, DoRA's ``lora_magnitude [out]``), so :func:`adapter_rules` derives
+their sharding from the model's rules. A frozen quantized base (QLoRA, :mod:`quant.qlora`) plugs in through
+``materialize=``.
+
+The adapter papers beyond LoRA, each a module of pure functions with its trainable pytree apart from the frozen
+base: :mod:`~jaxmodels.adapters.bone`, :mod:`~jaxmodels.adapters.eva`, :mod:`~jaxmodels.adapters.lift`,
+:mod:`~jaxmodels.adapters.mos` (Mixture of Shards), :mod:`~jaxmodels.adapters.scalearn`,
+:mod:`~jaxmodels.adapters.mhr`, :mod:`~jaxmodels.adapters.levi` (layer-wise ensemble with a small model trained from
+scratch), :mod:`~jaxmodels.adapters.mask_tuning` (Regularized Mask Tuning: binary masks on frozen weights),
+:mod:`~jaxmodels.adapters.sherl` (anti-redundancy fusion of frozen intermediate outputs + late-layer tuning) and
+:mod:`~jaxmodels.adapters.model_surgery` (MOS: adapter merging and self-refined adapter retrieval).
 """
 
 from jaxmodels.adapters.lora import (
@@ -47,6 +56,13 @@ from jaxmodels.adapters.lift import LiftConfig, scale_by_lift
 from jaxmodels.adapters.mhr import MhrConfig, add_task, init_mhr, mhr_merge, mhr_mu
 from jaxmodels.adapters.mos import MosConfig, init_mos, mos_lora
 from jaxmodels.adapters.scalearn import init_scalearn, scalearn_combine, scalearn_merge
+from jaxmodels.adapters import levi, mask_tuning, model_surgery, sherl
+from jaxmodels.adapters.levi import LeviOutput, init_levi, levi_logits, levi_loss
+from jaxmodels.adapters.mask_tuning import (apply_binary_masks, distill_kl, gradient_dropout, init_masks, mask_reg,
+                                            masked_fraction, select_important)
+from jaxmodels.adapters.model_surgery import (RetrievalResult, class_prototypes, cosine_logits, merge_task_adapters,
+                                              mos_ensemble, self_refined_retrieval)
+from jaxmodels.adapters.sherl import init_sherl, sherl_fuse
 
 __all__ = [
     "ADAPTER_LEAVES", "LoraConfig", "adapter_modules", "column_norm", "dora_norms", "init_lora", "inject",
@@ -56,4 +72,8 @@ __all__ = [
     "bone", "eva", "lift", "mhr", "mos", "scalearn", "BoneConfig", "bone_init", "bone_merge", "bone_unmerge",
     "EvaConfig", "eva_init", "LiftConfig", "scale_by_lift", "MhrConfig", "add_task", "init_mhr", "mhr_merge",
     "mhr_mu", "MosConfig", "init_mos", "mos_lora", "init_scalearn", "scalearn_combine", "scalearn_merge",
+    "levi", "mask_tuning", "model_surgery", "sherl", "LeviOutput", "init_levi", "levi_logits", "levi_loss",
+    "init_masks", "apply_binary_masks", "select_important", "gradient_dropout", "distill_kl", "mask_reg",
+    "masked_fraction", "RetrievalResult", "merge_task_adapters", "class_prototypes", "cosine_logits",
+    "self_refined_retrieval", "mos_ensemble", "init_sherl", "sherl_fuse",
 ]
