@@ -3,7 +3,6 @@ contribution measures and skip effects against NumPy transcriptions on the model
 sharding, validation, and the paper's claim at this scale (later layers contribute less to the residual stream,
 and skipping them changes the outputs less)."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,20 +12,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmodels.analysis.depth import layer_contributions, skip_effects
 
-FOLDER = Path(__file__).resolve().parents[2] / "data" / "tiny_decoder"
-SEQ = 128
+from tests.tiny_decoder import tiny_decoder
 
 
 @pytest.fixture(scope="module")
 def decoder():
-    from jaxmodels import text
-    from jaxmodels.models import load_pretrained
-
-    tok = text.load_tokenizer(FOLDER)
-    model, params = load_pretrained(FOLDER, dtype=jnp.float32, progress=False)
-    train = text.corpus_tokens(tok, "train")
-    off = np.random.default_rng(0).integers(0, len(train) - SEQ, size=8)
-    return model, params, np.asarray(train[off[:, None] + np.arange(SEQ)], np.int32)
+    return tiny_decoder(8)[:3]
 
 
 _BLOCKS = {}

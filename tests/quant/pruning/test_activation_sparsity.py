@@ -8,10 +8,8 @@ transform at every linear), and with the transform a lower perplexity.
 """
 
 from itertools import combinations
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -22,8 +20,7 @@ from quant.pruning.activation_sparsity import (
     wina_orthogonalize,
 )
 
-FOLDER = Path(__file__).resolve().parents[2] / "data" / "tiny_decoder"
-SEQ = 128
+from tests.tiny_decoder import SEQ, tiny_decoder
 
 
 def _np_keep_topk(scores, s):
@@ -188,16 +185,10 @@ def test_validation(layer):
 
 @pytest.fixture(scope="module")
 def decoder():
-    from jaxmodels import text
-    from jaxmodels.models import load_pretrained
     from quant.ptq.block_models import block_model
 
-    tok = text.load_tokenizer(FOLDER)
-    model, params = load_pretrained(FOLDER, dtype=jnp.float32, progress=False)
-    train = text.corpus_tokens(tok, "train")
-    test = text.corpus_tokens(tok, "test")[:16 * SEQ + 1]  # 16 held-out windows of 128 tokens
-    off = np.random.default_rng(0).integers(0, len(train) - SEQ, size=4)
-    calib = {"input_ids": train[off[:, None] + np.arange(SEQ)]}
+    model, params, windows, test = tiny_decoder(4)  # 16 held-out windows of 128 tokens
+    calib = {"input_ids": windows}
     return model, params, block_model(model), calib, test
 
 

@@ -4,7 +4,6 @@ removal; shared blocks hold one array), sharding, validation, and the papers' cl
 removed block into its neighbours, or gating + sharing + norm re-adaptation, recovers perplexity over plain block
 removal at the same removed count / the same number of distinct block weights)."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,21 +15,12 @@ from jaxmodels.analysis.sublayers import remove_blocks
 from quant.pruning.block_fusion import (FoldGPTConfig, FuseGPTConfig, block_gates, foldgpt, fuse_group, fusegpt,
                                         macro_influence, share_groups, unique_param_count)
 
-FOLDER = Path(__file__).resolve().parents[2] / "data" / "tiny_decoder"
-SEQ = 128
+from tests.tiny_decoder import SEQ, tiny_decoder
 
 
 @pytest.fixture(scope="module")
 def decoder():
-    from jaxmodels import text
-    from jaxmodels.models import load_pretrained
-
-    tok = text.load_tokenizer(FOLDER)
-    model, params = load_pretrained(FOLDER, dtype=jnp.float32, progress=False)
-    train = text.corpus_tokens(tok, "train")
-    test = text.corpus_tokens(tok, "test")[:16 * SEQ + 1]
-    off = np.random.default_rng(0).integers(0, len(train) - SEQ, size=16)
-    calib = np.asarray(train[off[:, None] + np.arange(SEQ)], np.int32)
+    model, params, calib, test = tiny_decoder(16)
     batches = [{"input_ids": calib[i:i + 4]} for i in range(0, 16, 4)]  # 4 batches of 4 windows
     return model, params, batches, test
 

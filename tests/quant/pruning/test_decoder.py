@@ -7,9 +7,7 @@
   magnitude pruning at the same 50% overall sparsity, and the output distortions are additive.
 """
 
-from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,22 +17,15 @@ from quant.pruning import (
     prune_magnitude, prune_with_sparsities, sparsegpt, wanda,
 )
 
-FOLDER = Path(__file__).resolve().parents[2] / "data" / "tiny_decoder"
-SEQ = 128
+from tests.tiny_decoder import SEQ, tiny_decoder
 
 
 @pytest.fixture(scope="module")
 def decoder():
-    from jaxmodels import text
-    from jaxmodels.models import load_pretrained
     from quant.ptq.block_models import block_model
 
-    tok = text.load_tokenizer(FOLDER)
-    model, params = load_pretrained(FOLDER, dtype=jnp.float32, progress=False)
-    train = text.corpus_tokens(tok, "train")
-    test = text.corpus_tokens(tok, "test")[:16 * SEQ + 1]  # 16 held-out windows of 128 tokens
-    off = np.random.default_rng(0).integers(0, len(train) - SEQ, size=16)  # seed pinned (claims checked for 0, 1, 2)
-    calib = {"input_ids": train[off[:, None] + np.arange(SEQ)]}
+    model, params, windows, test = tiny_decoder(16)  # seed pinned (claims checked for 0, 1, 2)
+    calib = {"input_ids": windows}
     snapshot = {k: np.array(v) for k, v in flatten(params).items()}
     return model, params, block_model(model), calib, test, snapshot
 

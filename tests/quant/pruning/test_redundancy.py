@@ -4,7 +4,6 @@ drop procedures, exactness of the reduced models, sharding, validation, and the 
 sublayers are more redundant than MLPs; dropping the most redundant attention costs less perplexity than dropping
 as many MLPs or random sublayers)."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,22 +16,12 @@ from jaxmodels.analysis.sublayers import (KeptSublayers, drop_sublayer_params, g
 from quant.pruning.redundancy import (LayerDropConfig, RedundancyScores, layer_drop, random_drops, redundancy_scores,
                                       select_drops)
 
-FOLDER = Path(__file__).resolve().parents[2] / "data" / "tiny_decoder"
-SEQ = 128
+from tests.tiny_decoder import SEQ, tiny_decoder
 
 
 @pytest.fixture(scope="module")
 def decoder():
-    from jaxmodels import text
-    from jaxmodels.models import load_pretrained
-
-    tok = text.load_tokenizer(FOLDER)
-    model, params = load_pretrained(FOLDER, dtype=jnp.float32, progress=False)
-    train = text.corpus_tokens(tok, "train")
-    test = text.corpus_tokens(tok, "test")[:16 * SEQ + 1]  # 16 held-out windows of 128 tokens
-    off = np.random.default_rng(0).integers(0, len(train) - SEQ, size=16)
-    calib = np.asarray(train[off[:, None] + np.arange(SEQ)], np.int32)
-    return model, params, calib, test
+    return tiny_decoder(16)  # 16 calibration windows, 16 held-out windows of 128 tokens
 
 
 def _captured(model, params, ids):
