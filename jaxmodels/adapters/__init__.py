@@ -26,7 +26,13 @@ base: :mod:`~jaxmodels.adapters.bone`, :mod:`~jaxmodels.adapters.eva`, :mod:`~ja
 :mod:`~jaxmodels.adapters.mhr`, :mod:`~jaxmodels.adapters.levi` (layer-wise ensemble with a small model trained from
 scratch), :mod:`~jaxmodels.adapters.mask_tuning` (Regularized Mask Tuning: binary masks on frozen weights),
 :mod:`~jaxmodels.adapters.sherl` (anti-redundancy fusion of frozen intermediate outputs + late-layer tuning) and
-:mod:`~jaxmodels.adapters.model_surgery` (MOS: adapter merging and self-refined adapter retrieval).
+:mod:`~jaxmodels.adapters.model_surgery` (MOS: adapter merging and self-refined adapter retrieval),
+:mod:`~jaxmodels.adapters.das` (skip the least significant layers, replaced by small adapters),
+:mod:`~jaxmodels.adapters.polyhistor` (adapter weights from decomposed task × layer hypernetworks with layer-wise
+scaling kernels), :mod:`~jaxmodels.adapters.cema` (entropy-filtered uploads, distillation into the norm affine
+parameters with replay) and :mod:`~jaxmodels.adapters.memcontrol` (which parameter subset to fine-tune, by quality
+and memorization). PEFT files for conv models: :mod:`~jaxmodels.adapters.peft_io_conv` (the ViT and ResNet name
+families; conv layouts in :func:`conv_to_peft`).
 """
 
 from jaxmodels.adapters.lora import (
@@ -63,6 +69,15 @@ from jaxmodels.adapters.mask_tuning import (apply_binary_masks, distill_kl, grad
 from jaxmodels.adapters.model_surgery import (RetrievalResult, class_prototypes, cosine_logits, merge_task_adapters,
                                               mos_ensemble, self_refined_retrieval)
 from jaxmodels.adapters.sherl import init_sherl, sherl_fuse
+from jaxmodels.adapters import cema, das, memcontrol, peft_io_conv, polyhistor
+from jaxmodels.adapters.cema import (CemaState, cema_loss, cema_select, init_cema, norm_affine_mask, norm_only,
+                                     replay_add, replay_sample)
+from jaxmodels.adapters.das import das_apply, das_savings, init_das, layer_significance, select_skips, skip_interceptor
+from jaxmodels.adapters.memcontrol import (SearchResult, label_memorization, memcontrol_search, pareto_front,
+                                           subset_mask, train_subset, trainable_fraction)
+from jaxmodels.adapters.peft_io import conv_from_peft, conv_to_peft
+from jaxmodels.adapters.polyhistor import (PolyhistorConfig, init_polyhistor, polyhistor_merge, polyhistor_num_params,
+                                           polyhistor_weights)
 
 __all__ = [
     "ADAPTER_LEAVES", "LoraConfig", "adapter_modules", "column_norm", "dora_norms", "init_lora", "inject",
@@ -76,4 +91,10 @@ __all__ = [
     "init_masks", "apply_binary_masks", "select_important", "gradient_dropout", "distill_kl", "mask_reg",
     "masked_fraction", "RetrievalResult", "merge_task_adapters", "class_prototypes", "cosine_logits",
     "self_refined_retrieval", "mos_ensemble", "init_sherl", "sherl_fuse",
+    "cema", "das", "memcontrol", "peft_io_conv", "polyhistor", "conv_to_peft", "conv_from_peft",
+    "init_das", "das_apply", "layer_significance", "select_skips", "das_savings", "skip_interceptor",
+    "PolyhistorConfig", "init_polyhistor", "polyhistor_merge", "polyhistor_weights", "polyhistor_num_params",
+    "CemaState", "init_cema", "cema_select", "cema_loss", "replay_add", "replay_sample", "norm_affine_mask",
+    "norm_only", "SearchResult", "subset_mask", "label_memorization", "pareto_front", "memcontrol_search",
+    "trainable_fraction", "train_subset",
 ]

@@ -39,7 +39,8 @@ from jaxmodels.atomic import AtomicOutput
 from jaxmodels.io import CheckpointError, load_safetensors, save_safetensors
 from jaxmodels.tree import unflatten
 
-__all__ = ["NAME_MAPS", "save_adapter", "load_adapter", "merge_adapter", "hf_module_name", "linen_module_name",
+__all__ = ["NAME_MAPS", "save_adapter", "load_adapter", "merge_adapter", "conv_to_peft", "conv_from_peft",
+           "hf_module_name", "linen_module_name",
            "PEFT_PREFIX", "ADAPTER_FILE", "CONFIG_FILE"]
 
 PEFT_PREFIX = "base_model.model."
@@ -127,13 +128,55 @@ def _pattern_get(pattern: Mapping[str, Any], name: str, default):
     return default
 
 
+# ------------------------------------------------------------------------------------------------- conv layouts
+
+def conv_to_peft(a: np.ndarray, b: np.ndarray, magnitude: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """weightlab conv adapter ``(A [kh, kw, in, r], B [r, out][, m [out]])`` -> PEFT's ``(A [r, in, kh, kw],
+    B [out, r, 1, 1][, m [1, out, 1, 1]])``.
+
+    >>> a_t, b_t = conv_to_peft(np.zeros((3, 3, 16, 4)), np.zeros((4, 32)))   # (4, 16, 3, 3), (32, 4, 1, 1)
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 4 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
+        raise ValueError(f"conv_to_peft: expected lora_A [kh, kw, in, r] and lora_B [r, out], got {a.shape} / "
+                         f"{b.shape}")
+    out = (np.transpose(a, (3, 2, 0, 1)), b.T[:, :, None, None])
+    if magnitude is None:
+        return out
+    m = np.asarray(magnitude)
+    if m.shape != (b.shape[1],):
+        raise ValueError(f"conv_to_peft: lora_magnitude {m.shape} does not fit lora_B {b.shape}")
+    return out + (m[None, :, None, None],)
+
+
+def conv_from_peft(a_t: np.ndarray, b_t: np.ndarray, magnitude: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Inverse of :func:`conv_to_peft`: PEFT's ``(A [r, in, kh, kw], B [out, r, 1, 1][, m [1, out, 1, 1]])`` ->
+    ``(A [kh, kw, in, r], B [r, out][, m [out]])``.
+
+    >>> a, b = conv_from_peft(np.zeros((4, 16, 3, 3)), np.zeros((32, 4, 1, 1)))   # (3, 3, 16, 4), (4, 32)
+    """
+    a_t, b_t = np.asarray(a_t), np.asarray(b_t)
+    if a_t.ndim != 4 or b_t.ndim != 4 or b_t.shape[2:] != (1, 1) or a_t.shape[0] != b_t.shape[1]:
+        raise ValueError(f"conv_from_peft: expected lora_A [r, in, kh, kw] and lora_B [out, r, 1, 1], got "
+                         f"{a_t.shape} / {b_t.shape}")
+    out = (np.transpose(a_t, (2, 3, 1, 0)), b_t[:, :, 0, 0].T)
+    if magnitude is None:
+        return out
+    m = np.asarray(magnitude)
+    if m.size != b_t.shape[0]:
+        raise ValueError(f"conv_from_peft: lora_magnitude_vector {m.shape} does not fit lora_B {b_t.shape}")
+    return out + (m.reshape(-1),)
+
+
 # ------------------------------------------------------------------------------------------------- save
 
 def save_adapter(directory: str | os.PathLike, adapters: Any, config: LoraConfig, *, model_type: str | None = None,
                  base_model_name_or_path: str | None = None, task_type: str | None = None,
                  overwrite: bool = False) -> Path:
     """Write ``adapters`` as PEFT does into ``directory`` (atomically; ``overwrite`` to replace). ``model_type``
-    (a key of :data:`NAME_MAPS`) is detected from the module paths when omitted."""
+    (a key of :data:`NAME_MAPS`) is detected from the module paths when omitted. Linear / Embedding adapters are
+    written transposed (torch layout), Conv adapters (``lora_A [kh, kw, in, r]``) in PEFT's ``lora.Conv2d`` layouts
+    (:func:`conv_to_peft`)."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
     mods = adapter_modules(adapters)
@@ -143,18 +186,24 @@ def save_adapter(directory: str | os.PathLike, adapters: Any, config: LoraConfig
     hf_names, rank_pattern, alpha_pattern = [], {}, {}
     for m, ad in sorted(mods.items()):
         a, b = np.asarray(ad["lora_A"]), np.asarray(ad["lora_B"])
-        if a.ndim != 2 or b.ndim != 2:
-            raise ValueError(f"save_adapter: {m!r} has lora_A {a.shape} / lora_B {b.shape}; PEFT files hold 2-D "
-                             "Linear/Embedding adapters (unstack scanned layers first)")
+        mag = None if "lora_magnitude" not in ad else np.asarray(ad["lora_magnitude"])
         hf = hf_module_name(m, model_type)
-        hf_names.append(hf)
         key = PEFT_PREFIX + hf
-        if re.search(fam["embed"], m):
-            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = a.T, b.T
+        if a.ndim == 4 and b.ndim == 2:
+            conv = conv_to_peft(a, b, mag)
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = conv[:2]
+            if mag is not None:
+                tensors[f"{key}.lora_magnitude_vector"] = conv[2]
+        elif a.ndim == 2 and b.ndim == 2:
+            ka, kb = (("lora_embedding_A", "lora_embedding_B") if re.search(fam["embed"], m)
+                      else ("lora_A.weight", "lora_B.weight"))
+            tensors[f"{key}.{ka}"], tensors[f"{key}.{kb}"] = a.T, b.T
+            if mag is not None:
+                tensors[f"{key}.lora_magnitude_vector"] = mag
         else:
-            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a.T, b.T
-        if "lora_magnitude" in ad:  # [out] (embedding: [d]), as PEFT's DoraLinearLayer / DoraEmbeddingLayer
-            tensors[f"{key}.lora_magnitude_vector"] = np.asarray(ad["lora_magnitude"])
+            raise ValueError(f"save_adapter: {m!r} has lora_A {a.shape} / lora_B {b.shape}; PEFT files hold 2-D "
+                             "Linear/Embedding or 2-D-conv ([kh, kw, in, r]) adapters")
+        hf_names.append(hf)
         if a.shape[-1] != config.rank:
             rank_pattern[re.escape(hf)] = int(a.shape[-1])
         if config.alpha_for(m) != float(config.alpha):
@@ -231,8 +280,15 @@ def load_adapter(directory: str | os.PathLike, *, model_type: str | None = None,
         m = linen_module_name(hf, model_type)
         if "lora_A" not in leaves or "lora_B" not in leaves:
             raise CheckpointError(f"{st_path}: module {hf!r} lacks lora_A or lora_B")
-        for leaf, arr in leaves.items():
-            v = arr.T if leaf != "lora_magnitude" else arr
+        if leaves["lora_A"].ndim == 4:
+            try:
+                conv = conv_from_peft(leaves["lora_A"], leaves["lora_B"], leaves.get("lora_magnitude"))
+            except ValueError as e:
+                raise CheckpointError(f"{st_path}: module {hf!r}: {e}") from None
+            vals = dict(zip(("lora_A", "lora_B", "lora_magnitude"), conv))
+        else:
+            vals = {k: (v.T if k != "lora_magnitude" else v) for k, v in leaves.items()}
+        for leaf, v in vals.items():
             out[f"{m}/{leaf}"] = jnp.asarray(v, dtype) if dtype is not None else jnp.asarray(v)
         rank = int(leaves["lora_A"].shape[0])
         a_m = float(_pattern_get(raw.get("alpha_pattern") or {}, hf, alpha))
