@@ -24,7 +24,7 @@ def _outlier_layer(rng, n=256, d_in=64, d_out=32):
 
 @pytest.fixture(scope="module")
 def toy():
-    return toy_bert()
+    return toy_bert(inter=32)  # every linear 32x32: one compile per per-layer function
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,7 @@ def test_awq_and_gptq_beat_rtn_on_toy_bert(toy, w3_runs):
     err = lambda p: float(np.mean((np.asarray(fwd(p, batch)) - f) ** 2))
     e_rtn, e_awq, e_gptq = (err(w3_runs[k][0]) for k in ("rtn", "awq", "gptq"))
     # calibrated on the same batch it is measured on: both must reduce the output error of RTN
+    # (measured on the 32x32 toy: RTN 6.1e-4, AWQ 3.2e-5, GPTQ 4.2e-5)
     assert e_awq < e_rtn and e_gptq < e_rtn, (e_rtn, e_awq, e_gptq)
 
 
@@ -150,13 +151,13 @@ def test_export_round_trip_smaller_and_equal(toy, w3_runs, tmp_path):
         out_l = np.asarray(fwd_loaded(loaded, batch))
         # float16 scales: relative change <= 2^-11 per weight; the toy outputs are unit-norm embeddings
         np.testing.assert_allclose(out_l, out_q, atol=5e-3, err_msg=name)
-        # the toy's linears are ~83% of its float bytes and shrink >5x at 3 bits g16 (codes, float16 scales and
-        # zeros, act-order permutations)
+        # the toy's linears (all 32x32) are most of its float bytes and shrink >5x at 3 bits g16 (codes, float16
+        # scales and zeros, act-order permutations): measured 0.49 of the float file for AWQ / GPTQ / RSQ
         assert size < 0.75 * fsize, (name, size, fsize)
 
 
 def test_rsq_without_rotation_and_scaling_is_gptq():
-    model, params, batch = toy_bert(seed=1)
+    model, params, batch = toy_bert(seed=1, inter=32)  # the shapes of the fixture's toy: no new compiles
     g = GPTQConfig(3, 16, act_order=True)
     q1, _ = rsq(params, model, batch, RSQConfig(g, rotate=False, scale_tokens=False), progress=False)
     q2, _ = gptq(params, model, batch, g, progress=False)

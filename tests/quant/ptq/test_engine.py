@@ -32,7 +32,8 @@ def _batch(vocab, n=6, t=16, seed=0, pad=True):
 def _gpt():
     from jaxmodels.models.gpt import GPT
 
-    m = GPT(vocab_size=64, max_len=16, width=32, depth=2, num_heads=4, mlp_dim=64, ln_scaling=True,
+    # mlp_dim = width: every kernel 32x32, so each per-layer quantizer compiles once per method (not per shape)
+    m = GPT(vocab_size=64, max_len=16, width=32, depth=2, num_heads=4, mlp_dim=32, ln_scaling=True,
             tie_embeddings=False)
     params = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
     return m, params, 64

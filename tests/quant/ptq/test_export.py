@@ -29,7 +29,7 @@ from .toy import toy_bert
 
 @pytest.fixture(scope="module")
 def toy():
-    return toy_bert()
+    return toy_bert(inter=32)  # every linear 32x32: one compile per per-layer function and shape-dependent step
 
 
 @pytest.fixture(scope="module")

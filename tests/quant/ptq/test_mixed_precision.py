@@ -334,8 +334,8 @@ def test_minilm_lim_allocation_beats_reversed_and_w3():
 
     emb = load_minilm(max_length=32)
     model, params = bert_block_model(emb), emb.params
-    calib = emb.tokenizer(calibration_sentences(32))
-    ev = [emb.tokenizer(evaluation_sentences(48))]
+    calib = emb.tokenizer(calibration_sentences(16))
+    ev = [emb.tokenizer(evaluation_sentences(32))]
     e_f = embed_batches(model, params, ev)
     cfg = MixedPrecisionConfig(budget=3.5, score="lim", group_size=128)
     sc = importance_scores(params, model, calib, cfg, progress=False)
@@ -346,8 +346,10 @@ def test_minilm_lim_allocation_beats_reversed_and_w3():
         cos[name] = embedding_metrics(e_f, embed_batches(model, q, ev))["cosine"]
         if name == "lim":
             assert rep["average_bits"] == 3.5 and rep["real_bits"] == pytest.approx(3.5 + 24 / 128)
-            # LIM ranks the last two blocks and the first most important (measured: −0.58, −0.81, −0.86)
+            # LIM ranks the last two blocks and the first most important (measured on 16 calibration sentences:
+            # −0.57, −0.82, −0.86; next layer_3 −0.875, layer_1 −0.876, layer_2 −0.893)
             assert {b for b, v in rep["block_bits"].items() if v == 4} == {"layer_5", "layer_4", "layer_0"}
     print(cos)
-    # measured: LIM 0.911, reversed 0.870, uniform W3 0.829 (RTN g128: W3 .829, W4 .959); margins 0.02 / 0.05
+    # measured (16 calibration / 32 held-out sentences): LIM 0.910, reversed 0.871, uniform W3 0.828 (32 / 48:
+    # 0.911, 0.870, 0.829; RTN g128 W4 .959); margins 0.02 / 0.05
     assert cos["lim"] > cos["reversed"] + 0.02 and cos["lim"] > cos["W3"] + 0.05, cos

@@ -365,9 +365,9 @@ def minilm():
 
     emb = load_minilm(max_length=32)
     model = bert_block_model(emb)
-    # calibration and evaluation batches of one shape [64, 32]: the W4A8 block function compiles once
-    calib = emb.tokenizer(calibration_sentences(64))
-    ev = [emb.tokenizer(evaluation_sentences(64))]
+    # calibration and evaluation batches of one shape [32, 32]: the W4A8 block function compiles once
+    calib = emb.tokenizer(calibration_sentences(32))
+    ev = [emb.tokenizer(evaluation_sentences(32))]
     assert calib["input_ids"].shape == ev[0]["input_ids"].shape
     return model, emb.params, calib, ev, embed_batches(model, emb.params, ev)
 
@@ -386,8 +386,9 @@ def test_minilm_w4a8_zeroquant_fp_and_lorc(minilm):
          "rtn_int4_w4a16": cos(embed_batches(model, q_int4, ev))}
     print("\nMiniLM embedding cosine:", {k: round(v, 4) for k, v in c.items()})
     assert rep["cast_exact"] is True  # every FP4 weight of the model casts to FP8 with a pure exponent shift
-    # measured (64 calibration / 64 held-out sentences): ZeroQuant-FP 0.975 > INT4 RTN 0.960 (W4A16) > RTN-FP4 M2
-    # 0.957; GPTQ's error feedback must beat both RTN baselines (by > 0.005) even with FP8 activations on top
+    # measured (32 calibration / 32 held-out sentences): ZeroQuant-FP 0.971 > INT4 RTN 0.958 (W4A16) > RTN-FP4 M2
+    # 0.957 (64 / 64: 0.975, 0.960, 0.957; 24 calibration sentences: 0.966); GPTQ's error feedback must beat both
+    # RTN baselines (by > 0.005) even with FP8 activations on top
     assert c["zeroquant_fp_w4a8"] > c["rtn_fp4_w4a8"] + 0.005, c
     assert c["zeroquant_fp_w4a8"] > c["rtn_int4_w4a16"] + 0.005, c
     # (LoRC on the MiniLM, RTN W3 g128 + rank 8 > RTN W3 g128, is asserted on the PTQ colab's table, which computes
