@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxmodels.selection import top_k_mask
 from jaxmodels.tree import flatten, map_with_path, unflatten
 from merging.federated.fedavg import weighted_client_mean
+from merging.federated.fedwon import bn_statistics
 from merging.federated.harness import check_client_data, make_local_update
 from merging.federated.partitions import ClientData
 from merging.sparsify import num_kept
@@ -175,37 +176,11 @@ def masked_bn_statistics(model: nn.Module, params: PyTree, x: jax.Array, mask: j
 
     >>> stats = masked_bn_statistics(model, params, data.x[0], data.mask[0])
     """
-    n = x.shape[0]
-    w = jnp.ones((n,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-    got: dict[tuple, dict[str, jax.Array]] = {}
-
-    def intercept(next_fun, a, kw, context):
-        mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, nn.BatchNorm):
-            h = (a[0] if a else kw["x"]).astype(jnp.float32)
-            feat = tuple(ax % h.ndim for ax in ((mod.axis,) if isinstance(mod.axis, int) else mod.axis))
-            red = tuple(i for i in range(h.ndim) if i not in feat)
-            wb = jnp.broadcast_to(w.reshape((n,) + (1,) * (h.ndim - 1)), h.shape)
-            tot = jnp.maximum(wb.sum(red, keepdims=True), 1.0)
-            mu = (wb * h).sum(red, keepdims=True) / tot
-            var = (wb * jnp.square(h - mu)).sum(red, keepdims=True) / tot
-            shape = tuple(h.shape[ax] for ax in feat)
-            got[tuple(str(p) for p in mod.path)] = {"mean": mu.reshape(shape), "var": var.reshape(shape)}
-        return next_fun(*a, **kw)
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1]))
-    if "batch_stats" not in shapes:
-        raise ValueError("masked_bn_statistics: the model has no BatchNorm statistics ('batch_stats')")
-    stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["batch_stats"])
-    with nn.intercept_methods(intercept):
-        model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-    out: dict = {}
-    for path, leaf in got.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = leaf
-    return out
+    w = jnp.ones((x.shape[0],), jnp.float32) if mask is None else mask
+    try:
+        return bn_statistics(model, params, x, example_mask=w)
+    except ValueError as e:
+        raise ValueError(f"masked_bn_statistics: {e}") from None
 
 
 def client_bn_statistics(model: nn.Module, params: PyTree, data: ClientData) -> PyTree:

@@ -218,12 +218,17 @@ def run_fedbn(params: PyTree, data: ClientData, local_update: Callable, *, round
     return params, clients, history
 
 
-def bn_statistics(model: nn.Module, params: PyTree, x: jax.Array, *args, **kwargs) -> PyTree:
+def bn_statistics(model: nn.Module, params: PyTree, x: jax.Array, *args, example_mask: jax.Array | None = None,
+                  **kwargs) -> PyTree:
     """The ``batch_stats``-shaped tree of ``x``'s own statistics in every ``nn.BatchNorm`` of ``model``: the mean
     and biased variance (float32) of each layer's input over its non-feature axes, in one train-mode pass
     (``model.apply({"params": params, "batch_stats": ...}, x, *args, train=True, **kwargs)``), i.e. what that layer
-    normalizes with in training. Jittable. Raises for a model without BatchNorm."""
+    normalizes with in training. ``example_mask [N]``: only the examples of ``x [N, ...]`` where it is nonzero count
+    (padding excluded: ``Σ w h / max(Σ w, 1)``), as FedTiny's clients need. Jittable. Raises for a model without
+    BatchNorm."""
     got: dict[tuple, dict[str, jax.Array]] = {}
+    n = x.shape[0]
+    w = None if example_mask is None else jnp.asarray(example_mask, jnp.float32)
 
     def intercept(next_fun, a, kw, context):
         mod = context.module
@@ -231,10 +236,16 @@ def bn_statistics(model: nn.Module, params: PyTree, x: jax.Array, *args, **kwarg
             h = (a[0] if a else kw["x"]).astype(jnp.float32)
             feat = tuple(ax % h.ndim for ax in ((mod.axis,) if isinstance(mod.axis, int) else mod.axis))
             red = tuple(i for i in range(h.ndim) if i not in feat)
-            mu = h.mean(red, keepdims=True)
             shape = tuple(h.shape[ax] for ax in feat)
-            got[tuple(str(p) for p in mod.path)] = {"mean": mu.reshape(shape),
-                                                    "var": jnp.square(h - mu).mean(red).reshape(shape)}
+            if w is None:
+                mu = h.mean(red, keepdims=True)
+                var = jnp.square(h - mu).mean(red)
+            else:
+                wb = jnp.broadcast_to(w.reshape((n,) + (1,) * (h.ndim - 1)), h.shape)
+                tot = jnp.maximum(wb.sum(red, keepdims=True), 1.0)
+                mu = (wb * h).sum(red, keepdims=True) / tot
+                var = (wb * jnp.square(h - mu)).sum(red, keepdims=True) / tot
+            got[tuple(str(p) for p in mod.path)] = {"mean": mu.reshape(shape), "var": var.reshape(shape)}
         return next_fun(*a, **kw)
 
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], *args, **kwargs))
