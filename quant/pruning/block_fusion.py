@@ -47,6 +47,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxmodels.analysis.sublayers import (decoder_inputs, decoder_sublayers, remove_blocks, residual_stream,
                                           sublayer_forward)
+from jaxmodels.progress import progress_bar
 from jaxmodels.tree import flatten, unflatten
 
 __all__ = ["FuseGPTConfig", "FoldGPTConfig", "Reduced", "macro_influence", "fuse_group", "fusegpt", "block_gates",
@@ -321,12 +322,13 @@ def _fuse_once(model, params, batches, r, cfg, key):
     return small, p2, {"removed": r, "group": group, "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
 
 
-def fusegpt(params, model, calib, config: FuseGPTConfig) -> Reduced:
+def fusegpt(params, model, calib, config: FuseGPTConfig, *, progress: bool | None = None) -> Reduced:
     """FuseGPT (module docstring): remove ``config.n_remove`` blocks by Macro Influence, each fused into its group
     by trained low-rank coefficients; :class:`Reduced` with a plain ``L − n``-block model. ``report``:
     ``method``, ``config``, ``removed`` (indices in the original numbering, in removal order), ``steps`` (per
     removal: ``removed`` (current numbering), ``group``, ``loss_first`` / ``loss_last`` of the fusion training),
-    ``influence`` (the first MI). The input is not modified.
+    ``influence`` (the first MI). The input is not modified. ``progress``: a bar over the removals
+    (:func:`jaxmodels.progress.progress_bar`; off with ``WEIGHTLAB_NO_PROGRESS=1``).
 
     >>> small, p2, rep = fusegpt(params, model, calib_batches, FuseGPTConfig(1, epochs=5, lr=1e-3))
     >>> small.apply({"params": p2}, ids)
@@ -338,7 +340,7 @@ def fusegpt(params, model, calib, config: FuseGPTConfig) -> Reduced:
     key = jax.random.PRNGKey(config.seed)
     orig = list(range(sub.num_layers))
     cur_m, cur_p, mi0, order, steps = model, params, None, None, []
-    for k in range(config.n_remove):
+    for k in progress_bar(range(config.n_remove), progress, desc="FuseGPT block removals"):
         if config.iterative or order is None:
             mi = macro_influence(cur_p, cur_m, [dict(input_ids=i, attention_mask=a) for i, a in batches])
             mi0 = mi if mi0 is None else mi0
@@ -400,10 +402,11 @@ def _gate_step(model, g, state, lrs, total, polar, t, params, ids, am, teacher):
     return jnp.clip(g, 0.0, 1.0), state, loss
 
 
-def block_gates(params, model, calib, config: FoldGPTConfig = FoldGPTConfig()) -> np.ndarray:
+def block_gates(params, model, calib, config: FoldGPTConfig = FoldGPTConfig(), *,
+                progress: bool | None = None) -> np.ndarray:
     """FoldGPT's learned block gates ``g ∈ [0, 1]^L`` (module docstring, step 1: ``gate_steps`` Adam steps,
     cycling over the calibration batches, cosine-decayed ``gate_lr``), NumPy float32; the blocks with the lowest
-    gates are the ones to remove.
+    gates are the ones to remove. ``progress``: a bar over the steps.
 
     >>> g = block_gates(params, model, calib, FoldGPTConfig(gate_steps=40))
     """
@@ -412,7 +415,7 @@ def block_gates(params, model, calib, config: FoldGPTConfig = FoldGPTConfig()) -
     teach = [sublayer_forward(model, params, ids, am)[0] for ids, am in batches]
     g, _, lrs, state = _adam_init(jnp.ones((sub.num_layers,), jnp.float32), config.gate_lr)
     total = jnp.float32(config.gate_steps)
-    for k in range(config.gate_steps):
+    for k in progress_bar(range(config.gate_steps), progress, desc="FoldGPT gates"):
         ids, am = batches[k % len(batches)]
         g, state, _ = _gate_step(model, g, state, lrs, total, jnp.float32(config.polar), jnp.float32(config.t),
                                  params, ids, am, teach[k % len(batches)])
@@ -462,12 +465,13 @@ def _fold_step(small, unravel, vec, state, lrs, total, beta, frozen, ids, am, tz
     return vec, state, loss
 
 
-def foldgpt(params, model, calib, config: FoldGPTConfig, gates=None) -> Reduced:
+def foldgpt(params, model, calib, config: FoldGPTConfig, gates=None, *, progress: bool | None = None) -> Reduced:
     """FoldGPT (module docstring): gated removal of ``config.n_remove`` blocks, group sharing of the rest, norm
     re-adaptation with tail-layer distillation; :class:`Reduced` with a plain ``L − n``-block model whose shared
     blocks hold the same kernel arrays. ``gates``: precomputed :func:`block_gates` (default: trained here).
     ``report``: ``method``, ``config``, ``gates``, ``removed``, ``groups`` (``[(original blocks, anchor)]``),
-    ``unique_params``, ``loss_first`` / ``loss_last`` of the adaptation. The input is not modified.
+    ``unique_params``, ``loss_first`` / ``loss_last`` of the adaptation. The input is not modified. ``progress``:
+    bars over the gate steps and the adaptation epochs.
 
     >>> small, p2, rep = foldgpt(params, model, calib_batches, FoldGPTConfig(1, group_size=2))
     """
@@ -476,7 +480,7 @@ def foldgpt(params, model, calib, config: FoldGPTConfig, gates=None) -> Reduced:
         raise ValueError(f"foldgpt: cannot remove {config.n_remove} of {sub.num_layers} blocks")
     batches = _batches(calib, model.config.vocab_size)
     if gates is None:
-        gates = block_gates(params, model, calib, config)
+        gates = block_gates(params, model, calib, config, progress=progress)
     gates = np.asarray(gates, np.float32)
     if gates.shape != (sub.num_layers,) or not np.all(np.isfinite(gates)):
         raise ValueError(f"foldgpt: gates must be {sub.num_layers} finite values, got shape {gates.shape}")
@@ -499,7 +503,7 @@ def foldgpt(params, model, calib, config: FoldGPTConfig, gates=None) -> Reduced:
     unravel = _Unravel(unravel, norms)
     total = jnp.float32(config.epochs * len(batches))
     losses = []
-    for _ in range(config.epochs):
+    for _ in progress_bar(range(config.epochs), progress, desc="FoldGPT adaptation"):
         for (ids, am), (tz, th) in zip(batches, teach):
             vec, state, loss = _fold_step(small, unravel, vec, state, lrs, total, jnp.float32(config.beta), frozen,
                                           ids, am, tz, th)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels.progress import progress_bar
 from jaxmodels.tree import flatten, is_concrete, unflatten
 
 __all__ = ["ChannelGroup", "filter_norms", "keep_mask", "mask_channels", "mask_groups", "remove_channels",
@@ -300,10 +301,12 @@ def _losses(evaluate, tree) -> np.ndarray:
 
 
 def pagcp(tree: PyTree, groups: Sequence[ChannelGroup], evaluate: Callable[[PyTree], Any],
-          flops: Callable[[PyTree], float], config: PAGCPConfig = PAGCPConfig()) -> PAGCPResult:
+          flops: Callable[[PyTree], float], config: PAGCPConfig = PAGCPConfig(), *,
+          progress: bool | None = None) -> PAGCPResult:
     """Performance-aware sequential greedy channel pruning (see the module docstring). ``evaluate(tree)`` returns the
     task losses on calibration data (scalar or ``[tasks]``; jit it: it is called with masked trees of one shape);
-    ``flops(tree)`` counts the cost (e.g. ``functools.partial(count_flops, positions=...)``).
+    ``flops(tree)`` counts the cost (e.g. ``functools.partial(count_flops, positions=...)``). ``progress``: a bar
+    over the layers (:func:`jaxmodels.progress.progress_bar`).
 
     >>> res = pagcp(variables, groups, lambda v: loss(v, x, y), functools.partial(count_flops, positions=pos))
     """
@@ -327,7 +330,7 @@ def pagcp(tree: PyTree, groups: Sequence[ChannelGroup], evaluate: Callable[[PyTr
     lam = pagcp_decay(config.delta, config.total, len(groups)) if config.decay else 1.0
     order = sorted(range(len(groups)), key=lambda i: gain[i], reverse=lam <= 1.0)
     delta, ratios, thresholds, losses = config.delta, {}, [], []
-    for i in order:
+    for i in progress_bar(order, progress, desc="PAGCP layers"):
         score, accepted, last = norms(tree, keeps)[i], None, None
         for r in config.ratios:
             cand = list(keeps)
