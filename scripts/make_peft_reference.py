@@ -6,6 +6,7 @@ Run with the throwaway environment (never a project dependency)::
     /tmp/mkenv/bin/python scripts/make_peft_reference.py            # writes tests/data/peft/
     /tmp/mkenv/bin/python scripts/make_peft_reference.py --extra    # adds the GPT-2 / embedding-DoRA fixtures
     /tmp/mkenv/bin/python scripts/make_peft_reference.py --check    # loads OUR saved adapters in PEFT
+    /tmp/mkenv/bin/python scripts/make_peft_reference.py --conv     # adds the Conv2d LoRA / DoRA fixtures
 
 Versions used: torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2 (also written to tests/data/peft/VERSIONS.json).
 
@@ -27,6 +28,13 @@ Extra mode (``--extra``; adds fixtures, rewrites none of the above):
   embedding delta to the lookup only, not to the tied head; merged, the head sees it too).
 - ``gpt2_dora/``: DoRA (r=4, lora_alpha=8) on c_attn, c_fc, the attention c_proj and ``wpe`` (an untied embedding).
 - ``dora_embed/``: DoRA (r=4, lora_alpha=8) on the tiny Llama's ``embed_tokens``, ``v_proj`` and untied ``lm_head``.
+
+Conv mode (``--conv``; adds fixtures, rewrites none of the above): ``conv_lora/`` (LoRA r=4, lora_alpha=8) and
+``conv_dora/`` (DoRA r=4, lora_alpha=8, perturbed magnitudes) on the three ``nn.Conv2d`` of a tiny torch net named
+like :class:`jaxmodels.models.ResNet` (``stem_conv`` 3→8 3x3, ``block_0.conv1`` 8→8 3x3, ``block_0.shortcut_conv``
+8→16 1x1; the ``"resnet"`` family of ``jaxmodels.adapters.peft_io_conv``), non-zero B and A from torch seed 0. Each
+holds PEFT's ``save_pretrained`` files, ``base.npz`` (the base kernels, torch layout ``[out, in, kh, kw]``) and
+``merged.npz`` (the kernels after PEFT's ``merge_and_unload``).
 
 Check mode: for ``ours_lora/``, ``ours_dora/`` and ``ours_gpt2_dora/`` (written by
 ``jaxmodels.adapters.save_adapter`` in the test
@@ -141,6 +149,38 @@ def extra():
         {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}, indent=1))
 
 
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem_conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.block_0 = torch.nn.Module()
+        self.block_0.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.block_0.shortcut_conv = torch.nn.Conv2d(8, 16, 1, bias=False)
+
+    def forward(self, x):
+        h = self.block_0.conv1(self.stem_conv(x))
+        return self.block_0.shortcut_conv(h)
+
+
+CONV_MODULES = ["stem_conv", "block_0.conv1", "block_0.shortcut_conv"]
+
+
+def conv():
+    for name, dora in (("conv_lora", False), ("conv_dora", True)):
+        torch.manual_seed(0)
+        net = ConvNet().eval()
+        base = {m: net.get_submodule(m).weight.detach().numpy().copy() for m in CONV_MODULES}
+        pm = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=CONV_MODULES, use_dora=dora))
+        randomize(pm, torch.Generator().manual_seed(1), magnitude=dora)
+        d = OUT / name
+        pm.save_pretrained(d)
+        merged = pm.merge_and_unload()
+        np.savez(d / "base.npz", **base)
+        np.savez(d / "merged.npz", **{m: merged.get_submodule(m).weight.detach().numpy() for m in CONV_MODULES})
+    (OUT / "VERSIONS.json").write_text(json.dumps(
+        {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}, indent=1))
+
+
 def _rel(path):
     return str(Path(path).relative_to(OUT.parents[2]))
 
@@ -162,4 +202,11 @@ def check():
 
 
 if __name__ == "__main__":
-    check() if "--check" in sys.argv else extra() if "--extra" in sys.argv else generate()
+    if "--check" in sys.argv:
+        check()
+    elif "--extra" in sys.argv:
+        extra()
+    elif "--conv" in sys.argv:
+        conv()
+    else:
+        generate()

@@ -100,3 +100,33 @@ def test_validation(tmp_path):
     bad = {"patch_embed": {"lora_A": jnp.zeros((1, 2, 2, 3, 4)), "lora_B": jnp.zeros((4, 8))}}
     with pytest.raises(ValueError, match="2-D-conv"):
         save_adapter(tmp_path / "x", bad, LoraConfig(rank=4), model_type="vit")
+
+
+@pytest.mark.parametrize("name", ["conv_lora", "conv_dora"])
+def test_peft_saved_conv_adapters_load_and_merge_as_peft_merges(name):
+    """PEFT's own files (scripts/make_peft_reference.py --conv: torch 2.13.0+cpu, peft 0.21.2) for LoRA / DoRA on
+    three nn.Conv2d (3x3 and 1x1) of a net named like ResNet: load_adapter + merge_adapter on the base kernels give
+    the kernels of PEFT's merge_and_unload."""
+    from jaxmodels.adapters import merge_adapter
+    from tests.jaxmodels.adapters.test_peft import DATA  # tests/data/peft
+
+    d = DATA / name
+    lora, cfg = load_adapter(d, model_type="resnet")
+    assert cfg.use_dora == (name == "conv_dora") and cfg.rank == 4 and cfg.alpha == 8
+    base, want = np.load(d / "base.npz"), np.load(d / "merged.npz")
+    linen = {"stem_conv": "stem_conv", "block_0.conv1": "block_0/conv1",
+             "block_0.shortcut_conv": "block_0/shortcut_conv"}
+    params = {}
+    for hf, path in linen.items():
+        node = params
+        for k in path.split("/")[:-1]:
+            node = node.setdefault(k, {})
+        node[path.split("/")[-1]] = {"kernel": jnp.asarray(base[hf].transpose(2, 3, 1, 0))}  # [kh, kw, in, out]
+    merged = merge_adapter(params, lora, cfg)
+    for hf, path in linen.items():
+        got = merged
+        for k in path.split("/"):
+            got = got[k]
+        # float32 on both sides, different summation orders: measured max abs difference 6e-8 (LoRA), 4.5e-8 (DoRA)
+        np.testing.assert_allclose(np.asarray(got["kernel"]).transpose(3, 2, 0, 1), want[hf], rtol=1e-6, atol=1e-6)
+        assert not np.allclose(want[hf], base[hf])  # the adapter really changes every kernel
